@@ -1,0 +1,276 @@
+"""The `farm` command.
+
+Exit codes: 0 done, 1 a job failed or the farm could not be reached, 2 invalid input
+(one line naming the field and the value, and nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from farm.errors import FarmError, InvalidJob
+from farm.jobs import BUILTIN_MODELS, SCHEDULERS, JobRecord
+from farm.settings import FarmSettings
+
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+
+# CLI flag → spec field (diffusers' names), where they differ.
+SUBMIT_FLAGS = {
+    "negative_prompt": "negative_prompt",
+    "steps": "num_inference_steps",
+    "guidance_scale": "guidance_scale",
+    "strength": "strength",
+    "scheduler": "scheduler",
+    "width": "width",
+    "height": "height",
+    "num_images": "num_images_per_prompt",
+    "seed": "seed",
+    "key": "key",
+    "priority": "priority",
+    "image": "image",
+    "mask": "mask_image",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="farm", description="A render farm for diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run an embedded farm in the foreground (Ctrl-C stops it)")
+    up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    up.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    up.add_argument("--threads", type=int, help="torch threads per worker")
+
+    w = sub.add_parser("worker", help="serve jobs on one device")
+    w.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    w.add_argument("--queues", default=None, help="comma-separated queues (default render)")
+    w.add_argument("--threads", type=int, help="torch threads (default: all cores on cpu)")
+    w.add_argument("--name", help="worker name (default DEVICE@HOST)")
+    w.add_argument("--preload", action="append", default=[], metavar="REF",
+                   help="load this model before taking jobs (repeatable)")
+
+    s = sub.add_parser("submit", help="submit one job")
+    s.add_argument("kind", choices=["txt2img", "img2img", "inpaint"])
+    s.add_argument("--model", required=True, help="tiny, tiny-inpaint, org/name, folder, .safetensors")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--negative-prompt")
+    s.add_argument("--image", help="input image: path or s3:// URI")
+    s.add_argument("--mask", help="mask (white = repaint): path or s3:// URI")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--steps", type=int, help="num_inference_steps")
+    s.add_argument("--guidance-scale", type=float)
+    s.add_argument("--strength", type=float)
+    s.add_argument("--scheduler", help=", ".join(SCHEDULERS))
+    s.add_argument("--width", type=int)
+    s.add_argument("--height", type=int)
+    s.add_argument("--num-images", type=int, help="num_images_per_prompt")
+    s.add_argument("--priority", type=int, help="0..9, higher runs sooner")
+    s.add_argument("--key", help="idempotency key: the same key submits once")
+    s.add_argument("--wait", action="store_true", help="wait; exit 1 unless it succeeds")
+    s.add_argument("--timeout", type=float, help="with --wait: give up after S seconds")
+    s.add_argument("--json", action="store_true", help="print the job record as JSON")
+
+    st = sub.add_parser("status", help="show a job's record")
+    st.add_argument("job")
+    st.add_argument("--json", action="store_true")
+
+    wt = sub.add_parser("wait", help="wait for jobs to end (exit 1 unless all succeed)")
+    wt.add_argument("jobs", nargs="+", metavar="JOB")
+    wt.add_argument("--timeout", type=float)
+
+    f = sub.add_parser("fetch", help="download a job's outputs, mask and meta.json")
+    f.add_argument("job")
+    f.add_argument("dir", type=Path)
+
+    c = sub.add_parser("cancel", help="cancel a job (queued: at once; running: within a step)")
+    c.add_argument("job")
+
+    m = sub.add_parser("models", help="built-in and local models")
+    msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    msub.add_parser("list", help="list the built-in models")
+    ex = msub.add_parser("export", help="write a built-in model as a diffusers folder")
+    ex.add_argument("name", choices=sorted(BUILTIN_MODELS))
+    ex.add_argument("dir", type=Path)
+    ex.add_argument("--single-file", action="store_true",
+                    help="also write one original-layout .safetensors checkpoint")
+
+    d = sub.add_parser("demo", help="inpaint a few sample images on an embedded farm")
+    d.add_argument("--out", type=Path, default=Path("demo-out"))
+    d.add_argument("--workers", type=int, default=1)
+    d.add_argument("--images", type=int, default=4)
+    d.add_argument("--variations", type=int, default=2)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except InvalidJob as e:
+        print(f"farm: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except (FarmError, OSError) as e:
+        print(f"farm: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _farm() -> Any:
+    from farm.client import Farm
+
+    return Farm()
+
+
+def _print_record(rec: JobRecord, as_json: bool) -> None:
+    if as_json:
+        print(rec.model_dump_json(indent=2))
+        return
+    p = rec.progress
+    line = f"{rec.id}  {rec.kind}  {rec.state.value}"
+    if rec.state.value == "running" and p.total:
+        line += f"  step {p.step}/{p.total}"
+    if rec.error:
+        line += f"  error: {rec.error}"
+    print(line)
+    for uri in rec.outputs:
+        print(f"  {uri}")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec: dict[str, Any] = {"kind": args.kind, "model": args.model, "prompt": args.prompt}
+    for flag, field in SUBMIT_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            spec[field] = value
+    farm = _farm()
+    job = farm.submit(spec)
+    if args.wait:
+        rec = farm.wait([job.id], timeout=args.timeout, on_progress=_ProgressBar(sys.stderr))[0]
+    else:
+        rec = farm.get(job.id)
+    if args.json:
+        _print_record(rec, True)
+    else:
+        print(job.id) if not args.wait else _print_record(rec, False)
+    return 0 if not args.wait or rec.state.value == "succeeded" else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _print_record(_farm().get(args.job), args.json)
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    records = _farm().wait(args.jobs, timeout=args.timeout, on_progress=_ProgressBar(sys.stderr))
+    for rec in records:
+        _print_record(rec, False)
+    return 0 if all(r.state.value == "succeeded" for r in records) else EXIT_FAILED
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    for path in _farm().download(args.job, args.dir):
+        print(path)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    state = _farm().cancel(args.job)
+    print(f"{args.job}: {'cancelling' if state.value == 'running' else state.value}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.models_command == "list":
+        for name, what in BUILTIN_MODELS.items():
+            print(f"{name:14} built-in  {what}")
+        return 0
+    from workers.tiny import export_single_file, export_tiny
+
+    out = export_tiny(args.name, args.dir)
+    print(out)
+    if args.single_file:
+        print(export_single_file(args.name, args.dir / f"{args.name}.safetensors"))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from farm.client import resolve_settings
+    from workers.worker import run_worker
+
+    settings = resolve_settings(FarmSettings())
+    queues = [q for q in (args.queues or "").split(",") if q] or None
+    run_worker(settings, args.device, queues, args.threads, args.name, args.preload)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import signal
+
+    from farm.up import LocalFarm
+
+    settings = FarmSettings()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with LocalFarm(settings, workers=args.workers, device=args.device, threads=args.threads,
+                   write_state=True) as lf:
+        print(f"farm up: redis {lf.settings.redis_url}", flush=True)
+        print(f"farm up: storage {lf.settings.storage_url()}", flush=True)
+        print(f"farm up: {args.workers} worker(s) on {args.device}; logs in {lf.log_dir}", flush=True)
+        print("farm up: submit from another terminal (`farm submit ...`); Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(1)
+                lf.restart_dead()
+        except KeyboardInterrupt:
+            print("farm up: stopping", flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from farm.demo import run_demo
+
+    return run_demo(args.out, workers=args.workers, n_images=args.images,
+                    variations=args.variations)
+
+
+class _ProgressBar:
+    """A one-line progress bar on a terminal; silent when stderr is not one."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+
+    def __call__(self, states: list[tuple[str, str | None, int, int]]) -> None:
+        if not self.tty:
+            return
+        done = sum(s in ("succeeded", "failed", "cancelled") for _, s, _, _ in states)
+        frac = sum(1.0 if s in ("succeeded", "failed", "cancelled") else (a / b if b else 0.0)
+                   for _, s, a, b in states) / len(states)
+        bar = "#" * int(frac * 30)
+        self.stream.write(f"\r[{bar:<30}] {done}/{len(states)} jobs  {frac:4.0%}  "
+                          f"{time.monotonic() - self.started:5.1f}s")
+        if done == len(states):
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "worker": cmd_worker,
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "wait": cmd_wait,
+    "fetch": cmd_fetch,
+    "cancel": cmd_cancel,
+    "models": cmd_models,
+    "demo": cmd_demo,
+}
+
+

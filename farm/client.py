@@ -1,0 +1,266 @@
+"""The SDK: submit jobs, follow them, fetch what they made.
+
+    >>> from farm import Farm, Inpaint
+    >>> farm = Farm()                      # FARM_* settings, or the farm `farm up` started
+    >>> job = farm.submit(Inpaint(model="tiny-inpaint", prompt="a cat",
+    ...                           image="dog.png", mask_image="mask.png", seed=7))
+    >>> job.wait(timeout=600)              # raises JobFailed / JobCancelled / WaitTimeout
+    >>> job.download("out/")               # out/0.png, out/mask.png, out/meta.json
+
+Submitting is validate → upload inputs → write records → enqueue, in that order: a spec that
+fails validation leaves nothing in Redis or storage.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from farm import images
+from farm.errors import InvalidJob, JobCancelled, JobFailed, WaitTimeout
+from farm.jobs import Inpaint, JobRecord, JobState, Txt2Img, parse_spec
+from farm.keys import input_key
+from farm.settings import FarmSettings
+from farm.storage import ObjectStore, open_store
+from farm.tracker import Tracker, new_job_id
+
+ProgressFn = Callable[[Sequence[JobRecord | tuple[str, str | None, int, int]]], None]
+
+_URI_SCHEMES = ("s3://", "file://")
+
+
+def embedded_state_file(settings: FarmSettings) -> Path:
+    """Where `farm up` writes the Redis URL and storage of the farm it runs."""
+    return settings.home / "up.json"
+
+
+def resolve_settings(settings: FarmSettings | None = None) -> FarmSettings:
+    """FARM_* settings; where no Redis URL is set, those of the farm `farm up` is running."""
+    settings = settings or FarmSettings()
+    if settings.redis_url:
+        return settings
+    state_file = embedded_state_file(settings)
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        return settings.model_copy(
+            update={"redis_url": state["redis_url"], "storage": settings.storage or state["storage"]}
+        )
+    raise InvalidJob(
+        "FARM_REDIS_URL is not set and no embedded farm is running: start one with `farm up`",
+        field="FARM_REDIS_URL",
+    )
+
+
+class JobHandle:
+    """A thin handle on one job: its id and the farm it lives on."""
+
+    __slots__ = ("farm", "id")
+
+    def __init__(self, farm: Farm, job_id: str) -> None:
+        self.farm = farm
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id!r})"
+
+    def status(self) -> JobRecord:
+        return self.farm.get(self.id)
+
+    def wait(self, timeout: float | None = None) -> JobRecord:
+        """Block until the job ends; its record if it succeeded, else JobFailed/JobCancelled."""
+        return self.farm.wait([self.id], timeout=timeout, raise_on_failure=True)[0]
+
+    def cancel(self) -> JobState:
+        return self.farm.cancel(self.id)
+
+    def download(self, directory: str | Path) -> list[Path]:
+        return self.farm.download(self.id, directory)
+
+
+class Farm:
+    """A connection to a farm: its Redis, its storage and its queue."""
+
+    def __init__(self, settings: FarmSettings | None = None, **overrides: Any) -> None:
+        base = settings or FarmSettings(**overrides)
+        self.settings = resolve_settings(base)
+        self.tracker = Tracker.from_url(
+            self.settings.redis_url, self.settings.key_prefix, self.settings.record_ttl
+        )
+        self._store: ObjectStore | None = None
+        self._celery: Any = None
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = open_store(self.settings)
+        return self._store
+
+    @property
+    def celery(self) -> Any:
+        if self._celery is None:
+            from farm.queue import make_celery
+
+            self._celery = make_celery(self.settings)
+        return self._celery
+
+    def close(self) -> None:
+        self.tracker.r.close()
+        if self._celery is not None:
+            self._celery.close()
+
+    def __enter__(self) -> Farm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(self, spec: Any) -> JobHandle:
+        """Validate, upload inputs, record and enqueue one job."""
+        return self.submit_many([spec])[0]
+
+    def submit_many(self, specs: Iterable[Any]) -> list[JobHandle]:
+        """Submit many jobs; all are validated before anything is written.
+
+        A spec with an idempotency `key` that was submitted before is not submitted again:
+        its handle points at the existing job.
+        """
+        # 1. Validate every spec and decode every input image.
+        parsed = [parse_spec(s) for s in specs]
+        uploads: dict[str, bytes] = {}
+        records = [self._prepare(spec, uploads) for spec in parsed]
+        # 2. Upload the inputs not yet stored (content-addressed: each once).
+        missing = {k: v for k, v in uploads.items() if not self.store.exists(k)}
+        if missing:
+            self.store.put_many(missing)
+        # 3. Write the records; 4. enqueue those that are new.
+        created = self.tracker.create(records)
+        from farm.queue import RENDER_QUEUE, enqueue
+
+        enqueue(
+            self.celery,
+            (
+                (rec["id"], RENDER_QUEUE, rec["priority"])
+                for rec, new in zip(records, created, strict=True)
+                if new
+            ),
+        )
+        return [JobHandle(self, rec["id"]) for rec in records]
+
+    def _prepare(self, spec: Any, uploads: dict[str, bytes]) -> dict[str, Any]:
+        """The record of a validated spec; its input images checked and queued for upload."""
+        updates: dict[str, Any] = {}
+        if spec.seed is None:
+            updates["seed"] = secrets.randbits(32)
+        if not isinstance(spec, Txt2Img):
+            image = self._input(spec.image, "image", uploads, updates, mask=False)
+            if isinstance(spec, Inpaint):
+                mask = self._input(spec.mask_image, "mask_image", uploads, updates, mask=True)
+                images.check_mask_matches(image, mask)
+        spec = spec.model_copy(update=updates)
+        job_id = new_job_id(spec.key)
+        return {
+            "id": job_id,
+            "kind": spec.kind,
+            "state": JobState.QUEUED.value,
+            "spec": spec.model_dump(mode="json", exclude_none=True),
+            "priority": spec.priority,
+            "created_at": repr(time.time()),
+            "attempt": 0,
+        }
+
+    def _input(
+        self, value: Any, field: str, uploads: dict[str, bytes], updates: dict[str, Any], *, mask: bool
+    ) -> Any:
+        """Decode and check one input; set `updates[field]` to the URI it will be read from."""
+        if isinstance(value, str) and value.startswith(_URI_SCHEMES):
+            img = images.load_image_input(self.store.get_uri(value, field=field), field=field)
+            updates[field] = value
+        elif isinstance(value, str) and "://" in value:
+            raise InvalidJob(f"{field}: only local paths, s3:// and file:// URIs, got {value!r}", field=field)
+        else:
+            img = images.load_image_input(value, field=field)
+            data = images.encode_png(images.as_mask(img) if mask else img.convert("RGB"))
+            key = input_key(images.sha256_hex(data))
+            uploads[key] = data
+            updates[field] = self.store.uri(key)
+        return images.as_mask(img) if mask else img
+
+    # ------------------------------------------------------------------ follow
+
+    def job(self, job_id: str) -> JobHandle:
+        return JobHandle(self, job_id)
+
+    def get(self, job_id: str) -> JobRecord:
+        return self.tracker.get(job_id)
+
+    def cancel(self, job_id: str) -> JobState:
+        """Cancel a queued job now, or a running one within one denoising step."""
+        return self.tracker.request_cancel(job_id)
+
+    def wait(
+        self,
+        job_ids: Sequence[str],
+        timeout: float | None = None,
+        *,
+        raise_on_failure: bool = False,
+        on_progress: Callable[[list[tuple[str, str | None, int, int]]], None] | None = None,
+        poll: float = 0.5,
+    ) -> list[JobRecord]:
+        """Block until every job ends; their records, in order.
+
+        Follows the events stream, so it wakes as soon as a job changes state, and polls
+        progress every `poll` seconds for `on_progress((id, state, step, total)…)`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ids = list(job_ids)
+        cursor = self.tracker.last_event_id()
+        while True:
+            states = self.tracker.states(ids)
+            for job_id, (state, _, _) in zip(ids, states, strict=True):
+                if state is None:
+                    self.tracker.get(job_id)  # raises JobNotFound
+            if on_progress:
+                on_progress([(i, s, a, b) for i, (s, a, b) in zip(ids, states, strict=True)])
+            if all(JobState(s).terminal for s, _, _ in states):
+                break
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                pending = [i for i, (s, _, _) in zip(ids, states, strict=True) if not JobState(s).terminal]
+                raise WaitTimeout(
+                    f"{len(pending)} job(s) still not done after {timeout}s: {', '.join(pending[:5])}",
+                    job_id=pending[0] if len(pending) == 1 else None,
+                )
+            cursor = self.tracker.wait_event(cursor, min(poll, left) if left else poll)
+        records = [self.tracker.get(i) for i in ids]
+        if raise_on_failure:
+            for rec in records:
+                if rec.state == JobState.FAILED:
+                    raise JobFailed(rec.error or "failed", job_id=rec.id)
+                if rec.state == JobState.CANCELLED:
+                    raise JobCancelled("cancelled", job_id=rec.id)
+        return records
+
+    # ------------------------------------------------------------------ fetch
+
+    def download(self, job_id: str, directory: str | Path) -> list[Path]:
+        """Write a finished job's outputs, mask and meta.json into `directory`."""
+        rec = self.get(job_id)
+        if rec.state != JobState.SUCCEEDED:
+            raise JobFailed(f"nothing to download: the job is {rec.state.value}", job_id=job_id)
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        named = [(uri, f"{i}.png") for i, uri in enumerate(rec.outputs)]
+        named += [(rec.mask, "mask.png")] if rec.mask else []
+        named += [(rec.meta, "meta.json")] if rec.meta else []
+        for uri, name in named:
+            path = out / name
+            path.write_bytes(self.store.get_uri(uri))
+            written.append(path)
+        return written

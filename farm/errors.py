@@ -1,0 +1,57 @@
+"""The farm's exceptions. Retry decisions follow from the type.
+
+    FarmError
+     ├── InvalidJob        bad input: refused before anything is stored; a worker never retries it
+     ├── JobNotFound       no record for that job id (never submitted, or expired)
+     ├── TransientError    Redis, storage or device trouble that a retry may cure
+     ├── StaleAttempt      a worker's write carried an attempt token that is no longer current
+     ├── JobFailed         a job you waited on ended `failed`
+     ├── JobCancelled      a job you waited on ended `cancelled`
+     └── WaitTimeout       `wait` gave up before the job ended
+"""
+
+from __future__ import annotations
+
+
+class FarmError(Exception):
+    """Root of every error the farm raises on purpose."""
+
+    def __init__(self, message: str, *, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        msg = str(self.args[0]) if self.args else ""
+        return f"job {self.job_id}: {msg}" if self.job_id else msg
+
+
+class InvalidJob(FarmError, ValueError):
+    """Bad input. `field` names what was wrong; the message names the value."""
+
+    def __init__(self, message: str, *, field: str | None = None, job_id: str | None = None) -> None:
+        super().__init__(message, job_id=job_id)
+        self.field = field
+
+
+class JobNotFound(FarmError, KeyError):
+    """No record for this job id."""
+
+
+class TransientError(FarmError):
+    """A failure that a retry may cure (connection lost, storage unavailable, out of memory)."""
+
+
+class StaleAttempt(FarmError):
+    """The writer's attempt token is no longer the job's current one (fencing)."""
+
+
+class JobFailed(FarmError):
+    """A waited-on job ended `failed`; the message is the recorded reason."""
+
+
+class JobCancelled(FarmError):
+    """A waited-on job ended `cancelled`."""
+
+
+class WaitTimeout(FarmError, TimeoutError):
+    """`wait` ran out of time before the job ended."""

@@ -1,0 +1,155 @@
+"""Decode, check and encode the images and masks that jobs carry (Pillow only, no torch).
+
+Everything a user hands in goes through `decode_image` at the edge, so a truncated file, a
+decompression bomb or a GIF is refused with one line naming the field before anything is
+stored, never in a worker:
+
+    >>> img = load_image_input("cat.png", field="image")          # RGB
+    >>> mask = as_mask(load_image_input("mask.png", field="mask_image"))
+    >>> check_mask_matches(img, mask)
+
+Images are oriented and converted as diffusers' own `load_image` does (EXIF transpose, then
+RGB), so a job sees the same pixels as a direct pipeline call on the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from farm.errors import InvalidJob
+
+FORMATS = ("PNG", "JPEG", "WEBP")
+"""The only formats decoded; anything else is refused before a decoder runs."""
+
+MAX_SIDE = 8192
+"""Largest width or height accepted, in pixels."""
+
+# Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) is never lowered to None here:
+# we only ever refuse more than Pillow does, never less.
+
+
+def _refuse(field: str, why: str) -> InvalidJob:
+    return InvalidJob(f"{field}: {why}", field=field)
+
+
+def _check_size(img: Image.Image, field: str, max_side: int) -> None:
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise _refuse(field, f"image has no pixels ({w}x{h})")
+    if w > max_side or h > max_side:
+        raise _refuse(field, f"image is {w}x{h}; the largest side allowed is {max_side}")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and w * h > limit:  # Pillow only warns here; we refuse
+        raise _refuse(field, f"image is {w}x{h} = {w * h} pixels, over the limit of {limit}")
+
+
+def decode_image(data: bytes, *, field: str, max_side: int = MAX_SIDE) -> Image.Image:
+    """Decode PNG, JPEG or WEBP bytes fully, or `InvalidJob(field=field)` with one clear line.
+
+    `load()` runs here, so a truncated or corrupt file fails now. The image keeps its mode.
+    """
+    if not data:
+        raise _refuse(field, "empty file, not an image")
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+        _check_size(img, field, max_side)  # from the header, before decoding any pixels
+        img.load()
+    except InvalidJob:
+        raise
+    except Image.DecompressionBombError as e:
+        raise _refuse(field, f"image too large, refused as a decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise _refuse(field, f"not a {', '.join(FORMATS)} image") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as e:
+        raise _refuse(field, f"corrupt or truncated image ({e})") from None
+    return img
+
+
+def load_image_input(value: Any, *, field: str, max_side: int = MAX_SIDE) -> Image.Image:
+    """An RGB image from a path, bytes or a PIL image. URIs are the caller's to fetch."""
+    if isinstance(value, str | os.PathLike):
+        path = os.fspath(value)
+        if isinstance(path, str) and "://" in path:
+            raise _refuse(
+                field,
+                f"{path!r}: URLs are not fetched here; give a path, bytes, a PIL image, or an "
+                "s3:// URI inside the farm's storage",
+            )
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise _refuse(field, f"no such file {str(path)!r}") from None
+        except OSError as e:
+            raise _refuse(field, f"cannot read {str(path)!r} ({e.strerror or e})") from None
+        img = decode_image(data, field=field, max_side=max_side)
+    elif isinstance(value, bytes | bytearray | memoryview):
+        img = decode_image(bytes(value), field=field, max_side=max_side)
+    elif isinstance(value, Image.Image):
+        _check_size(value, field, max_side)
+        img = value
+    else:
+        raise _refuse(field, f"expected a path, bytes or PIL image, got {type(value).__name__}")
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError) as e:
+        raise _refuse(field, f"corrupt EXIF orientation ({e})") from None
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def as_mask(img: Image.Image) -> Image.Image:
+    """The mask as one channel (`L`): white is repainted, black is kept."""
+    return img if img.mode == "L" else img.convert("L")
+
+
+def check_mask_matches(image: Image.Image, mask: Image.Image) -> None:
+    """`InvalidJob` on `mask_image` unless the mask is the image's size."""
+    if image.size != mask.size:
+        (iw, ih), (mw, mh) = image.size, mask.size
+        raise _refuse("mask_image", f"mask is {mw}x{mh} but the image is {iw}x{ih}")
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """PNG bytes that depend only on the pixels (mode, size, palette, transparency).
+
+    No metadata (ICC profile, text, EXIF, dpi); `compress_level=1` because outputs are written
+    often and read rarely.
+    """
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=1, icc_profile=None)
+    return buf.getvalue()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def contact_sheet(rows: list[list[Image.Image]], cell: int = 128, gap: int = 4) -> Image.Image:
+    """A grid for looking at results: one row per job (e.g. input | mask | outputs).
+
+    Each image is scaled to fit a `cell`-pixel square, keeping its aspect, and centred in it;
+    rows may differ in length. White background, `gap` pixels between cells.
+    """
+    if not rows or cell < 1 or gap < 0:
+        raise ValueError("contact_sheet needs at least one row, cell >= 1 and gap >= 0")
+    cols = max(1, max(len(r) for r in rows))
+    sheet = Image.new(
+        "RGB", (cols * cell + (cols + 1) * gap, len(rows) * cell + (len(rows) + 1) * gap), "white"
+    )
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            thumb = img.convert("RGB")
+            thumb.thumbnail((cell, cell), Image.Resampling.LANCZOS)
+            if thumb.width < cell and thumb.height < cell:  # small images: scale up, keep aspect
+                scale = cell / max(thumb.size)
+                size = (max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale)))
+                thumb = thumb.resize(size, Image.Resampling.NEAREST)
+            x = gap + c * (cell + gap) + (cell - thumb.width) // 2
+            y = gap + r * (cell + gap) + (cell - thumb.height) // 2
+            sheet.paste(thumb, (x, y))
+    return sheet

@@ -1,0 +1,281 @@
+"""Job specs, job records, and the table of allowed state changes.
+
+A spec is what the user asks for; its field names are diffusers' own argument names
+(`prompt`, `num_inference_steps`, `guidance_scale`, `strength`, `height`, `width`,
+`num_images_per_prompt`, `mask_image`), so whoever knows diffusers knows the farm:
+
+    >>> Txt2Img(model="tiny", prompt="a red fox", seed=1, num_inference_steps=20)
+
+A record is what the farm knows about a job: its state, attempt and outputs. Records live in
+Redis (see `farm.tracker`); only `farm.tracker.Tracker.transition` changes a state, and only
+along `TRANSITIONS`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+from farm.errors import InvalidJob
+
+# --------------------------------------------------------------------------- states
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    # queued → failed: refused by a worker before it ran (bad model ref, dead-lettered).
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
+    # running → queued: the attempt is handed back (retry, shutdown, lease expired).
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
+    ),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+"""Which state may follow which. Terminal states have no successor."""
+
+
+def allowed(src: JobState | str, dst: JobState | str) -> bool:
+    return JobState(dst) in TRANSITIONS[JobState(src)]
+
+
+# --------------------------------------------------------------------------- schedulers
+
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+"""Scheduler name → (diffusers class name, extra config). Built from the model's own config."""
+
+# --------------------------------------------------------------------------- model refs
+
+BUILTIN_MODELS = {
+    "tiny": "txt2img/img2img: a tiny Stable Diffusion (4-channel UNet), seeded random weights",
+    "tiny-inpaint": "inpaint: a tiny Stable Diffusion inpainting model (9-channel UNet)",
+}
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}(@[\w./-]{1,128})?$")
+_PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+
+
+def check_model_ref(ref: str) -> str:
+    """Check the form of a model ref; where it points is resolved by the worker.
+
+    A ref is a built-in name, a Hugging Face repo id (`org/name[@revision]`, from the local
+    cache), a local diffusers folder, or a single `.safetensors` checkpoint.
+    """
+    ref = ref.strip()
+    if not ref:
+        raise ValueError("must not be empty")
+    if ref in BUILTIN_MODELS:
+        return ref
+    if ref.lower().endswith(_PICKLE_SUFFIXES):
+        raise ValueError(f"{ref!r} is pickle weights; only .safetensors is loaded")
+    if "://" in ref:
+        raise ValueError(f"{ref!r}: model refs are a built-in name, org/name, or a local path")
+    looks_like_path = ref.startswith(("/", "./", "~")) or ref.endswith(".safetensors")
+    if not looks_like_path and _REPO_ID.match(ref):
+        if ".." in ref:
+            raise ValueError(f"{ref!r} is not a valid repo id")
+        return ref
+    if looks_like_path or os.sep in ref:
+        return ref
+    raise ValueError(
+        f"{ref!r} is not a built-in model ({', '.join(BUILTIN_MODELS)}), a repo id (org/name) "
+        "or a local path"
+    )
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def _image_input(value: Any) -> Any:
+    """An image given as a path, an `s3://`/`file://` URI, bytes, or a PIL image."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+    if isinstance(value, bytes | bytearray) or hasattr(value, "getpixel"):
+        return value
+    raise ValueError(f"expected a path, URI, bytes or PIL image, got {type(value).__name__}")
+
+
+def _multiple_of_8(name: str, value: int | None) -> int | None:
+    if value is not None and value % 8:
+        raise ValueError(f"must be a multiple of 8, got {value}")
+    return value
+
+
+ImageInput = Annotated[Any, Field(description="path, s3:// URI, bytes or PIL image")]
+Size = Annotated[int | None, Field(default=None, ge=8, le=4096)]
+
+
+class _RenderSpec(BaseModel):
+    """Fields every render job has, named and defaulted as diffusers does."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    model: str
+    prompt: str
+    negative_prompt: str | None = None
+    num_inference_steps: int = Field(default=50, ge=1, le=500)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=100.0, allow_inf_nan=False)
+    scheduler: str | None = None
+    height: Size = None
+    width: Size = None
+    num_images_per_prompt: int = Field(default=1, ge=1, le=16)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    priority: int = Field(default=0, ge=0, le=9)
+    key: str | None = Field(default=None, min_length=1, max_length=512)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return check_model_ref(v)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str | None) -> str | None:
+        if v is not None and v not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {v!r}; choose one of {', '.join(SCHEDULERS)}")
+        return v
+
+    @field_validator("height", "width")
+    @classmethod
+    def _size(cls, v: int | None, info: Any) -> int | None:
+        return _multiple_of_8(info.field_name, v)
+
+
+class Txt2Img(_RenderSpec):
+    """Text to image (diffusers' `StableDiffusionPipeline`)."""
+
+    kind: Literal["txt2img"] = "txt2img"
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty for txt2img")
+        return v
+
+
+class Img2Img(_RenderSpec):
+    """Image to image (diffusers' `StableDiffusionImg2ImgPipeline`)."""
+
+    kind: Literal["img2img"] = "img2img"
+    image: ImageInput
+    strength: float = Field(default=0.8, gt=0.0, le=1.0, allow_inf_nan=False)
+
+    _image = field_validator("image")(classmethod(lambda cls, v: _image_input(v)))
+
+
+class Inpaint(_RenderSpec):
+    """Inpainting (diffusers' `StableDiffusionInpaintPipeline`): white mask pixels are repainted."""
+
+    kind: Literal["inpaint"] = "inpaint"
+    image: ImageInput
+    mask_image: ImageInput
+    strength: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+
+    _images = field_validator("image", "mask_image")(classmethod(lambda cls, v: _image_input(v)))
+
+
+RenderSpec = Annotated[Txt2Img | Img2Img | Inpaint, Field(discriminator="kind")]
+JobSpec = RenderSpec
+"""Every job kind the farm runs (fine-tunes join this union)."""
+
+SPECS: dict[str, type[_RenderSpec]] = {"txt2img": Txt2Img, "img2img": Img2Img, "inpaint": Inpaint}
+_SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)
+
+
+def describe_validation_error(err: ValidationError) -> tuple[str, str]:
+    """(field, one line) for the first error: names the field and the value it got."""
+    first = err.errors(include_url=False)[0]
+    loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
+    if loc and loc[0] in SPECS:  # the union's tag, not a field
+        loc = loc[1:]
+    field = ".".join(loc) or "kind"
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) or repr(value) in msg else f" (got {value!r:.80})"
+    if first["type"] == "missing":
+        return field, f"{field}: is required"
+    return field, f"{field}: {msg}{shown}"
+
+
+def parse_spec(data: Any) -> Txt2Img | Img2Img | Inpaint:
+    """A spec from a dict (or a spec), or `InvalidJob` naming the field and the value."""
+    if isinstance(data, _RenderSpec):
+        data = data.model_dump(exclude_unset=False)
+    try:
+        return _SPEC_ADAPTER.validate_python(data)
+    except ValidationError as e:
+        field, line = describe_validation_error(e)
+        raise InvalidJob(line, field=field) from None
+
+
+# --------------------------------------------------------------------------- records
+
+
+class Progress(BaseModel):
+    step: int = 0
+    total: int = 0
+
+
+class JobRecord(BaseModel):
+    """What the farm knows of one job; mirrors the Redis hash `farm:job:<id>`."""
+
+    id: str
+    kind: str
+    state: JobState
+    spec: dict[str, Any]
+    attempt: int = 0
+    worker: str | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: Progress = Progress()
+    cancel_requested: bool = False
+    error: str | None = None
+    outputs: list[str] = []
+    mask: str | None = None
+    meta: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state.terminal

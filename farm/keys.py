@@ -1,0 +1,56 @@
+"""Every Redis key and every storage key the farm uses, built in this one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    """Redis key names under one prefix (`farm:` by default)."""
+
+    prefix: str = "farm:"
+
+    def job(self, job_id: str) -> str:
+        """Hash: one job's record (state, spec JSON, attempt, token, progress, outputs)."""
+        return f"{self.prefix}job:{job_id}"
+
+    @property
+    def events(self) -> str:
+        """Stream: one entry per state change, followed by `wait`."""
+        return f"{self.prefix}events"
+
+    @property
+    def jobs(self) -> str:
+        """Sorted set: every live job id, scored by creation time."""
+        return f"{self.prefix}jobs"
+
+    @property
+    def workers(self) -> str:
+        """Hash: worker name → JSON (device, models, current job, heartbeat)."""
+        return f"{self.prefix}workers"
+
+
+# Storage keys: relative to the store's root (bucket prefix or folder).
+
+
+def input_key(sha256: str) -> str:
+    """A content-addressed input image or mask."""
+    return f"inputs/{sha256}.png"
+
+
+def output_key(job_id: str, index: int) -> str:
+    return f"jobs/{job_id}/out/{index}.png"
+
+
+def mask_key(job_id: str) -> str:
+    """The mask as the model used it (resized, binarised)."""
+    return f"jobs/{job_id}/mask.png"
+
+
+def meta_key(job_id: str) -> str:
+    return f"jobs/{job_id}/meta.json"
+
+
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/"

@@ -1,0 +1,78 @@
+"""The Celery app: Redis broker, JSON only, at-least-once delivery with late acks.
+
+Messages carry job ids, never specs or pixels: the job record in Redis is the single source
+of truth, so a duplicate or stale message finds the job already claimed or done and is a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from celery import Celery
+
+from farm.settings import FarmSettings
+
+RENDER_QUEUE = "render"
+"""Default queue for txt2img, img2img and inpaint jobs."""
+
+RUN_TASK = "farm.run"
+"""The one task: run the job whose id is the message's only argument."""
+
+PRIORITY_STEPS = list(range(10))
+
+
+def celery_priority(priority: int) -> int:
+    """Farm priority (0..9, higher runs sooner) → kombu's Redis priority (0 runs first)."""
+    return 9 - priority
+
+
+def make_celery(settings: FarmSettings, broker_url: str | None = None) -> Celery:
+    """A Celery app for this farm. Clients only send; workers register the task on it."""
+    app = Celery("farm", broker=broker_url or settings.redis_url, set_as_current=False)
+    transport = {
+        # Longer than the longest render: a message unacked this long is redelivered.
+        "visibility_timeout": settings.visibility_timeout,
+        "priority_steps": PRIORITY_STEPS,
+        "queue_order_strategy": "priority",
+        "global_keyprefix": f"{settings.key_prefix}celery:",
+        "health_check_interval": 10,
+    }
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=transport,
+        broker_pool_limit=4,
+        task_default_queue=RENDER_QUEUE,
+        task_default_priority=celery_priority(0),
+        task_create_missing_queues=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        broker_heartbeat=0,
+    )
+    return app
+
+
+def enqueue(app: Celery, jobs: Iterable[tuple[str, str, int]]) -> int:
+    """Send one message per (job id, queue, priority) over one pooled connection."""
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for job_id, queue, priority in jobs:
+            app.send_task(
+                RUN_TASK,
+                args=[job_id],
+                queue=queue,
+                priority=celery_priority(priority),
+                producer=producer,
+                ignore_result=True,
+            )
+            sent += 1
+    return sent

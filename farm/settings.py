@@ -1,0 +1,64 @@
+"""One settings object for the whole farm, read from `FARM_*` environment variables.
+
+    >>> s = FarmSettings(redis_url="redis://10.0.0.5:6379/0", storage="s3://renders/farm")
+    >>> s.key_prefix
+    'farm:'
+
+Built once (by `Farm()`, the CLI or a worker) and passed explicitly; nothing reads the
+environment behind its back. AWS credentials come from the standard AWS chain, never from here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    """Where an embedded farm keeps its Redis data and local storage."""
+    return Path.home() / ".cache" / "render-farm"
+
+
+class FarmSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FARM_", extra="ignore")
+
+    redis_url: str | None = None
+    """Redis for job records and the Celery broker. Unset: `farm up` starts a private one."""
+
+    storage: str | None = None
+    """`s3://bucket/prefix` or `file:///path`. Unset: a folder under `home`."""
+
+    s3_endpoint_url: str | None = None
+    """For MinIO and other S3-compatible servers; unset means AWS."""
+
+    s3_region: str | None = None
+
+    home: Path = Field(default_factory=default_home)
+    """The embedded farm's working folder (Redis data, local storage, `farm up` state)."""
+
+    key_prefix: str = "farm:"
+    """Prefix of every Redis key the farm writes."""
+
+    record_ttl: int = Field(default=7 * 24 * 3600, ge=60)
+    """Seconds a finished job's record stays in Redis."""
+
+    visibility_timeout: int = Field(default=4 * 3600, ge=60)
+    """Seconds before Redis hands an unacknowledged message to another worker."""
+
+    lease_seconds: float = Field(default=30.0, gt=0)
+    """A running job's lease; its worker renews it every third of this."""
+
+    max_deliveries: int = Field(default=5, ge=1)
+    """Deliveries of one job before it is failed as a poison job."""
+
+    max_batch: int = Field(default=4, ge=1, le=64)
+    model_cache_gb: float = Field(default=0.0, ge=0)
+    """Pipelines kept warm per worker, in GB of weights (0: keep the two most recent)."""
+
+    models_dir: Path | None = None
+    """Relative local model refs resolve under this folder, and may not leave it."""
+
+    def storage_url(self) -> str:
+        return self.storage or (self.home / "storage").resolve().as_uri()

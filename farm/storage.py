@@ -1,0 +1,521 @@
+"""Object storage for inputs, outputs, masks and adapters: S3 (or compatible) or a folder.
+
+    >>> store = open_store(FarmSettings(storage="s3://renders/farm"))
+    >>> uri = store.put("jobs/abc/out/0.png", png_bytes)   # 's3://renders/farm/jobs/abc/out/0.png'
+    >>> store.get_uri(uri) == png_bytes
+    True
+
+Keys are relative to the store's root (a bucket prefix or a folder) and are checked the same
+way on both stores, so a key that works locally works on S3 and can never leave the root.
+
+Errors, all `farm.errors.FarmError`:
+
+    InvalidJob          a bad key, or a URI outside this store (unless `allow_foreign`)
+    TransientError      storage unreachable, timed out, throttled or 5xx: a retry may cure it
+    StorageError        permanent trouble: no such bucket, access denied, no credentials
+     └── ObjectNotFound  no object under that key (also a `KeyError`)
+"""
+
+from __future__ import annotations
+
+import builtins
+import mimetypes
+import os
+import re
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from farm.errors import FarmError, InvalidJob, TransientError
+from farm.settings import FarmSettings
+
+DEFAULT_URL_EXPIRES = 900
+"""Seconds a presigned GET URL stays valid by default (short: URLs leak into logs)."""
+
+PUT_MANY_THREADS = 16
+"""Parallel uploads in `put_many` (kept below the S3 client's connection pool)."""
+
+_TMP_PREFIX = ".farm-tmp-"
+"""LocalStore's in-flight temp files start with this; keys may not."""
+
+
+class StorageError(FarmError):
+    """Storage refused for good (no such bucket, access denied, no credentials)."""
+
+
+class ObjectNotFound(StorageError, KeyError):
+    """No object under that key. Also a `KeyError`, so `except KeyError` works."""
+
+    def __str__(self) -> str:  # KeyError.__str__ would quote the message
+        msg = str(self.args[0]) if self.args else ""
+        return f"job {self.job_id}: {msg}" if self.job_id else msg
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def check_key(key: str) -> str:
+    """`key` if it is a safe relative key, else `InvalidJob` naming it.
+
+    Refused: empty, a leading `/`, a backslash, an empty, `.` or `..` segment, a control
+    character, or a segment starting with `.farm-tmp-` (LocalStore's temp files).
+    """
+    if not isinstance(key, str) or not key:
+        raise InvalidJob(f"storage key must be a non-empty string, got {key!r}", field="key")
+    why = None
+    if key.startswith("/"):
+        why = "starts with '/'"
+    elif "\\" in key:
+        why = "contains a backslash"
+    elif any(ord(c) < 32 or c == "\x7f" for c in key):
+        why = "contains a control character"
+    else:
+        for seg in key.split("/"):
+            if seg in ("", ".", ".."):
+                why = f"has an empty, '.' or '..' segment ({seg!r})"
+                break
+            if seg.startswith(_TMP_PREFIX):
+                why = f"has a segment starting with {_TMP_PREFIX!r} (reserved)"
+                break
+    if why:
+        raise InvalidJob(f"storage key {key!r} {why}", field="key")
+    return key
+
+
+def _check_prefix(prefix: str) -> str:
+    """A listing prefix: like a key, but may be empty or end with '/'."""
+    if prefix:
+        check_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
+
+
+def _content_type(key: str, content_type: str | None) -> str:
+    return content_type or mimetypes.guess_type(key)[0] or "application/octet-stream"
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+class ObjectStore(ABC):
+    """Bytes under relative keys, addressable by URI. Safe to share between threads."""
+
+    allow_foreign: bool = False
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        """Store `data` under `key` (replacing it); return its URI. Type guessed from the key."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """The bytes under `key`, or `ObjectNotFound`."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted keys (relative to the root) starting with `prefix` (a string prefix, as S3)."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove `key`; a missing key is not an error."""
+
+    @abstractmethod
+    def url(self, key: str, expires: int = DEFAULT_URL_EXPIRES) -> str:
+        """A URL a browser or `curl` can fetch: presigned GET on S3, `file://` locally."""
+
+    @abstractmethod
+    def uri(self, key: str) -> str:
+        """The canonical URI of `key`: `s3://bucket/prefix/key` or `file:///root/key`."""
+
+    @abstractmethod
+    def key_of(self, uri: str) -> str | None:
+        """The key of `uri` if it lies inside this store, else None."""
+
+    @abstractmethod
+    def _get_foreign(self, uri: str, field: str | None) -> bytes:
+        """Read a URI outside this store (only reached when `allow_foreign`)."""
+
+    def owns(self, uri: str) -> bool:
+        return self.key_of(uri) is not None
+
+    def get_uri(self, uri: str, *, field: str | None = None) -> bytes:
+        """The bytes at `uri`. A URI outside this store is `InvalidJob` unless `allow_foreign`."""
+        key = self.key_of(uri)
+        if key is not None:
+            return self.get(key)
+        if not self.allow_foreign:
+            where = f"{field}: " if field else ""
+            raise InvalidJob(
+                f"{where}{uri!r} is outside this farm's storage ({self.uri('')!r})", field=field
+            )
+        return self._get_foreign(uri, field)
+
+    def put_many(
+        self, items: Mapping[str, bytes], content_type: str | None = None
+    ) -> builtins.list[str]:  # `list` is a method in this class's scope
+        """Store every item in parallel; URIs in `items` order. Every key is checked first.
+
+        All uploads are waited for; then the first failure (in `items` order) is raised.
+        """
+        for key in items:
+            check_key(key)
+        if len(items) <= 1:
+            return [self.put(k, v, content_type) for k, v in items.items()]
+        with ThreadPoolExecutor(min(len(items), PUT_MANY_THREADS), "farm-put") as pool:
+            futures = [pool.submit(self.put, k, v, content_type) for k, v in items.items()]
+        return [f.result() for f in futures]
+
+
+# --------------------------------------------------------------------------- S3
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_THROTTLED = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+}
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+
+
+def _transient_status(status: int) -> bool:
+    return status >= 500 or status in (408, 429)
+
+
+class S3Store(ObjectStore):
+    """A bucket (and optional prefix) on AWS S3, MinIO or any S3-compatible server.
+
+    One boto3 client per store, shared by every thread. Credentials come from the standard
+    AWS chain. With `endpoint_url` set, path-style addressing is used (MinIO, moto).
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        allow_foreign: bool = False,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        max_attempts: int = 5,
+        max_pool_connections: int = 32,
+    ) -> None:
+        if not _BUCKET.match(bucket):
+            raise InvalidJob(f"{bucket!r} is not a valid S3 bucket name", field="bucket")
+        prefix = prefix.strip("/")
+        if prefix:
+            check_key(prefix)
+        self.bucket = bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.endpoint_url = endpoint_url
+        self.allow_foreign = allow_foreign
+        config = Config(
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            max_pool_connections=max_pool_connections,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            signature_version="s3v4",  # presigned URLs too (botocore may pick SigV2 for them)
+            s3={"addressing_style": "path"} if endpoint_url else None,
+        )
+        self.client: Any = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint_url, region_name=region, config=config
+        )
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.uri('')!r}, endpoint_url={self.endpoint_url!r})"
+
+    @contextmanager
+    def _errors(self, what: str, key: str) -> Iterator[None]:
+        """Map botocore's errors onto the farm's tree, naming the operation and the key."""
+        where = f"s3://{self.bucket}/{key}" if not key.startswith("s3://") else key
+        try:
+            yield
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            line = f"{what} {where}: {code or status} {err.get('Message', '')}".rstrip()
+            if code in _NOT_FOUND:
+                raise ObjectNotFound(f"{what} {where}: no such object") from e
+            if code in _THROTTLED or _transient_status(status):
+                raise TransientError(line) from e
+            raise StorageError(line) from e
+        except NoCredentialsError as e:
+            raise StorageError(f"{what} {where}: no AWS credentials found ({e})") from e
+        except (BotoConnectionError, HTTPClientError, IncompleteReadError) as e:
+            raise TransientError(f"{what} {where}: storage unavailable ({e})") from e
+        except BotoCoreError as e:
+            raise StorageError(f"{what} {where}: {e}") from e
+
+    def _full(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it is missing (embedded and dev setups; production has one)."""
+        with self._errors("head bucket", ""):
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+                return
+            except ClientError as e:
+                if str(e.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket"):
+                    raise
+            region = self.client.meta.region_name
+            kwargs: dict[str, Any] = {}
+            if region and region not in ("us-east-1", "aws-global"):
+                kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+            try:
+                self.client.create_bucket(Bucket=self.bucket, **kwargs)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
+                    raise
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        full = self._full(key)
+        with self._errors("put", full):
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=full,
+                Body=data,
+                ContentType=_content_type(key, content_type),
+            )
+        return self.uri(key)
+
+    def get(self, key: str) -> bytes:
+        full = self._full(key)
+        with self._errors("get", full):
+            return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        full = self._full(key)
+        try:
+            with self._errors("head", full):
+                self.client.head_object(Bucket=self.bucket, Key=full)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self.prefix + _check_prefix(prefix)
+        keys: list[str] = []
+        with self._errors("list", full):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full
+            )
+            for page in pages:
+                keys += [o["Key"][len(self.prefix) :] for o in page.get("Contents", ())]
+        return sorted(k for k in keys if k and not k.endswith("/"))
+
+    def delete(self, key: str) -> None:
+        full = self._full(key)
+        with self._errors("delete", full):
+            self.client.delete_object(Bucket=self.bucket, Key=full)
+
+    def url(self, key: str, expires: int = DEFAULT_URL_EXPIRES) -> str:
+        if not 1 <= expires <= 7 * 24 * 3600:
+            raise InvalidJob(f"expires must be 1 s to 7 days, got {expires}", field="expires")
+        full = self._full(key)
+        with self._errors("presign", full):
+            return self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=expires
+            )
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{check_key(key) if key else ''}"
+
+    def key_of(self, uri: str) -> str | None:
+        bucket, full = _split_s3(uri)
+        if bucket != self.bucket or not full.startswith(self.prefix):
+            return None
+        key = full[len(self.prefix) :]
+        try:
+            return check_key(key)
+        except InvalidJob:
+            return None
+
+    def _get_foreign(self, uri: str, field: str | None) -> bytes:
+        bucket, key = _split_s3(uri)
+        if not bucket or not key:
+            raise InvalidJob(
+                f"{field or 'uri'}: {uri!r} is not an s3://bucket/key URI", field=field
+            )
+        with self._errors("get", uri):
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _split_s3(uri: str) -> tuple[str | None, str]:
+    """(bucket, key) of an `s3://` URI, (None, '') for anything else. Keys are not unquoted."""
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        return None, ""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key
+
+
+# --------------------------------------------------------------------------- a folder
+
+
+class LocalStore(ObjectStore):
+    """A directory (created if missing). Writes are atomic (temp file in the same folder, fsync, `os.replace`), so a
+    reader sees the old bytes or the new ones, never half a file."""
+
+    def __init__(self, root: Path | str, allow_foreign: bool = False) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.allow_foreign = allow_foreign
+        with suppress(OSError):  # a read-only client may not create it; `put` reports why
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    @contextmanager
+    def _errors(self, what: str, key: str) -> Iterator[None]:
+        try:
+            yield
+        except (FileNotFoundError, IsADirectoryError) as e:
+            if what != "get":  # e.g. putting a key where a folder is
+                raise StorageError(f"{what} {key!r} in {self.root}: {e}") from e
+            raise ObjectNotFound(f"{what} {key!r} in {self.root}: no such object") from e
+        except (PermissionError, NotADirectoryError, FileExistsError) as e:
+            raise StorageError(f"{what} {key!r} in {self.root}: {e}") from e
+        except OSError as e:  # disk full, I/O error, stale NFS handle
+            raise TransientError(f"{what} {key!r} in {self.root}: {e}") from e
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        path = self._path(key)
+        with self._errors("put", key):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(6)}")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(path.parent)
+        return self.uri(key)
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        with self._errors("get", key):
+            real = Path(os.path.realpath(path))
+            if not real.is_relative_to(self.root):
+                raise StorageError(f"get {key!r}: a link out of {self.root}")
+            return real.read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        _check_prefix(prefix)
+        base = self.root.joinpath(*prefix.split("/")[:-1])
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in files:
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix) and not name.startswith(_TMP_PREFIX):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with self._errors("delete", key):
+            path.unlink(missing_ok=True)
+
+    def url(self, key: str, expires: int = DEFAULT_URL_EXPIRES) -> str:
+        return self._path(key).as_uri()
+
+    def uri(self, key: str) -> str:
+        return self._path(key).as_uri() if key else self.root.as_uri() + "/"
+
+    def key_of(self, uri: str) -> str | None:
+        path = _file_path(uri)
+        root = self.root.as_posix().rstrip("/") + "/"
+        if path is None or not path.startswith(root):
+            return None
+        try:
+            return check_key(path[len(root) :])
+        except InvalidJob:
+            return None
+
+    def _get_foreign(self, uri: str, field: str | None) -> bytes:
+        path = _file_path(uri)
+        if path is None:
+            raise InvalidJob(f"{field or 'uri'}: {uri!r} is not a file:///path URI", field=field)
+        with self._errors("get", path):
+            return Path(path).read_bytes()
+
+
+def _file_path(uri: str) -> str | None:
+    """The absolute path of a `file:///...` URI (percent-decoded), None for anything else."""
+    if not isinstance(uri, str) or not uri.startswith("file:"):
+        return None
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+        return None
+    return unquote(parts.path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (best effort: some filesystems refuse fsync on a directory)."""
+    with suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------- choosing one
+
+
+def open_store(settings: FarmSettings, *, allow_foreign: bool = False) -> ObjectStore:
+    """The store `settings.storage_url()` names: `s3://bucket/prefix` or `file:///path`."""
+    url = settings.storage_url()
+    bucket, prefix = _split_s3(url)
+    path = _file_path(url)
+    try:
+        if bucket:
+            return S3Store(
+                bucket,
+                prefix,
+                endpoint_url=settings.s3_endpoint_url,
+                region=settings.s3_region,
+                allow_foreign=allow_foreign,
+            )
+        if path is not None:
+            return LocalStore(Path(path), allow_foreign=allow_foreign)
+        why = "expected s3://bucket/prefix or file:///absolute/path"
+    except InvalidJob as e:
+        why = str(e)
+    raise InvalidJob(f"FARM_STORAGE: {why}, got {url!r}", field="storage")

@@ -1,0 +1,99 @@
+"""Bad input is refused at the edge: exit 2, one line naming the field, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+import pytest
+import redis
+from PIL import Image
+
+from farm import Farm, InvalidJob, Txt2Img
+from farm.settings import FarmSettings
+from farm.up import settings_env
+
+
+@pytest.fixture
+def empty_farm(redis_server, tmp_path):
+    """Settings with a fresh key prefix and an empty store; no worker needed."""
+    store = tmp_path / "store"
+    return FarmSettings(redis_url=redis_server.url, storage=store.as_uri(), home=tmp_path,
+                        key_prefix=f"bad{uuid.uuid4().hex[:8]}:")
+
+
+@pytest.fixture
+def files(tmp_path):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "ok.png")
+    Image.new("L", (32, 32)).save(tmp_path / "small-mask.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def nothing_written(settings: FarmSettings) -> bool:
+    r = redis.Redis.from_url(settings.redis_url)
+    keys = list(r.scan_iter(f"{settings.key_prefix}*"))
+    r.close()
+    store = settings.storage_url().removeprefix("file://")
+    from pathlib import Path
+
+    stored = [p for p in Path(store).rglob("*") if p.is_file()] if Path(store).exists() else []
+    return not keys and not stored
+
+
+CASES = {
+    "steps": (["txt2img", "--steps", "0"], "num_inference_steps"),
+    "width": (["txt2img", "--width", "100"], "width"),
+    "scheduler": (["txt2img", "--scheduler", "warp"], "scheduler"),
+    "guidance": (["txt2img", "--guidance-scale", "nan"], "guidance_scale"),
+    "pickle": (["txt2img", "--model", "model.ckpt"], "model"),
+    "no-image": (["img2img"], "image"),
+    "missing-file": (["img2img", "--image", "{d}/nope.png"], "image"),
+    "truncated": (["img2img", "--image", "{d}/truncated.png"], "image"),
+    "not-image": (["img2img", "--image", "{d}/notes.txt"], "image"),
+    "http": (["img2img", "--image", "http://169.254.169.254/x.png"], "image"),
+    "mask-size": (["inpaint", "--image", "{d}/ok.png", "--mask", "{d}/small-mask.png"], "mask_image"),
+    "strength": (["img2img", "--image", "{d}/ok.png", "--strength", "1.5"], "strength"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cli_refuses_bad_input(empty_farm, files, case):
+    args, field = CASES[case]
+    args = [a.format(d=files) for a in args]
+    if "--model" not in args:
+        args += ["--model", "tiny"]
+    res = subprocess.run([sys.executable, "-m", "farm", "submit", *args, "--prompt", "a fox"],
+                         env=settings_env(empty_farm), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], res.stderr
+    assert nothing_written(empty_farm)
+
+
+def test_sdk_batch_with_one_bad_spec_writes_nothing(empty_farm, files):
+    good = Txt2Img(model="tiny", prompt="x")
+    bad = {"kind": "inpaint", "model": "tiny-inpaint", "prompt": "x",
+           "image": str(files / "ok.png"), "mask_image": str(files / "small-mask.png")}
+    with Farm(empty_farm) as farm, pytest.raises(InvalidJob) as err:
+        farm.submit_many([good, bad])
+    assert err.value.field == "mask_image" and "64x64" in str(err.value)
+    assert nothing_written(empty_farm)
+
+
+def test_import_farm_does_not_import_torch():
+    code = ("import sys, farm, farm.cli, farm.client, farm.up, farm.demo; "
+            "heavy = {'torch', 'diffusers', 'transformers'} & set(sys.modules); "
+            "assert not heavy, heavy")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_public_surface():
+    import farm
+
+    assert {"Farm", "Txt2Img", "Img2Img", "Inpaint", "JobState", "FarmError", "InvalidJob",
+            "JobFailed", "JobCancelled"} <= set(farm.__all__)
+    assert all(hasattr(farm, name) for name in farm.__all__)
