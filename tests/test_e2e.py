@@ -34,15 +34,24 @@ def farm_settings(request, redis_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"farm-{request.param}")
     prefix = f"e2e{uuid.uuid4().hex[:8]}:"
     if request.param == "local":
-        settings = FarmSettings(redis_url=redis_server.url, storage=(tmp / "store").as_uri(),
-                                home=tmp, key_prefix=prefix)
+        settings = FarmSettings(
+            redis_url=redis_server.url,
+            storage=(tmp / "store").as_uri(),
+            home=tmp,
+            key_prefix=prefix,
+        )
     else:
         s3 = request.getfixturevalue("s3_server")
         bucket = f"e2e-{uuid.uuid4().hex[:12]}"
         S3Store(bucket, endpoint_url=s3.endpoint_url, region="us-east-1").ensure_bucket()
-        settings = FarmSettings(redis_url=redis_server.url, storage=f"s3://{bucket}/farm",
-                                s3_endpoint_url=s3.endpoint_url, s3_region="us-east-1",
-                                home=tmp, key_prefix=prefix)
+        settings = FarmSettings(
+            redis_url=redis_server.url,
+            storage=f"s3://{bucket}/farm",
+            s3_endpoint_url=s3.endpoint_url,
+            s3_region="us-east-1",
+            home=tmp,
+            key_prefix=prefix,
+        )
     with LocalFarm(settings, workers=1, threads=1, preload=["tiny", "tiny-inpaint"]) as lf:
         yield lf.settings
     for log in (tmp / "logs").glob("*.log"):
@@ -82,8 +91,11 @@ def diffusers_direct(exported, spec, image=None, mask=None) -> list[np.ndarray]:
         StableDiffusionPipeline,
     )
 
-    cls = {"txt2img": StableDiffusionPipeline, "img2img": StableDiffusionImg2ImgPipeline,
-           "inpaint": StableDiffusionInpaintPipeline}[spec.kind]
+    cls = {
+        "txt2img": StableDiffusionPipeline,
+        "img2img": StableDiffusionImg2ImgPipeline,
+        "inpaint": StableDiffusionInpaintPipeline,
+    }[spec.kind]
     import diffusers
 
     pipe = cls.from_pretrained(exported[spec.model])
@@ -97,11 +109,17 @@ def diffusers_direct(exported, spec, image=None, mask=None) -> list[np.ndarray]:
     if spec.kind != "txt2img":
         kwargs["strength"] = spec.strength
     out = pipe(
-        prompt=spec.prompt, negative_prompt=spec.negative_prompt,
-        num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
-        height=spec.height, width=spec.width, num_images_per_prompt=spec.num_images_per_prompt,
-        generator=[torch.Generator("cpu").manual_seed(spec.seed + i)
-                   for i in range(spec.num_images_per_prompt)],
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        num_inference_steps=spec.num_inference_steps,
+        guidance_scale=spec.guidance_scale,
+        height=spec.height,
+        width=spec.width,
+        num_images_per_prompt=spec.num_images_per_prompt,
+        generator=[
+            torch.Generator("cpu").manual_seed(spec.seed + i)
+            for i in range(spec.num_images_per_prompt)
+        ],
         **kwargs,
     ).images
     return [np.asarray(img, dtype=np.int16) for img in out]
@@ -110,12 +128,32 @@ def diffusers_direct(exported, spec, image=None, mask=None) -> list[np.ndarray]:
 def specs(inputs):
     image, mask = str(inputs / "image.png"), str(inputs / "mask.png")
     return [
-        Txt2Img(model="tiny", prompt="a red fox", negative_prompt="blur", seed=11,
-                num_inference_steps=STEPS, num_images_per_prompt=2),
-        Img2Img(model="tiny", prompt="a blue fox", image=image, seed=12, strength=0.75,
-                num_inference_steps=STEPS, scheduler="euler_a"),
-        Inpaint(model="tiny-inpaint", prompt="a cat", image=image, mask_image=mask, seed=13,
-                num_inference_steps=STEPS, scheduler="dpmpp_2m"),
+        Txt2Img(
+            model="tiny",
+            prompt="a red fox",
+            negative_prompt="blur",
+            seed=11,
+            num_inference_steps=STEPS,
+            num_images_per_prompt=2,
+        ),
+        Img2Img(
+            model="tiny",
+            prompt="a blue fox",
+            image=image,
+            seed=12,
+            strength=0.75,
+            num_inference_steps=STEPS,
+            scheduler="euler_a",
+        ),
+        Inpaint(
+            model="tiny-inpaint",
+            prompt="a cat",
+            image=image,
+            mask_image=mask,
+            seed=13,
+            num_inference_steps=STEPS,
+            scheduler="dpmpp_2m",
+        ),
     ]
 
 
@@ -148,17 +186,41 @@ def test_sdk_job_matches_diffusers(farm, inputs, exported, tmp_path, index):
 
 
 def run_cli(settings, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "farm", *map(str, args)], env=settings_env(settings),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "farm", *map(str, args)],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("kind", ["txt2img", "img2img", "inpaint"])
 def test_cli_submit_wait_status_fetch(farm_settings, inputs, tmp_path, kind):
     model = "tiny-inpaint" if kind == "inpaint" else "tiny"
-    extra = {"txt2img": [], "img2img": ["--image", inputs / "image.png", "--strength", "0.6"],
-             "inpaint": ["--image", inputs / "image.png", "--mask", inputs / "mask.png"]}[kind]
-    res = run_cli(farm_settings, "submit", kind, "--model", model, "--prompt", "a fox",
-                  "--seed", 5, "--steps", STEPS, "--scheduler", "ddim", *extra, "--wait", "--json")
+    extra = {
+        "txt2img": [],
+        "img2img": ["--image", inputs / "image.png", "--strength", "0.6"],
+        "inpaint": ["--image", inputs / "image.png", "--mask", inputs / "mask.png"],
+    }[kind]
+    res = run_cli(
+        farm_settings,
+        "submit",
+        kind,
+        "--model",
+        model,
+        "--prompt",
+        "a fox",
+        "--seed",
+        5,
+        "--steps",
+        STEPS,
+        "--scheduler",
+        "ddim",
+        *extra,
+        "--wait",
+        "--json",
+    )
     assert res.returncode == 0, res.stderr
     rec = json.loads(res.stdout)
     assert rec["state"] == "succeeded" and rec["spec"]["scheduler"] == "ddim"
@@ -174,8 +236,9 @@ def test_cli_submit_wait_status_fetch(farm_settings, inputs, tmp_path, kind):
 
 
 def test_cli_prints_job_id_and_wait_follows(farm_settings):
-    res = run_cli(farm_settings, "submit", "txt2img", "--model", "tiny", "--prompt", "x",
-                  "--steps", STEPS)
+    res = run_cli(
+        farm_settings, "submit", "txt2img", "--model", "tiny", "--prompt", "x", "--steps", STEPS
+    )
     job_id = res.stdout.strip()
     assert res.returncode == 0 and len(job_id) == 32
     waited = run_cli(farm_settings, "wait", job_id, "--timeout", 120)
@@ -184,8 +247,19 @@ def test_cli_prints_job_id_and_wait_follows(farm_settings):
 
 def test_failed_job_exits_nonzero(farm_settings, tmp_path):
     # A 9-channel inpainting model cannot do txt2img: the worker fails the job with the reason.
-    res = run_cli(farm_settings, "submit", "txt2img", "--model", "tiny-inpaint", "--prompt", "x",
-                  "--steps", STEPS, "--wait", "--json")
+    res = run_cli(
+        farm_settings,
+        "submit",
+        "txt2img",
+        "--model",
+        "tiny-inpaint",
+        "--prompt",
+        "x",
+        "--steps",
+        STEPS,
+        "--wait",
+        "--json",
+    )
     assert res.returncode == 1
     rec = json.loads(res.stdout)
     assert rec["state"] == "failed" and "inpaint" in rec["error"]

@@ -19,8 +19,12 @@ from farm.up import settings_env
 def empty_farm(redis_server, tmp_path):
     """Settings with a fresh key prefix and an empty store; no worker needed."""
     store = tmp_path / "store"
-    return FarmSettings(redis_url=redis_server.url, storage=store.as_uri(), home=tmp_path,
-                        key_prefix=f"bad{uuid.uuid4().hex[:8]}:")
+    return FarmSettings(
+        redis_url=redis_server.url,
+        storage=store.as_uri(),
+        home=tmp_path,
+        key_prefix=f"bad{uuid.uuid4().hex[:8]}:",
+    )
 
 
 @pytest.fixture
@@ -55,7 +59,10 @@ CASES = {
     "truncated": (["img2img", "--image", "{d}/truncated.png"], "image"),
     "not-image": (["img2img", "--image", "{d}/notes.txt"], "image"),
     "http": (["img2img", "--image", "http://169.254.169.254/x.png"], "image"),
-    "mask-size": (["inpaint", "--image", "{d}/ok.png", "--mask", "{d}/small-mask.png"], "mask_image"),
+    "mask-size": (
+        ["inpaint", "--image", "{d}/ok.png", "--mask", "{d}/small-mask.png"],
+        "mask_image",
+    ),
     "strength": (["img2img", "--image", "{d}/ok.png", "--strength", "1.5"], "strength"),
 }
 
@@ -66,8 +73,13 @@ def test_cli_refuses_bad_input(empty_farm, files, case):
     args = [a.format(d=files) for a in args]
     if "--model" not in args:
         args += ["--model", "tiny"]
-    res = subprocess.run([sys.executable, "-m", "farm", "submit", *args, "--prompt", "a fox"],
-                         env=settings_env(empty_farm), capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "farm", "submit", *args, "--prompt", "a fox"],
+        env=settings_env(empty_farm),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0], res.stderr
@@ -76,8 +88,13 @@ def test_cli_refuses_bad_input(empty_farm, files, case):
 
 def test_sdk_batch_with_one_bad_spec_writes_nothing(empty_farm, files):
     good = Txt2Img(model="tiny", prompt="x")
-    bad = {"kind": "inpaint", "model": "tiny-inpaint", "prompt": "x",
-           "image": str(files / "ok.png"), "mask_image": str(files / "small-mask.png")}
+    bad = {
+        "kind": "inpaint",
+        "model": "tiny-inpaint",
+        "prompt": "x",
+        "image": str(files / "ok.png"),
+        "mask_image": str(files / "small-mask.png"),
+    }
     with Farm(empty_farm) as farm, pytest.raises(InvalidJob) as err:
         farm.submit_many([good, bad])
     assert err.value.field == "mask_image" and "64x64" in str(err.value)
@@ -85,15 +102,26 @@ def test_sdk_batch_with_one_bad_spec_writes_nothing(empty_farm, files):
 
 
 def test_import_farm_does_not_import_torch():
-    code = ("import sys, farm, farm.cli, farm.client, farm.up, farm.demo; "
-            "heavy = {'torch', 'diffusers', 'transformers'} & set(sys.modules); "
-            "assert not heavy, heavy")
+    code = (
+        "import sys, farm, farm.cli, farm.client, farm.up, farm.demo; "
+        "heavy = {'torch', 'diffusers', 'transformers'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
 def test_public_surface():
     import farm
 
-    assert {"Farm", "Txt2Img", "Img2Img", "Inpaint", "JobState", "FarmError", "InvalidJob",
-            "JobFailed", "JobCancelled"} <= set(farm.__all__)
+    assert {
+        "Farm",
+        "Txt2Img",
+        "Img2Img",
+        "Inpaint",
+        "JobState",
+        "FarmError",
+        "InvalidJob",
+        "JobFailed",
+        "JobCancelled",
+    } <= set(farm.__all__)
     assert all(hasattr(farm, name) for name in farm.__all__)
