@@ -37,8 +37,14 @@ def inputs(n: int, size: int, folder: Path) -> list[tuple[Path, Path]]:
 
 def specs(pairs, steps: int, round_: int) -> list[Inpaint]:
     return [
-        Inpaint(model="tiny-inpaint", prompt="a red house", image=str(img), mask_image=str(mask),
-                seed=round_ * 1000 + i, num_inference_steps=steps)
+        Inpaint(
+            model="tiny-inpaint",
+            prompt="a red house",
+            image=str(img),
+            mask_image=str(mask),
+            seed=round_ * 1000 + i,
+            num_inference_steps=steps,
+        )
         for i, (img, mask) in enumerate(pairs)
     ]
 
@@ -56,12 +62,20 @@ def run_direct(pipe, jobs: list[Inpaint]) -> float:
     import torch
     from PIL import Image
 
-    loaded = [(Image.open(j.image).convert("RGB"), Image.open(j.mask_image).convert("L")) for j in jobs]
+    loaded = [
+        (Image.open(j.image).convert("RGB"), Image.open(j.mask_image).convert("L")) for j in jobs
+    ]
     t0 = time.perf_counter()
     for job, (image, mask) in zip(jobs, loaded, strict=True):
-        pipe(prompt=job.prompt, image=image, mask_image=mask,
-             num_inference_steps=job.num_inference_steps, guidance_scale=job.guidance_scale,
-             strength=job.strength, generator=[torch.Generator("cpu").manual_seed(job.seed)])
+        pipe(
+            prompt=job.prompt,
+            image=image,
+            mask_image=mask,
+            num_inference_steps=job.num_inference_steps,
+            guidance_scale=job.guidance_scale,
+            strength=job.strength,
+            generator=[torch.Generator("cpu").manual_seed(job.seed)],
+        )
     return len(jobs) / (time.perf_counter() - t0)
 
 
@@ -83,8 +97,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pairs = inputs(args.jobs, args.size, Path(tmp))
         settings = FarmSettings(home=Path(tmp) / "farm")
-        with LocalFarm(settings, workers=1, threads=1, preload=["tiny-inpaint"]) as lf, \
-                Farm(lf.settings) as farm:
+        with (
+            LocalFarm(settings, workers=1, threads=1, preload=["tiny-inpaint"]) as lf,
+            Farm(lf.settings) as farm,
+        ):
             run_farm(farm, specs(pairs[:2], args.steps, 99))  # warm: worker up, pipeline loaded
             run_direct(pipe, specs(pairs[:2], args.steps, 99))
             ratios = []
@@ -92,10 +108,15 @@ def main() -> None:
                 farm_rate = run_farm(farm, specs(pairs, args.steps, r))
                 direct_rate = run_direct(pipe, specs(pairs, args.steps, r))
                 ratios.append(farm_rate / direct_rate)
-                print(f"round {r}: farm {farm_rate:.2f} img/s  direct {direct_rate:.2f} img/s  "
-                      f"ratio {ratios[-1]:.3f}", flush=True)
-    print(f"{args.jobs} inpaint jobs, {args.size}x{args.size}, {args.steps} steps, 1 thread each: "
-          f"median ratio farm/direct = {statistics.median(ratios):.3f} (target >= 0.95)")
+                print(
+                    f"round {r}: farm {farm_rate:.2f} img/s  direct {direct_rate:.2f} img/s  "
+                    f"ratio {ratios[-1]:.3f}",
+                    flush=True,
+                )
+    print(
+        f"{args.jobs} inpaint jobs, {args.size}x{args.size}, {args.steps} steps, 1 thread each: "
+        f"median ratio farm/direct = {statistics.median(ratios):.3f} (target >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

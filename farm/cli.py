@@ -52,12 +52,19 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--queues", default=None, help="comma-separated queues (default render)")
     w.add_argument("--threads", type=int, help="torch threads (default: all cores on cpu)")
     w.add_argument("--name", help="worker name (default DEVICE@HOST)")
-    w.add_argument("--preload", action="append", default=[], metavar="REF",
-                   help="load this model before taking jobs (repeatable)")
+    w.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="load this model before taking jobs (repeatable)",
+    )
 
     s = sub.add_parser("submit", help="submit one job")
     s.add_argument("kind", choices=["txt2img", "img2img", "inpaint"])
-    s.add_argument("--model", required=True, help="tiny, tiny-inpaint, org/name, folder, .safetensors")
+    s.add_argument(
+        "--model", required=True, help="tiny, tiny-inpaint, org/name, folder, .safetensors"
+    )
     s.add_argument("--prompt", required=True)
     s.add_argument("--negative-prompt")
     s.add_argument("--image", help="input image: path or s3:// URI")
@@ -97,8 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     ex = msub.add_parser("export", help="write a built-in model as a diffusers folder")
     ex.add_argument("name", choices=sorted(BUILTIN_MODELS))
     ex.add_argument("dir", type=Path)
-    ex.add_argument("--single-file", action="store_true",
-                    help="also write one original-layout .safetensors checkpoint")
+    ex.add_argument(
+        "--single-file",
+        action="store_true",
+        help="also write one original-layout .safetensors checkpoint",
+    )
 
     d = sub.add_parser("demo", help="inpaint a few sample images on an embedded farm")
     d.add_argument("--out", type=Path, default=Path("demo-out"))
@@ -217,11 +227,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = FarmSettings()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with LocalFarm(settings, workers=args.workers, device=args.device, threads=args.threads,
-                   write_state=True) as lf:
+    with LocalFarm(
+        settings, workers=args.workers, device=args.device, threads=args.threads, write_state=True
+    ) as lf:
         print(f"farm up: redis {lf.settings.redis_url}", flush=True)
         print(f"farm up: storage {lf.settings.storage_url()}", flush=True)
-        print(f"farm up: {args.workers} worker(s) on {args.device}; logs in {lf.log_dir}", flush=True)
+        print(
+            f"farm up: {args.workers} worker(s) on {args.device}; logs in {lf.log_dir}", flush=True
+        )
         print("farm up: submit from another terminal (`farm submit ...`); Ctrl-C stops", flush=True)
         try:
             while True:
@@ -235,8 +248,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from farm.demo import run_demo
 
-    return run_demo(args.out, workers=args.workers, n_images=args.images,
-                    variations=args.variations)
+    return run_demo(
+        args.out, workers=args.workers, n_images=args.images, variations=args.variations
+    )
 
 
 class _ProgressBar:
@@ -251,11 +265,15 @@ class _ProgressBar:
         if not self.tty:
             return
         done = sum(s in ("succeeded", "failed", "cancelled") for _, s, _, _ in states)
-        frac = sum(1.0 if s in ("succeeded", "failed", "cancelled") else (a / b if b else 0.0)
-                   for _, s, a, b in states) / len(states)
+        frac = sum(
+            1.0 if s in ("succeeded", "failed", "cancelled") else (a / b if b else 0.0)
+            for _, s, a, b in states
+        ) / len(states)
         bar = "#" * int(frac * 30)
-        self.stream.write(f"\r[{bar:<30}] {done}/{len(states)} jobs  {frac:4.0%}  "
-                          f"{time.monotonic() - self.started:5.1f}s")
+        self.stream.write(
+            f"\r[{bar:<30}] {done}/{len(states)} jobs  {frac:4.0%}  "
+            f"{time.monotonic() - self.started:5.1f}s"
+        )
         if done == len(states):
             self.stream.write("\n")
         self.stream.flush()
@@ -272,5 +290,3 @@ COMMANDS = {
     "models": cmd_models,
     "demo": cmd_demo,
 }
-
-

@@ -47,7 +47,10 @@ def resolve_settings(settings: FarmSettings | None = None) -> FarmSettings:
     if state_file.exists():
         state = json.loads(state_file.read_text())
         return settings.model_copy(
-            update={"redis_url": state["redis_url"], "storage": settings.storage or state["storage"]}
+            update={
+                "redis_url": state["redis_url"],
+                "storage": settings.storage or state["storage"],
+            }
         )
     raise InvalidJob(
         "FARM_REDIS_URL is not set and no embedded farm is running: start one with `farm up`",
@@ -175,14 +178,22 @@ class Farm:
         }
 
     def _input(
-        self, value: Any, field: str, uploads: dict[str, bytes], updates: dict[str, Any], *, mask: bool
+        self,
+        value: Any,
+        field: str,
+        uploads: dict[str, bytes],
+        updates: dict[str, Any],
+        *,
+        mask: bool,
     ) -> Any:
         """Decode and check one input; set `updates[field]` to the URI it will be read from."""
         if isinstance(value, str) and value.startswith(_URI_SCHEMES):
             img = images.load_image_input(self.store.get_uri(value, field=field), field=field)
             updates[field] = value
         elif isinstance(value, str) and "://" in value:
-            raise InvalidJob(f"{field}: only local paths, s3:// and file:// URIs, got {value!r}", field=field)
+            raise InvalidJob(
+                f"{field}: only local paths, s3:// and file:// URIs, got {value!r}", field=field
+            )
         else:
             img = images.load_image_input(value, field=field)
             data = images.encode_png(images.as_mask(img) if mask else img.convert("RGB"))
@@ -231,7 +242,9 @@ class Farm:
                 break
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                pending = [i for i, (s, _, _) in zip(ids, states, strict=True) if not JobState(s).terminal]
+                pending = [
+                    i for i, (s, _, _) in zip(ids, states, strict=True) if not JobState(s).terminal
+                ]
                 raise WaitTimeout(
                     f"{len(pending)} job(s) still not done after {timeout}s: {', '.join(pending[:5])}",
                     job_id=pending[0] if len(pending) == 1 else None,

@@ -68,13 +68,24 @@ def run_demo(out: Path, workers: int = 1, n_images: int = 4, variations: int = 2
         box_mask(i).save(mask_path)
         pairs.append((img_path, mask_path))
     settings = FarmSettings(home=out / ".farm")
-    print(f"demo: starting an embedded farm ({workers} worker(s)) under {settings.home}", flush=True)
-    with LocalFarm(settings, workers=workers, preload=["tiny-inpaint"]) as lf, Farm(lf.settings) as farm:
+    print(
+        f"demo: starting an embedded farm ({workers} worker(s)) under {settings.home}", flush=True
+    )
+    with (
+        LocalFarm(settings, workers=workers, preload=["tiny-inpaint"]) as lf,
+        Farm(lf.settings) as farm,
+    ):
         # 2. Submit: one job per picture and variation; each its own seed.
         specs = [
-            Inpaint(model="tiny-inpaint", prompt="a small red house", image=str(img),
-                    mask_image=str(mask), seed=1000 * i + v, num_inference_steps=20,
-                    key=f"demo:{i}:{v}")
+            Inpaint(
+                model="tiny-inpaint",
+                prompt="a small red house",
+                image=str(img),
+                mask_image=str(mask),
+                seed=1000 * i + v,
+                num_inference_steps=20,
+                key=f"demo:{i}:{v}",
+            )
             for i, (img, mask) in enumerate(pairs)
             for v in range(variations)
         ]
@@ -88,14 +99,17 @@ def run_demo(out: Path, workers: int = 1, n_images: int = 4, variations: int = 2
         # 4. Download and lay out a contact sheet: input | mask | outputs.
         rows = []
         for i, (img, _) in enumerate(pairs):
-            row_jobs = jobs[i * variations:(i + 1) * variations]
+            row_jobs = jobs[i * variations : (i + 1) * variations]
             row = [Image.open(img).convert("RGB")]
             for v, job in enumerate(row_jobs):
                 files = farm.download(job.id, out / "jobs" / job.id)
                 if v == 0:
                     row.append(Image.open(out / "jobs" / job.id / "mask.png").convert("RGB"))
-                row += [Image.open(p).convert("RGB") for p in files if p.suffix == ".png"
-                        and p.name != "mask.png"]
+                row += [
+                    Image.open(p).convert("RGB")
+                    for p in files
+                    if p.suffix == ".png" and p.name != "mask.png"
+                ]
             rows.append(row)
     sheet_path = out / "contact-sheet.png"
     images.contact_sheet(rows).save(sheet_path)

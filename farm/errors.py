@@ -1,13 +1,13 @@
 """The farm's exceptions. Retry decisions follow from the type.
 
-    FarmError
-     ├── InvalidJob        bad input: refused before anything is stored; a worker never retries it
-     ├── JobNotFound       no record for that job id (never submitted, or expired)
-     ├── TransientError    Redis, storage or device trouble that a retry may cure
-     ├── StaleAttempt      a worker's write carried an attempt token that is no longer current
-     ├── JobFailed         a job you waited on ended `failed`
-     ├── JobCancelled      a job you waited on ended `cancelled`
-     └── WaitTimeout       `wait` gave up before the job ended
+FarmError
+ ├── InvalidJob        bad input: refused before anything is stored; a worker never retries it
+ ├── JobNotFound       no record for that job id (never submitted, or expired)
+ ├── TransientError    Redis, storage or device trouble that a retry may cure
+ ├── StaleAttempt      a worker's write carried an attempt token that is no longer current
+ ├── JobFailed         a job you waited on ended `failed`
+ ├── JobCancelled      a job you waited on ended `cancelled`
+ └── WaitTimeout       `wait` gave up before the job ended
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ class FarmError(Exception):
 class InvalidJob(FarmError, ValueError):
     """Bad input. `field` names what was wrong; the message names the value."""
 
-    def __init__(self, message: str, *, field: str | None = None, job_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, field: str | None = None, job_id: str | None = None
+    ) -> None:
         super().__init__(message, job_id=job_id)
         self.field = field
 

@@ -240,7 +240,10 @@ class Tracker:
         `token` fences the write to the current attempt; `expect` limits the states it may
         start from. Never raises for a refused change: look at `.status`.
         """
-        payload = {k: json.dumps(v) if isinstance(v, dict | list) else str(v) for k, v in (fields or {}).items()}
+        payload = {
+            k: json.dumps(v) if isinstance(v, dict | list) else str(v)
+            for k, v in (fields or {}).items()
+        }
         try:
             status, state, new_token, attempt = self._transition(
                 keys=[self.keys.job(job_id), self.keys.events],
@@ -268,9 +271,7 @@ class Tracker:
         """Start an attempt: queued → running (or take over a running job whose lease ran out)."""
         return self.transition(job_id, JobState.RUNNING, worker=worker, lease=lease)
 
-    def finish(
-        self, job_id: str, token: str, state: JobState, **fields: Any
-    ) -> Transition:
+    def finish(self, job_id: str, token: str, state: JobState, **fields: Any) -> Transition:
         """End an attempt (succeeded, failed, cancelled, or handed back as queued), fenced."""
         t = self.transition(job_id, state, token=token, fields=fields)
         if t.status == "stale":
@@ -288,7 +289,9 @@ class Tracker:
             args=[token, repr(time.time() + lease), step, total],
         )
         if status != "ok":
-            raise StaleAttempt(f"attempt {token} is no longer current (job is {value})", job_id=job_id)
+            raise StaleAttempt(
+                f"attempt {token} is no longer current (job is {value})", job_id=job_id
+            )
         return value == "1"
 
     def request_cancel(self, job_id: str) -> JobState:

@@ -23,8 +23,13 @@ from farm.settings import FarmSettings
 log = logging.getLogger("farm.up")
 
 
-def worker_command(device: str = "cpu", threads: int | None = None, queues: str | None = None,
-                   name: str | None = None, preload: list[str] | None = None) -> list[str]:
+def worker_command(
+    device: str = "cpu",
+    threads: int | None = None,
+    queues: str | None = None,
+    name: str | None = None,
+    preload: list[str] | None = None,
+) -> list[str]:
     cmd = [sys.executable, "-m", "farm", "worker", "--device", device]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -50,9 +55,16 @@ def settings_env(settings: FarmSettings) -> dict[str, str]:
 class LocalFarm:
     """Start (and later stop) what a one-machine farm needs that is not already configured."""
 
-    def __init__(self, settings: FarmSettings, workers: int = 1, device: str = "cpu",
-                 threads: int | None = None, preload: list[str] | None = None,
-                 log_dir: Path | None = None, write_state: bool = False) -> None:
+    def __init__(
+        self,
+        settings: FarmSettings,
+        workers: int = 1,
+        device: str = "cpu",
+        threads: int | None = None,
+        preload: list[str] | None = None,
+        log_dir: Path | None = None,
+        write_state: bool = False,
+    ) -> None:
         self.base = settings
         self.n_workers = workers
         self.device = device
@@ -86,8 +98,11 @@ class LocalFarm:
 
             open_store(self.settings)  # creates the folder
         if self.write_state:
-            (home / "up.json").write_text(json.dumps(
-                {"redis_url": self.settings.redis_url, "storage": storage, "pid": os.getpid()}))
+            (home / "up.json").write_text(
+                json.dumps(
+                    {"redis_url": self.settings.redis_url, "storage": storage, "pid": os.getpid()}
+                )
+            )
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i in range(self.n_workers):
             self.procs.append(self._spawn(i))
@@ -97,7 +112,9 @@ class LocalFarm:
         logfile = open(self.log_dir / f"worker-{i}.log", "ab")  # noqa: SIM115 - owned by the child
         return subprocess.Popen(
             worker_command(self.device, self.threads, name=name, preload=self.preload),
-            env=settings_env(self.settings), stdout=logfile, stderr=subprocess.STDOUT,
+            env=settings_env(self.settings),
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
