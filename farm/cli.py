@@ -225,8 +225,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from farm.up import LocalFarm
 
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops `farm up` the way Ctrl-C does
+
     settings = FarmSettings()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, interrupt)
     with LocalFarm(
         settings, workers=args.workers, device=args.device, threads=args.threads, write_state=True
     ) as lf:

@@ -6,6 +6,7 @@ process in `Runtime` and reused by every job.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import platform
@@ -257,6 +258,7 @@ def _hand_back(rt: Runtime, job_id: str, token: str, attempt: int, reason: str) 
         return _end(
             rt, job_id, token, JobState.FAILED, error=f"gave up after {attempt} attempts: {reason}"
         )
+    time.sleep(min(30.0, 0.5 * 2**attempt))  # back off: the cause is likely shared by all jobs
     outcome = _end(rt, job_id, token, JobState.QUEUED, error=reason)
     if outcome == JobState.QUEUED.value:
         record = rt.tracker.get(job_id)
@@ -287,6 +289,10 @@ def run_worker(
     for ref in preload or []:
         rt.cache.get(ref, "inpaint" if "inpaint" in ref else "txt2img")
     register(rt)
+    # Everything loaded so far lives as long as the process: keep the collector off it, so
+    # the objects a render allocates are all a collection has to scan.
+    gc.collect()
+    gc.freeze()
     worker = rt.celery.Worker(
         hostname=rt.name,
         pool_cls="solo",
