@@ -48,6 +48,9 @@ from farm.settings import FarmSettings
 DEFAULT_URL_EXPIRES = 900
 """Seconds a presigned GET URL stays valid by default (short: URLs leak into logs)."""
 
+MAX_URL_EXPIRES = 3600
+"""Presigned URLs are GET-only and short-lived: an hour at most."""
+
 PUT_MANY_THREADS = 16
 """Parallel uploads in `put_many` (kept below the S3 client's connection pool)."""
 
@@ -334,8 +337,10 @@ class S3Store(ObjectStore):
             self.client.delete_object(Bucket=self.bucket, Key=full)
 
     def url(self, key: str, expires: int = DEFAULT_URL_EXPIRES) -> str:
-        if not 1 <= expires <= 7 * 24 * 3600:
-            raise InvalidJob(f"expires must be 1 s to 7 days, got {expires}", field="expires")
+        if not 1 <= expires <= MAX_URL_EXPIRES:
+            raise InvalidJob(
+                f"expires must be 1 to {MAX_URL_EXPIRES} s, got {expires}", field="expires"
+            )
         full = self._full(key)
         with self._errors("presign", full):
             return self.client.generate_presigned_url(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 import uuid
+import zlib
 
 import pytest
 import redis
@@ -34,7 +36,26 @@ def files(tmp_path):
     data = (tmp_path / "ok.png").read_bytes()
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
     (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "bomb.png").write_bytes(png_header(30_000, 30_000))  # 900 Mpx declared
+    (tmp_path / "zero.png").write_bytes(png_header(0, 64))
+    Image.new("RGB", (9000, 8)).save(tmp_path / "wide.png")
     return tmp_path
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares a size and carries (almost) no pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def nothing_written(settings: FarmSettings) -> bool:
@@ -64,6 +85,14 @@ CASES = {
         "mask_image",
     ),
     "strength": (["img2img", "--image", "{d}/ok.png", "--strength", "1.5"], "strength"),
+    "bomb": (["img2img", "--image", "{d}/bomb.png"], "image"),
+    "zero-pixels": (["img2img", "--image", "{d}/zero.png"], "image"),
+    "oversize": (["img2img", "--image", "{d}/wide.png"], "image"),
+    "model-escape": (["txt2img", "--model", "../models/sd"], "model"),
+    "pickle-bin": (["txt2img", "--model", "models/unet.bin"], "model"),
+    "file-uri": (["img2img", "--image", "file:///etc/passwd"], "image"),
+    "empty-prompt": (["txt2img", "--prompt", ""], "prompt"),
+    "nan-strength": (["img2img", "--image", "{d}/ok.png", "--strength", "nan"], "strength"),
 }
 
 
@@ -73,8 +102,10 @@ def test_cli_refuses_bad_input(empty_farm, files, case):
     args = [a.format(d=files) for a in args]
     if "--model" not in args:
         args += ["--model", "tiny"]
+    if "--prompt" not in args:
+        args += ["--prompt", "a fox"]
     res = subprocess.run(
-        [sys.executable, "-m", "farm", "submit", *args, "--prompt", "a fox"],
+        [sys.executable, "-m", "farm", "submit", *args],
         env=settings_env(empty_farm),
         capture_output=True,
         text=True,
