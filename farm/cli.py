@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from farm import cli_batch
 from farm.errors import FarmError, InvalidJob
 from farm.jobs import BUILTIN_MODELS, SCHEDULERS, JobRecord
 from farm.settings import FarmSettings
@@ -115,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=1)
     d.add_argument("--images", type=int, default=4)
     d.add_argument("--variations", type=int, default=2)
+
+    cli_batch.add_parser(sub)
     return p
 
 
@@ -242,7 +245,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         try:
             while True:
                 time.sleep(1)
-                lf.restart_dead()
         except KeyboardInterrupt:
             print("farm up: stopping", flush=True)
     return 0
@@ -292,4 +294,5 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "models": cmd_models,
     "demo": cmd_demo,
+    "batch": cli_batch.run,
 }

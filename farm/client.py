@@ -17,12 +17,13 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from farm import images
 from farm.errors import InvalidJob, JobCancelled, JobFailed, WaitTimeout
-from farm.jobs import Inpaint, JobRecord, JobState, Txt2Img, parse_spec
+from farm.jobs import Inpaint, JobRecord, JobState, Txt2Img, batch_signature, parse_spec
 from farm.keys import input_key
 from farm.settings import FarmSettings
 from farm.storage import ObjectStore, open_store
@@ -31,6 +32,27 @@ from farm.tracker import Tracker, new_job_id
 ProgressFn = Callable[[Sequence[JobRecord | tuple[str, str | None, int, int]]], None]
 
 _URI_SCHEMES = ("s3://", "file://")
+
+UPLOAD_THREADS = 16
+"""Parallel existence checks before uploading inputs (kept below the S3 connection pool)."""
+
+
+def put_missing(store: ObjectStore, items: dict[str, bytes]) -> int:
+    """Store the content-addressed `items` not stored yet; how many were uploaded.
+
+    The existence checks (a HEAD each on S3) run in parallel, then the uploads do
+    (`put_many`): an input that a thousand jobs share is stored once.
+    """
+    keys = list(items)
+    if len(keys) > 1:
+        with ThreadPoolExecutor(min(len(keys), UPLOAD_THREADS), "farm-exists") as pool:
+            stored = list(pool.map(store.exists, keys))
+    else:
+        stored = [store.exists(k) for k in keys]
+    missing = {k: items[k] for k, there in zip(keys, stored, strict=True) if not there}
+    if missing:
+        store.put_many(missing)
+    return len(missing)
 
 
 def embedded_state_file(settings: FarmSettings) -> Path:
@@ -95,6 +117,9 @@ class Farm:
         )
         self._store: ObjectStore | None = None
         self._celery: Any = None
+        self.known_inputs: dict[str, Any] = {}
+        """Store URI → decoded image, for inputs already read and checked in this process
+        (`farm.batch_submit` fills it per chunk), so `submit` does not fetch them again."""
 
     @property
     def store(self) -> ObjectStore:
@@ -138,9 +163,7 @@ class Farm:
         uploads: dict[str, bytes] = {}
         records = [self._prepare(spec, uploads) for spec in parsed]
         # 2. Upload the inputs not yet stored (content-addressed: each once).
-        missing = {k: v for k, v in uploads.items() if not self.store.exists(k)}
-        if missing:
-            self.store.put_many(missing)
+        self.upload_inputs(uploads)
         # 3. Write the records; 4. enqueue those that are new.
         created = self.tracker.create(records)
         from farm.queue import RENDER_QUEUE, enqueue
@@ -160,6 +183,7 @@ class Farm:
         updates: dict[str, Any] = {}
         if spec.seed is None:
             updates["seed"] = secrets.randbits(32)
+        image = None
         if not isinstance(spec, Txt2Img):
             image = self._input(spec.image, "image", uploads, updates, mask=False)
             if isinstance(spec, Inpaint):
@@ -175,7 +199,12 @@ class Farm:
             "priority": spec.priority,
             "created_at": repr(time.time()),
             "attempt": 0,
+            "signature": batch_signature(spec, image.size if image is not None else None),
         }
+
+    def upload_inputs(self, items: dict[str, bytes]) -> int:
+        """Store the content-addressed inputs not stored yet; how many were uploaded."""
+        return put_missing(self.store, items)
 
     def _input(
         self,
@@ -188,7 +217,10 @@ class Farm:
     ) -> Any:
         """Decode and check one input; set `updates[field]` to the URI it will be read from."""
         if isinstance(value, str) and value.startswith(_URI_SCHEMES):
-            img = images.load_image_input(self.store.get_uri(value, field=field), field=field)
+            img = self.known_inputs.get(value)
+            if img is None:
+                data = self.store.get_uri(value, field=field)
+                img = images.load_image_input(data, field=field)
             updates[field] = value
         elif isinstance(value, str) and "://" in value:
             raise InvalidJob(

@@ -13,6 +13,8 @@ along `TRANSITIONS`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from enum import StrEnum
@@ -106,6 +108,8 @@ def check_model_ref(ref: str) -> str:
         raise ValueError(f"{ref!r} is pickle weights; only .safetensors is loaded")
     if "://" in ref:
         raise ValueError(f"{ref!r}: model refs are a built-in name, org/name, or a local path")
+    if ".." in ref.replace("\\", "/").split("/"):
+        raise ValueError(f"{ref!r} escapes its folder ('..' is not allowed in model refs)")
     looks_like_path = ref.startswith(("/", "./", "~")) or ref.endswith(".safetensors")
     if not looks_like_path and _REPO_ID.match(ref):
         if ".." in ref:
@@ -211,6 +215,16 @@ class Inpaint(_RenderSpec):
     image: ImageInput
     mask_image: ImageInput
     strength: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    padding_mask_crop: int | None = Field(default=None, ge=0, le=4096)
+    """diffusers' own: inpaint only a crop around the mask (grown by this many pixels) at the
+    working size, then paste it back over the source. Such jobs always run alone."""
+    mask_blur: int = Field(default=0, ge=0, le=64)
+    """Gaussian blur radius for the mask (`pipe.mask_processor.blur`), after `mask_dilate`."""
+    mask_dilate: int = Field(default=0, ge=0, le=64)
+    """Grow the white (repainted) region by this many pixels before blurring."""
+    preserve_unmasked: bool = False
+    """Composite the output over the source with the (dilated, blurred) mask at the source's
+    size, so pixels outside the mask come back identical. Off: the pixels diffusers gives."""
 
     _images = field_validator("image", "mask_image")(classmethod(lambda cls, v: _image_input(v)))
 
@@ -249,6 +263,63 @@ def parse_spec(data: Any) -> Txt2Img | Img2Img | Inpaint:
         raise InvalidJob(line, field=field) from None
 
 
+# --------------------------------------------------------------------------- batching
+
+SIZE_MULTIPLE = 8
+"""Working sizes are multiples of this (diffusers rounds an input image's size down to it)."""
+
+
+def working_size(
+    spec: Txt2Img | Img2Img | Inpaint, image_size: tuple[int, int] | None = None
+) -> tuple[int | None, int | None]:
+    """(height, width) the pipeline renders at: the spec's own, else the input image's size
+    (`(width, height)`, as PIL gives it) rounded down to a multiple of 8. None: the model's
+    default (txt2img without a size)."""
+    height, width = spec.height, spec.width
+    if spec.kind == "txt2img" or image_size is None:
+        return height, width
+    image_w, image_h = image_size
+    height = height or image_h // SIZE_MULTIPLE * SIZE_MULTIPLE
+    width = width or image_w // SIZE_MULTIPLE * SIZE_MULTIPLE
+    if not (height and width):
+        raise InvalidJob(
+            f"image: {image_w}x{image_h} is too small to render without a height and width; "
+            f"each side needs at least {SIZE_MULTIPLE} pixels",
+            field="image",
+        )
+    return height, width
+
+
+def batch_signature(
+    spec: Txt2Img | Img2Img | Inpaint, image_size: tuple[int, int] | None = None
+) -> str | None:
+    """A hash of what must be equal for jobs to share one pipeline call, or None: runs alone.
+
+    Model, kind, working size, steps, scheduler, guidance, strength, images per prompt and the
+    mask options. Prompts, seeds, images and masks differ freely: each image has its own
+    generator. `padding_mask_crop` jobs run alone: diffusers crops one image per call.
+    """
+    if getattr(spec, "padding_mask_crop", None) is not None:
+        return None
+    height, width = working_size(spec, image_size)
+    fields = {
+        "model": spec.model,
+        "kind": spec.kind,
+        "height": height,
+        "width": width,
+        "num_inference_steps": spec.num_inference_steps,
+        "scheduler": spec.scheduler,
+        "guidance_scale": spec.guidance_scale,
+        "strength": getattr(spec, "strength", None),
+        "num_images_per_prompt": spec.num_images_per_prompt,
+        "mask_blur": getattr(spec, "mask_blur", None),
+        "mask_dilate": getattr(spec, "mask_dilate", None),
+        "preserve_unmasked": getattr(spec, "preserve_unmasked", None),
+    }
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -275,6 +346,8 @@ class JobRecord(BaseModel):
     outputs: list[str] = []
     mask: str | None = None
     meta: str | None = None
+    signature: str | None = None
+    """Batch signature (`batch_signature`): jobs that share one may run as one pipeline call."""
 
     @property
     def done(self) -> bool:

@@ -25,10 +25,31 @@ class RedisKeys:
         """Sorted set: every live job id, scored by creation time."""
         return f"{self.prefix}jobs"
 
+    def signature(self, signature: str) -> str:
+        """Sorted set: the queued jobs of one batch signature, most urgent first."""
+        return f"{self.prefix}sig:{signature}"
+
     @property
     def workers(self) -> str:
         """Hash: worker name → JSON (device, models, current job, heartbeat)."""
         return f"{self.prefix}workers"
+
+    @property
+    def batches(self) -> str:
+        """Sorted set: every batch name, scored by when it was first submitted."""
+        return f"{self.prefix}batches"
+
+    def batch(self, name: str) -> str:
+        """Hash: one batch's metadata (manifest, rows, variations, seed, defaults, times)."""
+        return f"{self.prefix}batch:{name}"
+
+    def batch_order(self, name: str) -> str:
+        """List: the batch's slot ids (one per row × variation), in manifest order."""
+        return f"{self.prefix}batch:{name}:order"
+
+    def batch_slots(self, name: str) -> str:
+        """Hash: slot id → JSON (current job id, retry generation, row, variation, labels)."""
+        return f"{self.prefix}batch:{name}:slots"
 
 
 # Storage keys: relative to the store's root (bucket prefix or folder).

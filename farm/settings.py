@@ -44,16 +44,31 @@ class FarmSettings(BaseSettings):
     record_ttl: int = Field(default=7 * 24 * 3600, ge=60)
     """Seconds a finished job's record stays in Redis."""
 
-    visibility_timeout: int = Field(default=4 * 3600, ge=60)
+    visibility_timeout: int = Field(default=4 * 3600, ge=1)
     """Seconds before Redis hands an unacknowledged message to another worker."""
+
+    time_limit: float = Field(default=3600.0, gt=0)
+    """Seconds one job (or batch) may render, checked between steps; then it fails. A worker
+    refuses to start unless this is shorter than `visibility_timeout`."""
 
     lease_seconds: float = Field(default=30.0, gt=0)
     """A running job's lease; its worker renews it every third of this."""
 
     max_deliveries: int = Field(default=5, ge=1)
-    """Deliveries of one job before it is failed as a poison job."""
+    """Attempts at one job before it is failed as a poison job (dead-lettered)."""
+
+    reconcile_interval: float = Field(default=10.0, gt=0)
+    """Seconds between reconciler passes (one worker at a time runs one)."""
+
+    requeue_after: float = Field(default=600.0, gt=0)
+    """A job queued this long without being claimed is enqueued again (its message was lost)."""
+
+    fault_injection: bool = False
+    """Tests only: honour `[fault:kill]` and `[fault:oom]` markers in prompts."""
 
     max_batch: int = Field(default=4, ge=1, le=64)
+    """Images per pipeline call: a worker runs queued jobs of one batch signature together."""
+
     model_cache_gb: float = Field(default=0.0, ge=0)
     """Pipelines kept warm per worker, in GB of weights (0: keep the two most recent)."""
 

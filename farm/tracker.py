@@ -8,6 +8,12 @@ Fencing: a claim bumps `attempt` and issues a fresh `token`. Every later write b
 worker (progress, heartbeat, the final state) carries the token and is refused with
 `StaleAttempt` once the job has moved on (re-queued, taken over, cancelled), so a stale or
 duplicate execution can never overwrite a newer one.
+
+Micro-batching: a job's record carries its batch signature (`farm.jobs.batch_signature`), and
+`farm:sig:<signature>` indexes the queued jobs that share it. The same scripts that move a job
+into or out of `queued` keep that index in the same atomic step, so it lists exactly the queued
+jobs; `Tracker.claim_batch` pops up to n of them and claims each by the same rule as `claim`.
+The scripts themselves live in `farm.scripts`.
 """
 
 from __future__ import annotations
@@ -21,99 +27,13 @@ from typing import Any
 
 import redis
 
+from farm import scripts
 from farm.errors import FarmError, JobNotFound, StaleAttempt, TransientError
-from farm.jobs import TERMINAL, TRANSITIONS, JobRecord, JobState, Progress
+from farm.jobs import JobRecord, JobState, Progress
 from farm.keys import RedisKeys
 
 EVENTS_MAXLEN = 100_000
 """Approximate length the events stream is trimmed to."""
-
-
-def _lua_table() -> str:
-    rows = ", ".join(
-        f"{src.value} = {{{', '.join(f'{d.value} = true' for d in sorted(dsts))}}}"
-        for src, dsts in TRANSITIONS.items()
-    )
-    return f"local ALLOWED = {{{rows}}}\nlocal TERMINAL = {{{', '.join(f'{t.value} = true' for t in sorted(TERMINAL))}}}\n"
-
-
-# One script applies every state change. It returns {status, state, token, attempt}:
-# status is ok | missing | stale | illegal | unexpected (state not among the expected ones).
-_TRANSITION = (
-    _lua_table()
-    + """
-local key, events = KEYS[1], KEYS[2]
-local to, token, expect = ARGV[1], ARGV[2], ARGV[3]
-local now, ttl, fields = tonumber(ARGV[4]), tonumber(ARGV[5]), cjson.decode(ARGV[6])
-local lease, worker, maxlen = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
-
-local cur = redis.call('HGET', key, 'state')
-if not cur then return {'missing', '', '', '0'} end
-local attempt = redis.call('HGET', key, 'attempt') or '0'
-local current_token = redis.call('HGET', key, 'token') or ''
-
-local function event(state)
-  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'job', ARGV[11], 'state', state)
-end
-
--- A claim (to == running, no token) may take over a running job whose lease ran out:
--- the old attempt is handed back (running -> queued) before the new one starts.
-if to == 'running' and token == '' and cur == 'running' then
-  local lease_until = tonumber(redis.call('HGET', key, 'lease_until') or '0')
-  if lease_until < now then
-    redis.call('HSET', key, 'state', 'queued', 'token', '')
-    event('queued')
-    cur = 'queued'
-  end
-end
-
-if token ~= '' and token ~= current_token then return {'stale', cur, '', attempt} end
-if expect ~= '' and not string.find(',' .. expect .. ',', ',' .. cur .. ',', 1, true) then
-  return {'unexpected', cur, '', attempt}
-end
-if not ALLOWED[cur][to] then return {'illegal', cur, '', attempt} end
-
-local out_token = current_token
-redis.call('HSET', key, 'state', to)
-if to == 'running' then
-  attempt = tostring(redis.call('HINCRBY', key, 'attempt', 1))
-  out_token = attempt .. ':' .. ARGV[10]
-  redis.call('HSET', key, 'token', out_token, 'worker', worker, 'started_at', ARGV[4],
-             'lease_until', tostring(now + lease), 'step', '0', 'total', '0')
-elseif to == 'queued' then
-  redis.call('HSET', key, 'token', '')
-  out_token = ''
-end
-for k, v in pairs(fields) do redis.call('HSET', key, k, v) end
-if TERMINAL[to] then
-  redis.call('HSET', key, 'finished_at', ARGV[4])
-  redis.call('EXPIRE', key, ttl)
-end
-event(to)
-return {'ok', to, out_token, attempt}
-"""
-)
-
-# Heartbeat: renew the lease and record progress, if the token is still current.
-# Returns {'ok', cancel_flag} or {'stale', state}.
-_HEARTBEAT = """
-local key = KEYS[1]
-local state = redis.call('HGET', key, 'state')
-if state ~= 'running' or redis.call('HGET', key, 'token') ~= ARGV[1] then
-  return {'stale', state or 'missing'}
-end
-redis.call('HSET', key, 'lease_until', ARGV[2], 'step', ARGV[3], 'total', ARGV[4])
-return {'ok', redis.call('HGET', key, 'cancel') or '0'}
-"""
-
-# Create a record unless one with this id exists. Returns 1 if created, else 0.
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', 'job', ARGV[2], 'state', 'queued')
-return 1
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +68,10 @@ class Tracker:
         self.r = client
         self.keys = RedisKeys(prefix)
         self.record_ttl = record_ttl
-        self._transition = client.register_script(_TRANSITION)
-        self._heartbeat = client.register_script(_HEARTBEAT)
-        self._create = client.register_script(_CREATE)
+        self._transition = client.register_script(scripts.TRANSITION)
+        self._heartbeat = client.register_script(scripts.HEARTBEAT)
+        self._create = client.register_script(scripts.CREATE)
+        self._claim_batch = client.register_script(scripts.CLAIM_BATCH)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "farm:", record_ttl: int = 7 * 86400) -> Tracker:
@@ -174,11 +95,10 @@ class Tracker:
                 if v is None:
                     continue
                 flat += [k, json.dumps(v) if isinstance(v, dict | list) else v]
-            self._create(
-                keys=[self.keys.job(rec["id"]), self.keys.jobs, self.keys.events],
-                args=[rec["created_at"], rec["id"], *flat],
-                client=pipe,
-            )
+            keys = [self.keys.job(rec["id"]), self.keys.jobs, self.keys.events]
+            if rec.get("signature"):
+                keys.append(self.keys.signature(rec["signature"]))
+            self._create(keys=keys, args=[rec["created_at"], rec["id"], *flat], client=pipe)
         try:
             return [bool(x) for x in pipe.execute()]
         except _redis_errors() as e:
@@ -259,6 +179,7 @@ class Tracker:
                     EVENTS_MAXLEN,
                     uuid.uuid4().hex[:12],
                     job_id,
+                    self.keys.signature(""),
                 ],
             )
         except _redis_errors() as e:
@@ -270,6 +191,42 @@ class Tracker:
     def claim(self, job_id: str, worker: str, lease: float) -> Transition:
         """Start an attempt: queued → running (or take over a running job whose lease ran out)."""
         return self.transition(job_id, JobState.RUNNING, worker=worker, lease=lease)
+
+    def claim_batch(
+        self, signature: str, worker: str, lease: float, n: int
+    ) -> list[tuple[str, Transition]]:
+        """Claim up to `n` queued jobs with this batch signature, most urgent first, in one step.
+
+        Each gets its own attempt token and lease, by the same rules as `claim`. Ids in the
+        index that are no longer queued (cancelled, claimed by their own message) are dropped.
+        """
+        if n < 1:
+            return []
+        try:
+            flat = self._claim_batch(
+                keys=[self.keys.signature(signature), self.keys.events],
+                args=[
+                    n,
+                    self.keys.job(""),
+                    repr(time.time()),
+                    self.record_ttl,
+                    lease,
+                    worker,
+                    uuid.uuid4().hex[:12],
+                    EVENTS_MAXLEN,
+                    self.keys.signature(""),
+                ],
+            )
+        except _redis_errors() as e:
+            raise TransientError(f"Redis unavailable while claiming a batch: {e}") from e
+        return [
+            (flat[i], Transition("ok", JobState.RUNNING, flat[i + 1], int(flat[i + 2])))
+            for i in range(0, len(flat), 3)
+        ]
+
+    def queued_with(self, signature: str) -> list[str]:
+        """Ids of the queued jobs with this batch signature, most urgent first."""
+        return self.r.zrange(self.keys.signature(signature), 0, -1)
 
     def finish(self, job_id: str, token: str, state: JobState, **fields: Any) -> Transition:
         """End an attempt (succeeded, failed, cancelled, or handed back as queued), fenced."""
@@ -293,6 +250,28 @@ class Tracker:
                 f"attempt {token} is no longer current (job is {value})", job_id=job_id
             )
         return value == "1"
+
+    def heartbeat_many(
+        self, beats: Sequence[tuple[str, str, int, int]], lease: float
+    ) -> dict[str, str]:
+        """`heartbeat` for several (job id, token, step, total) in one round trip.
+
+        Per job: `ok`, `cancel` (a cancel was requested) or `stale` (the attempt is over).
+        """
+        until = repr(time.time() + lease)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, token, step, total in beats:
+            self._heartbeat(
+                keys=[self.keys.job(job_id)], args=[token, until, step, total], client=pipe
+            )
+        try:
+            replies = pipe.execute()
+        except _redis_errors() as e:
+            raise TransientError(f"Redis unavailable: {e}") from e
+        out = {}
+        for (job_id, *_), (status, value) in zip(beats, replies, strict=True):
+            out[job_id] = "stale" if status != "ok" else "cancel" if value == "1" else "ok"
+        return out
 
     def request_cancel(self, job_id: str) -> JobState:
         """Cancel a queued job at once; ask a running one to stop at its next step."""
@@ -328,4 +307,5 @@ def _record(job_id: str, h: dict[str, str]) -> JobRecord:
         outputs=json.loads(h.get("outputs", "[]")),
         mask=h.get("mask") or None,
         meta=h.get("meta") or None,
+        signature=h.get("signature") or None,
     )

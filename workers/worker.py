@@ -1,5 +1,10 @@
 """The worker: one process per device, one Celery task, thin: claim → run → store → finish.
 
+Micro-batching: a worker that claims job A (from its Celery message) also claims up to
+`FARM_MAX_BATCH` images' worth of queued jobs with A's batch signature (`Tracker.claim_batch`,
+each with its own attempt token and lease) and runs them as one pipeline call. Their own
+messages, when they arrive, find the jobs claimed or done and are acknowledged as no-ops.
+
 Everything heavy (the device, the pipelines, the Redis and storage clients) is loaded once per
 process in `Runtime` and reused by every job.
 """
@@ -7,263 +12,231 @@ process in `Runtime` and reused by every job.
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import platform
-import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from farm import images
-from farm.errors import InvalidJob, StaleAttempt, TransientError
+from farm.errors import InvalidJob, TransientError
 from farm.jobs import Img2Img, Inpaint, JobState, parse_spec
 from farm.keys import mask_key, meta_key, output_key
-from farm.queue import RENDER_QUEUE, RUN_TASK, enqueue, make_celery
+from farm.queue import RENDER_QUEUE, RUN_TASK
 from farm.settings import FarmSettings
-from farm.storage import open_store
-from farm.tracker import Tracker
+from workers.faults import inject
+from workers.heartbeat import Heartbeat
+from workers.outcomes import dead_letter, end, job_objects, settle, stopped
+from workers.runtime import Held, Runtime, load_input
 
 log = logging.getLogger("farm.worker")
 
 
-def versions() -> dict[str, str]:
-    import diffusers
-    import torch
-    import transformers
-
-    from farm import __version__
-
-    return {
-        "farm": __version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
-class Runtime:
-    """What a worker process loads once: settings, Redis, storage, device, warm pipelines."""
-
-    def __init__(
-        self,
-        settings: FarmSettings,
-        device: str = "cpu",
-        threads: int | None = None,
-        name: str | None = None,
-    ) -> None:
-        from workers.device import pin_device
-        from workers.pipelines import PipelineCache
-
-        self.settings = settings
-        self.device = pin_device(device, threads)
-        self.name = name or f"{device}@{socket.gethostname()}"
-        self.tracker = Tracker.from_url(
-            settings.redis_url, settings.key_prefix, settings.record_ttl
-        )
-        self.store = open_store(settings)
-        import torch
-
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.cache = PipelineCache(
-            str(self.device),
-            dtype,
-            max_models=2,
-            models_dir=settings.models_dir,
-            max_gb=settings.model_cache_gb,
-        )
-        self.celery = make_celery(settings)
-        self.versions = versions()
-        self.jobs_done = 0
-
-
-@dataclass
-class Heartbeat:
-    """Renews a running job's lease and publishes its progress from a background thread.
-
-    The denoising loop only touches memory (`step`, `total`, `cancelled`); the thread does
-    the Redis round trips, so per-step overhead is nil and a cancel lands within one step of
-    the next beat.
-    """
-
-    tracker: Tracker
-    job_id: str
-    token: str
-    lease: float
-    interval: float = 0.2
-    step: int = 0
-    total: int = 0
-    cancelled: bool = False
-    stale: bool = False
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> Heartbeat:
-        self._thread = threading.Thread(
-            target=self._run, name=f"heartbeat-{self.job_id}", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-
-    def beat(self) -> None:
-        try:
-            if self.tracker.heartbeat(self.job_id, self.token, self.lease, self.step, self.total):
-                self.cancelled = True
-        except StaleAttempt:
-            self.stale = True
-        except Exception as e:  # Redis blip: the lease covers several missed beats
-            log.warning("heartbeat for job %s failed: %s", self.job_id, e)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.beat()
-
-    def on_step(self, step: int, total: int) -> bool:
-        """The render's step callback: record progress; True asks the pipeline to stop."""
-        self.step, self.total = step, total
-        return self.cancelled or self.stale
-
-
-def _load_input(rt: Runtime, uri: str, field: str) -> Any:
-    return images.decode_image(rt.store.get_uri(uri), field=field)
-
-
 def run_job(rt: Runtime, job_id: str) -> str:
-    """Run one job to its end. Returns the state it ended in, or `skipped`."""
+    """Run one job, with the compatible queued jobs it gathers, to their end.
+
+    Returns the state job `job_id` ended in, or `skipped`.
+    """
     t0 = time.perf_counter()
     # 1. Claim: a duplicate or stale message finds the job claimed or done, and stops here.
     claim = rt.tracker.claim(job_id, rt.name, rt.settings.lease_seconds)
     if not claim.ok:
         log.info("job %s is %s: message acknowledged, nothing run", job_id, claim.state.value)
         return "skipped"
-    token = claim.token
-    record = rt.tracker.get(job_id)
+    # 2. Gather: queued jobs with the same batch signature join it, each with its own claim.
+    #    A job that has used up its attempts (it kills its worker every time) is dead-lettered.
+    held = [Held(rt.tracker.get(job_id), claim.token, claim.attempt)]
+    held += _gather(rt, held[0])
+    held = [job for job in held if not dead_letter(rt, job)]
+    if not held:
+        return JobState.FAILED.value
+    # 3-7. Read, render, store, finish.
+    outcomes = _run_held(rt, held)
+    rt.jobs_done += len(held)
+    for job in held:
+        log.info(
+            "job %s (%s, %s, batch of %d): %s in %.2fs",
+            job.id,
+            job.record.kind,
+            job.record.spec.get("model"),
+            len(held),
+            outcomes[job.id],
+            time.perf_counter() - t0,
+        )
+    return outcomes[job_id]
+
+
+def _gather(rt: Runtime, lead: Held) -> list[Held]:
+    """Claim queued jobs with the lead's batch signature: up to `max_batch` images in all."""
+    per_job = int(lead.record.spec.get("num_images_per_prompt", 1))
+    room = rt.settings.max_batch // per_job - 1
+    if lead.record.signature is None or room < 1:
+        return []
     try:
-        with Heartbeat(
-            rt.tracker,
-            job_id,
-            token,
-            rt.settings.lease_seconds,
-            interval=min(0.2, rt.settings.lease_seconds / 3),
-        ) as hb:
-            outcome = _render_and_store(rt, record, token, hb, t0)
-    except InvalidJob as e:
-        outcome = _end(rt, job_id, token, JobState.FAILED, error=str(e))
-    except StaleAttempt:
-        outcome = "stale"
-    except TransientError as e:
-        outcome = _hand_back(rt, job_id, token, claim.attempt, str(e))
+        claims = rt.tracker.claim_batch(
+            lead.record.signature, rt.name, rt.settings.lease_seconds, room
+        )
+        records = rt.tracker.get_many([job_id for job_id, _ in claims])
+    except TransientError as e:  # run the lead alone; the reconciler sees to the rest
+        log.warning("job %s: could not gather a batch: %s", lead.id, e)
+        return []
+    return [
+        Held(rec, t.token, t.attempt)
+        for (_, t), rec in zip(claims, records, strict=True)
+        if rec is not None
+    ]
+
+
+def _run_held(rt: Runtime, held: list[Held]) -> dict[str, str]:
+    """Run the held jobs as one batch, falling back to one by one; job id → how it ended."""
+    outcomes: dict[str, str] = {}
+    lease = rt.settings.lease_seconds
+    tokens = {job.id: job.token for job in held}
+    with Heartbeat(rt.tracker, tokens, lease, interval=min(0.2, lease / 3)) as hb:
+        # 3. Read each job's spec and inputs: a job with a bad input fails alone.
+        ready = []
+        for job in held:
+            try:
+                _read_inputs(rt, job)
+                ready.append(job)
+            except Exception as e:
+                outcomes[job.id] = settle(rt, job, e)
+                hb.release(job.id)
+        # 4-7. One pipeline call for them all.
+        _run_batch(rt, ready, hb, outcomes)
+    return outcomes
+
+
+def _run_batch(rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, str]) -> None:
+    """Render, store and finish `jobs` as one call. Out of memory: retry each half; any other
+    failure of a batch: one by one, so a bad job fails alone."""
+    if not jobs:
+        return
+    try:
+        _render_and_store(rt, jobs, hb, outcomes)
+        return
     except Exception as e:
-        log.exception("job %s failed", job_id)
-        outcome = _end(rt, job_id, token, JobState.FAILED, error=f"{type(e).__name__}: {e}")
-    rt.jobs_done += 1
-    log.info(
-        "job %s (%s, %s): %s in %.2fs",
-        job_id,
-        record.kind,
-        record.spec.get("model"),
-        outcome,
-        time.perf_counter() - t0,
-    )
-    return outcome
-
-
-def _render_and_store(rt: Runtime, record: Any, token: str, hb: Heartbeat, t0: float) -> str:
-    from workers.render import render
-
-    job_id = record.id
-    # 2. Read the spec and its inputs.
-    spec = parse_spec(record.spec)
-    image = mask = None
-    if isinstance(spec, Img2Img | Inpaint):
-        image = _load_input(rt, spec.image, "image").convert("RGB")
-    if isinstance(spec, Inpaint):
-        mask = images.as_mask(_load_input(rt, spec.mask_image, "mask_image"))
-    t_inputs = time.perf_counter()
-    # 3. The warm pipeline (loaded once per process, shared across kinds).
-    pipe = rt.cache.get(spec.model, spec.kind)
-    t_load = time.perf_counter()
-    # 4. Render, reporting progress and honouring a cancel between steps.
-    result = render(pipe, spec, image, mask, on_step=hb.on_step)
-    t_render = time.perf_counter()
-    if hb.stale:
-        raise StaleAttempt("attempt superseded while rendering", job_id=job_id)
-    if result.interrupted:
-        return _end(rt, job_id, token, JobState.CANCELLED, error="cancelled while running")
-    hb.step, hb.total = result.steps, result.steps
-    # 5. Outputs before the state: deterministic keys, so a rerun rewrites the same objects.
-    objects = {output_key(job_id, i): images.encode_png(img) for i, img in enumerate(result.images)}
-    if result.mask_used is not None:
-        objects[mask_key(job_id)] = images.encode_png(result.mask_used)
-    outputs = [rt.store.uri(output_key(job_id, i)) for i in range(len(result.images))]
-    meta = {
-        "job_id": job_id,
-        "kind": spec.kind,
-        "spec": record.spec,
-        "seed": spec.seed,
-        "model": spec.model,
-        "height": result.height,
-        "width": result.width,
-        "steps": result.steps,
-        "worker": rt.name,
-        "device": str(rt.device),
-        "attempt": int(token.split(":")[0]),
-        "versions": rt.versions,
-        "timings": {
-            "queued_s": round(max(0.0, time.time() - (t_render - t0) - record.created_at), 4),
-            "inputs_s": round(t_inputs - t0, 4),
-            "load_s": round(t_load - t_inputs, 4),
-            "render_s": round(t_render - t_load, 4),
-        },
-        "outputs": outputs,
-        "mask": rt.store.uri(mask_key(job_id)) if result.mask_used is not None else None,
-    }
-    objects[meta_key(job_id)] = json.dumps(meta, indent=2).encode()
-    rt.store.put_many(objects)
-    # 6. Succeeded, if this attempt is still the current one.
-    return _end(
-        rt,
-        job_id,
-        token,
-        JobState.SUCCEEDED,
-        outputs=outputs,
-        mask=meta["mask"] or "",
-        meta=rt.store.uri(meta_key(job_id)),
-        step=result.steps,
-        total=result.steps,
-    )
-
-
-def _end(rt: Runtime, job_id: str, token: str, state: JobState, **fields: Any) -> str:
-    try:
-        rt.tracker.finish(job_id, token, state, **fields)
-    except StaleAttempt:
+        error = e
+    pending = [job for job in jobs if job.id not in outcomes]
+    if _out_of_memory(error) and len(pending) > 1:
+        half = len(pending) // 2
+        log.warning("batch of %d ran out of memory; retrying halves", len(pending))
+        _run_batch(rt, pending[:half], hb, outcomes)
+        _run_batch(rt, pending[half:], hb, outcomes)
+        return
+    if len(pending) > 1:
         log.warning(
-            "job %s: attempt %s superseded; its %s is not recorded", job_id, token, state.value
+            "batch of %d failed (%s: %s); running its jobs one by one",
+            len(pending),
+            type(error).__name__,
+            error,
         )
-        return "stale"
-    return state.value
+        for job in pending:
+            _run_batch(rt, [job], hb, outcomes)
+        return
+    for job in pending:
+        if _out_of_memory(error):
+            error = InvalidJob(f"out of device memory even alone ({error})")
+        outcomes[job.id] = settle(rt, job, error)
+        hb.release(job.id)
 
 
-def _hand_back(rt: Runtime, job_id: str, token: str, attempt: int, reason: str) -> str:
-    """A transient failure: re-queue the job for another attempt, or fail it after too many."""
-    if attempt >= rt.settings.max_deliveries:
-        return _end(
-            rt, job_id, token, JobState.FAILED, error=f"gave up after {attempt} attempts: {reason}"
+def _out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return True
+    return False
+
+
+def _read_inputs(rt: Runtime, job: Held) -> None:
+    t = time.perf_counter()
+    job.spec = parse_spec(job.record.spec)
+    if isinstance(job.spec, Img2Img | Inpaint):
+        job.image = load_input(rt, job.spec.image, "image").convert("RGB")
+    if isinstance(job.spec, Inpaint):
+        job.mask = images.as_mask(load_input(rt, job.spec.mask_image, "mask_image"))
+    job.inputs_s = time.perf_counter() - t
+
+
+def _render_and_store(
+    rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, str]
+) -> None:
+    """Render `jobs` (one batch signature) as one call, store and finish each; into `outcomes`."""
+    from workers.render import render_batch
+
+    lead = jobs[0].spec
+    ids = [job.id for job in jobs]
+    t_start = time.perf_counter()
+    # 4. The warm pipeline (loaded once per process, shared across kinds).
+    pipe = rt.cache.get(lead.model, lead.kind)
+    t_load = time.perf_counter()
+    # 5. Render: one call, progress for every job; between steps, a cancel, a shutdown or
+    #    the time limit stops it.
+    inject(rt.settings.fault_injection, [job.spec for job in jobs])
+    watch = hb.watch(ids)
+    deadline = time.monotonic() + rt.settings.time_limit
+    stop: list[str] = []
+
+    def on_step(step: int, total: int) -> bool:
+        if rt.stopping:
+            stop.append("shutdown")
+        elif time.monotonic() > deadline:
+            stop.append("time limit")
+        return watch(step, total) or bool(stop)
+
+    results = render_batch(
+        pipe,
+        [job.spec for job in jobs],
+        [job.image for job in jobs],
+        [job.mask for job in jobs],
+        on_step=on_step,
+    )
+    t_render = time.perf_counter()
+    hb.beat()  # a cancel or takeover that came during the last step counts too
+    if stop:
+        stopped(rt, jobs, hb, outcomes, stop[0])
+        return
+    # 6. Outputs of the jobs still wanted, before their state: deterministic keys, so a rerun
+    #    rewrites the same objects. A cancelled job ends without outputs.
+    done = []
+    for job, result in zip(jobs, results, strict=True):
+        if job.id in hb.stale:
+            log.warning("job %s: attempt %s superseded while rendering", job.id, job.token)
+            outcomes[job.id] = "stale"
+        elif job.id in hb.cancelled or result.interrupted:
+            outcomes[job.id] = end(
+                rt, job.id, job.token, JobState.CANCELLED, error="cancelled while running"
+            )
+        else:
+            done.append((job, result))
+            continue
+        hb.release(job.id)
+    objects: dict[str, bytes] = {}
+    for job, result in done:
+        timings = {
+            "queued_s": round(max(0.0, (job.record.started_at or 0) - job.record.created_at), 4),
+            "inputs_s": round(job.inputs_s, 4),
+            "load_s": round(t_load - t_start, 4),
+            "render_s": round(t_render - t_load, 4),
+        }
+        objects.update(job_objects(rt, job, result, ids, timings))
+    rt.store.put_many(objects)
+    # 7. Each job succeeded, if its own attempt is still the current one.
+    for job, result in done:
+        outcomes[job.id] = end(
+            rt,
+            job.id,
+            job.token,
+            JobState.SUCCEEDED,
+            outputs=[rt.store.uri(output_key(job.id, i)) for i in range(len(result.images))],
+            mask=rt.store.uri(mask_key(job.id)) if result.mask_used is not None else "",
+            meta=rt.store.uri(meta_key(job.id)),
+            step=result.steps,
+            total=result.steps,
         )
-    time.sleep(min(30.0, 0.5 * 2**attempt))  # back off: the cause is likely shared by all jobs
-    outcome = _end(rt, job_id, token, JobState.QUEUED, error=reason)
-    if outcome == JobState.QUEUED.value:
-        record = rt.tracker.get(job_id)
-        enqueue(rt.celery, [(job_id, RENDER_QUEUE, int(record.spec.get("priority", 0)))])
-    return outcome
+        hb.release(job.id)
 
 
 def register(rt: Runtime) -> None:
@@ -285,6 +258,13 @@ def run_worker(
 ) -> None:
     """Serve jobs on one device until stopped (SIGTERM/SIGINT: finish the job, then exit)."""
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.time_limit >= settings.visibility_timeout:
+        raise InvalidJob(
+            f"FARM_TIME_LIMIT ({settings.time_limit:g} s) must be shorter than "
+            f"FARM_VISIBILITY_TIMEOUT ({settings.visibility_timeout} s), or Redis would hand a "
+            "job still rendering to another worker",
+            field="time_limit",
+        )
     rt = Runtime(settings, device, threads, name)
     for ref in preload or []:
         rt.cache.get(ref, "inpaint" if "inpaint" in ref else "txt2img")
@@ -305,5 +285,33 @@ def run_worker(
         optimization="fair",
         quiet=True,
     )
+    from celery.signals import worker_shutting_down
+
+    def on_shutdown(**_: Any) -> None:
+        rt.stopping = True  # the job in hand stops at its next step and is handed back
+
+    worker_shutting_down.connect(on_shutdown, weak=False)
+    Reconciler(rt).start()
     log.info("worker %s serving %s on %s", rt.name, ",".join(queues or [RENDER_QUEUE]), rt.device)
     worker.start()
+
+
+class Reconciler(threading.Thread):
+    """Every `reconcile_interval`, one worker of the farm (a Redis lock) runs a reconciler pass."""
+
+    def __init__(self, rt: Runtime) -> None:
+        super().__init__(name="reconciler", daemon=True)
+        self.rt = rt
+
+    def run(self) -> None:
+        from farm.reconciler import reconcile
+
+        rt, interval = self.rt, self.rt.settings.reconcile_interval
+        lock = f"{rt.settings.key_prefix}reconciler"
+        while not rt.stopping:
+            time.sleep(interval)
+            try:
+                if rt.tracker.r.set(lock, rt.name, nx=True, px=int(interval * 1000)):
+                    reconcile(rt.tracker, rt.celery, requeue_after=rt.settings.requeue_after)
+            except Exception as e:  # Redis away: try again next time
+                log.warning("reconciler pass failed: %s", e)

@@ -1,0 +1,89 @@
+"""Leases and progress of the jobs a worker holds, renewed from one background thread.
+
+The denoising loop only touches memory (the progress of the jobs in the call, the sets of
+cancelled and superseded jobs); the thread does the Redis round trips, one pipelined call for
+every job held, so per-step overhead is nil and a cancel lands within one beat.
+
+    >>> with Heartbeat(tracker, {job_id: token}, lease=30) as hb:
+    ...     render_batch(pipe, specs, on_step=hb.watch([job_id]))
+    ...     hb.beat()                    # a last look: a cancel that came during the last step
+    ...     hb.release(job_id)           # ended: no more beats for it
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+
+from farm.tracker import Tracker
+
+log = logging.getLogger("farm.worker")
+
+
+class Heartbeat:
+    """Renews the leases of held jobs and publishes their progress, from one thread."""
+
+    def __init__(
+        self, tracker: Tracker, tokens: dict[str, str], lease: float, interval: float = 0.2
+    ) -> None:
+        self.tracker = tracker
+        self.lease = lease
+        self.interval = interval
+        self.tokens = dict(tokens)
+        """Job id → attempt token, for the jobs still held."""
+        self.progress: dict[str, tuple[int, int]] = {job_id: (0, 0) for job_id in tokens}
+        self.cancelled: set[str] = set()
+        """Jobs whose cancel was requested while held."""
+        self.stale: set[str] = set()
+        """Jobs whose attempt is no longer current (re-queued, taken over)."""
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def beat(self) -> None:
+        """Renew every held job's lease and record its progress, in one round trip."""
+        with self._lock:
+            beats = [(j, t, *self.progress[j]) for j, t in self.tokens.items()]
+        if not beats:
+            return
+        try:
+            replies = self.tracker.heartbeat_many(beats, self.lease)
+        except Exception as e:  # Redis blip: the lease covers several missed beats
+            log.warning("heartbeat for %d job(s) failed: %s", len(beats), e)
+            return
+        with self._lock:
+            self.cancelled.update(j for j, r in replies.items() if r == "cancel")
+            self.stale.update(j for j, r in replies.items() if r == "stale")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+    def watch(self, job_ids: Iterable[str]) -> Callable[[int, int], bool]:
+        """The step callback of a call that renders `job_ids`: record their progress; True
+        (stop the pipeline) once none of them is still wanted."""
+        ids = list(job_ids)
+
+        def on_step(step: int, total: int) -> bool:
+            with self._lock:
+                for job_id in ids:
+                    self.progress[job_id] = (step, total)
+                return all(j in self.cancelled or j in self.stale for j in ids)
+
+        return on_step
+
+    def release(self, job_id: str) -> None:
+        """The job ended (or was handed back): stop renewing its lease."""
+        with self._lock:
+            self.tokens.pop(job_id, None)

@@ -1,0 +1,130 @@
+"""How a held job ends: succeeded with its objects, failed with a reason, cancelled, handed
+back for another attempt, or dead-lettered. Every ending is a fenced state change."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from farm import images
+from farm.errors import InvalidJob, StaleAttempt, TransientError
+from farm.jobs import JobState
+from farm.keys import mask_key, meta_key, output_key
+from farm.queue import RENDER_QUEUE, enqueue
+from workers.heartbeat import Heartbeat
+from workers.runtime import Held, Runtime
+
+log = logging.getLogger("farm.worker")
+
+
+def dead_letter(rt: Runtime, job: Held) -> bool:
+    """Fail a job on an attempt past `max_deliveries`, with its last recorded error."""
+    if job.attempt <= rt.settings.max_deliveries:
+        return False
+    last = job.record.error or "its worker was lost each time"
+    end(
+        rt,
+        job.id,
+        job.token,
+        JobState.FAILED,
+        error=f"dead-lettered after {job.attempt - 1} attempts: {last}",
+    )
+    return True
+
+
+def settle(rt: Runtime, job: Held, error: Exception) -> str:
+    """End a job whose run raised: bad input fails, trouble a retry may cure is handed back."""
+    if isinstance(error, StaleAttempt):
+        return "stale"
+    if isinstance(error, InvalidJob):
+        return end(rt, job.id, job.token, JobState.FAILED, error=str(error))
+    if isinstance(error, TransientError):
+        return hand_back(rt, job.id, job.token, job.attempt, str(error))
+    log.error("job %s failed", job.id, exc_info=error)
+    return end(rt, job.id, job.token, JobState.FAILED, error=f"{type(error).__name__}: {error}")
+
+
+def stopped(
+    rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, str], reason: str
+) -> None:
+    """End jobs whose render was stopped: handed back on shutdown, failed past the limit."""
+    for job in jobs:
+        if job.id in hb.stale:
+            outcomes[job.id] = "stale"
+        elif job.id in hb.cancelled:
+            outcomes[job.id] = end(
+                rt, job.id, job.token, JobState.CANCELLED, error="cancelled while running"
+            )
+        elif reason == "shutdown":
+            outcomes[job.id] = hand_back(
+                rt, job.id, job.token, 0, "worker shut down", backoff=False
+            )
+        else:
+            outcomes[job.id] = end(
+                rt,
+                job.id,
+                job.token,
+                JobState.FAILED,
+                error=f"time limit exceeded: {rt.settings.time_limit:g} s (FARM_TIME_LIMIT)",
+            )
+        hb.release(job.id)
+
+
+def job_objects(
+    rt: Runtime, job: Held, result: Any, batch: list[str], timings: dict[str, float]
+) -> dict[str, bytes]:
+    """One job's outputs, mask and meta.json, at its own deterministic keys."""
+    job_id, spec = job.id, job.spec
+    objects = {output_key(job_id, i): images.encode_png(img) for i, img in enumerate(result.images)}
+    if result.mask_used is not None:
+        objects[mask_key(job_id)] = images.encode_png(result.mask_used)
+    meta = {
+        "job_id": job_id,
+        "kind": spec.kind,
+        "spec": job.record.spec,
+        "seed": spec.seed,
+        "model": spec.model,
+        "height": result.height,
+        "width": result.width,
+        "steps": result.steps,
+        "worker": rt.name,
+        "device": str(rt.device),
+        "attempt": job.attempt,
+        "batch": {"size": len(batch), "jobs": batch},
+        "versions": rt.versions,
+        "timings": timings,
+        "outputs": [rt.store.uri(output_key(job_id, i)) for i in range(len(result.images))],
+        "mask": rt.store.uri(mask_key(job_id)) if result.mask_used is not None else None,
+    }
+    objects[meta_key(job_id)] = json.dumps(meta, indent=2).encode()
+    return objects
+
+
+def end(rt: Runtime, job_id: str, token: str, state: JobState, **fields: Any) -> str:
+    try:
+        rt.tracker.finish(job_id, token, state, **fields)
+    except StaleAttempt:
+        log.warning(
+            "job %s: attempt %s superseded; its %s is not recorded", job_id, token, state.value
+        )
+        return "stale"
+    return state.value
+
+
+def hand_back(
+    rt: Runtime, job_id: str, token: str, attempt: int, reason: str, backoff: bool = True
+) -> str:
+    """A transient failure: re-queue the job for another attempt, or fail it after too many."""
+    if attempt >= rt.settings.max_deliveries:
+        return end(
+            rt, job_id, token, JobState.FAILED, error=f"gave up after {attempt} attempts: {reason}"
+        )
+    if backoff:  # the cause (storage down, say) is likely shared by every job
+        time.sleep(min(30.0, 0.5 * 2**attempt))
+    outcome = end(rt, job_id, token, JobState.QUEUED, error=reason)
+    if outcome == JobState.QUEUED.value:
+        record = rt.tracker.get(job_id)
+        enqueue(rt.celery, [(job_id, RENDER_QUEUE, int(record.spec.get("priority", 0)))])
+    return outcome

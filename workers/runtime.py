@@ -1,0 +1,89 @@
+"""What a worker process loads once (`Runtime`), and the jobs it holds a claim on (`Held`)."""
+
+from __future__ import annotations
+
+import platform
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from farm import images
+from farm.jobs import JobRecord
+from farm.queue import make_celery
+from farm.settings import FarmSettings
+from farm.storage import open_store
+from farm.tracker import Tracker
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    from farm import __version__
+
+    return {
+        "farm": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class Runtime:
+    """What a worker process loads once: settings, Redis, storage, device, warm pipelines."""
+
+    def __init__(
+        self,
+        settings: FarmSettings,
+        device: str = "cpu",
+        threads: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        from workers.device import pin_device
+        from workers.pipelines import PipelineCache
+
+        self.settings = settings
+        self.device = pin_device(device, threads)
+        self.name = name or f"{device}@{socket.gethostname()}"
+        self.tracker = Tracker.from_url(
+            settings.redis_url, settings.key_prefix, settings.record_ttl
+        )
+        self.store = open_store(settings)
+        import torch
+
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.cache = PipelineCache(
+            str(self.device),
+            dtype,
+            max_models=2,
+            models_dir=settings.models_dir,
+            max_gb=settings.model_cache_gb,
+        )
+        self.celery = make_celery(settings)
+        self.versions = versions()
+        self.jobs_done = 0
+        self.stopping = False
+        """Set on SIGTERM/SIGINT: running jobs stop at the next step and are handed back."""
+
+
+def load_input(rt: Runtime, uri: str, field: str) -> Any:
+    return images.decode_image(rt.store.get_uri(uri), field=field)
+
+
+@dataclass
+class Held:
+    """A job this worker holds a claim on: its record and attempt, then its spec and inputs."""
+
+    record: JobRecord
+    token: str
+    attempt: int
+    spec: Any = None
+    image: Any = None
+    mask: Any = None
+    inputs_s: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.record.id
