@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,8 +65,11 @@ class LocalFarm:
         preload: list[str] | None = None,
         log_dir: Path | None = None,
         write_state: bool = False,
+        restart: bool = True,
     ) -> None:
         self.base = settings
+        self.restart = restart
+        """Restart a worker that dies, as `farm up` does."""
         self.n_workers = workers
         self.device = device
         self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
@@ -74,6 +78,8 @@ class LocalFarm:
         self.write_state = write_state
         self.redis: RedisServer | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
         self.settings = settings
 
     def __enter__(self) -> LocalFarm:
@@ -106,6 +112,15 @@ class LocalFarm:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i in range(self.n_workers):
             self.procs.append(self._spawn(i))
+        if self.restart:
+            threading.Thread(target=self._supervise, name="supervisor", daemon=True).start()
+
+    def _supervise(self) -> None:
+        """Restart workers that die (a crash, an out-of-memory kill, a poison job)."""
+        while not self._stopping.wait(0.5):
+            with self._lock:
+                if not self._stopping.is_set():
+                    self.restart_dead()
 
     def _spawn(self, i: int) -> subprocess.Popen[bytes]:
         name = f"{self.device}-{i}@{os.uname().nodename}"
@@ -129,11 +144,14 @@ class LocalFarm:
         return n
 
     def stop(self, timeout: float = 30.0) -> None:
-        for p in self.procs:
+        self._stopping.set()
+        with self._lock:
+            procs = list(self.procs)
+        for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)  # warm shutdown: finish the job in hand
         deadline = time.monotonic() + timeout
-        for p in self.procs:
+        for p in procs:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -1,0 +1,103 @@
+"""The reconciler: hands back jobs that Celery's at-least-once delivery left behind.
+
+Redis' fetch of a message and its move to "unacked" are not one step (celery#7950), and an
+unacked message comes back only after the visibility timeout. So, every few seconds, one
+process (workers take turns through a Redis lock) looks for:
+
+- `running` jobs whose lease ran out (their worker died): handed back to `queued` and
+  enqueued again;
+- `queued` jobs enqueued longer ago than `requeue_after` without being claimed (a message
+  lost between fetch and unacked, or a crash between record and enqueue): enqueued again.
+
+A duplicate message is harmless: it finds its job claimed or done and is acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from farm.jobs import JobState
+from farm.queue import RENDER_QUEUE, enqueue
+from farm.tracker import Tracker
+
+log = logging.getLogger("farm.reconciler")
+
+SCAN_CHUNK = 1000
+"""Job records read per pipelined round trip."""
+
+
+@dataclass
+class Report:
+    handed_back: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    forgotten: int = 0
+    """Ids in the live index whose records expired, removed from it."""
+
+
+def _live_ids(tracker: Tracker) -> Iterator[list[str]]:
+    start = 0
+    while True:
+        ids = tracker.r.zrange(tracker.keys.jobs, start, start + SCAN_CHUNK - 1)
+        if not ids:
+            return
+        yield ids
+        start += SCAN_CHUNK
+
+
+def reconcile(
+    tracker: Tracker, celery: Any, *, requeue_after: float, now: float | None = None
+) -> Report:
+    """One pass over the live jobs; what it handed back and re-enqueued."""
+    now = time.time() if now is None else now
+    report = Report()
+    for ids in _live_ids(tracker):
+        pipe = tracker.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(
+                tracker.keys.job(job_id),
+                "state",
+                "token",
+                "lease_until",
+                "enqueued_at",
+                "created_at",
+                "priority",
+            )
+        resend: list[tuple[str, str, int]] = []
+        gone: list[str] = []
+        for job_id, (state, token, lease, enqueued, created, prio) in zip(
+            ids, pipe.execute(), strict=True
+        ):
+            if state is None or JobState(state).terminal:
+                gone.append(job_id)
+            elif state == JobState.RUNNING and float(lease or 0) < now:
+                t = tracker.transition(
+                    job_id,
+                    JobState.QUEUED,
+                    token=token,
+                    fields={"error": "lease expired: worker lost", "enqueued_at": now},
+                )
+                if t.ok:
+                    report.handed_back.append(job_id)
+                    resend.append((job_id, RENDER_QUEUE, int(prio or 0)))
+            elif (
+                state == JobState.QUEUED and float(enqueued or created or now) < now - requeue_after
+            ):
+                tracker.r.hset(tracker.keys.job(job_id), "enqueued_at", repr(now))
+                report.requeued.append(job_id)
+                resend.append((job_id, RENDER_QUEUE, int(prio or 0)))
+        if gone:
+            tracker.r.zrem(tracker.keys.jobs, *gone)
+            report.forgotten += len(gone)
+        if resend:
+            enqueue(celery, resend)
+    if report.handed_back or report.requeued:
+        log.warning(
+            "reconciler: handed back %d job(s) with expired leases, re-enqueued %d queued",
+            len(report.handed_back),
+            len(report.requeued),
+        )
+    return report
