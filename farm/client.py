@@ -25,6 +25,7 @@ from farm import images
 from farm.errors import InvalidJob, JobCancelled, JobFailed, WaitTimeout
 from farm.jobs import Inpaint, JobRecord, JobState, Txt2Img, batch_signature, parse_spec
 from farm.keys import input_key
+from farm.models import check_visible_model
 from farm.settings import FarmSettings
 from farm.storage import ObjectStore, open_store
 from farm.tracker import Tracker, new_job_id
@@ -116,6 +117,7 @@ class Farm:
             self.settings.redis_url, self.settings.key_prefix, self.settings.record_ttl
         )
         self._store: ObjectStore | None = None
+        self._checked_models: set[str] = set()
         self._celery: Any = None
         self.known_inputs: dict[str, Any] = {}
         """Store URI → decoded image, for inputs already read and checked in this process
@@ -180,6 +182,9 @@ class Farm:
 
     def _prepare(self, spec: Any, uploads: dict[str, bytes]) -> dict[str, Any]:
         """The record of a validated spec; its input images checked and queued for upload."""
+        if spec.model not in self._checked_models:
+            check_visible_model(spec.model, self.settings.models_dir)
+            self._checked_models.add(spec.model)
         updates: dict[str, Any] = {}
         if spec.seed is None:
             updates["seed"] = secrets.randbits(32)

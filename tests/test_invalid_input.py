@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import subprocess
 import sys
@@ -36,6 +37,16 @@ def files(tmp_path):
     data = (tmp_path / "ok.png").read_bytes()
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
     (tmp_path / "notes.txt").write_text("not an image")
+    # Model folders a worker must refuse: one ships code, one has only pickle weights.
+    for name, index, weights in [
+        ("custom-model", {"_class_name": ["pipeline", "MyPipeline"]}, "unet/model.safetensors"),
+        ("pickled-model", {"_class_name": "StableDiffusionPipeline"}, "unet/model.bin"),
+    ]:
+        folder = tmp_path / name
+        (folder / "unet").mkdir(parents=True)
+        (folder / "model_index.json").write_text(json.dumps(index))
+        (folder / weights).write_bytes(b"\0")
+    (tmp_path / "custom-model" / "pipeline.py").write_text("import os\n")
     (tmp_path / "bomb.png").write_bytes(png_header(30_000, 30_000))  # 900 Mpx declared
     (tmp_path / "zero.png").write_bytes(png_header(0, 64))
     Image.new("RGB", (9000, 8)).save(tmp_path / "wide.png")
@@ -93,6 +104,8 @@ CASES = {
     "file-uri": (["img2img", "--image", "file:///etc/passwd"], "image"),
     "empty-prompt": (["txt2img", "--prompt", ""], "prompt"),
     "nan-strength": (["img2img", "--image", "{d}/ok.png", "--strength", "nan"], "strength"),
+    "remote-code": (["txt2img", "--model", "{d}/custom-model"], "model"),
+    "pickle-folder": (["txt2img", "--model", "{d}/pickled-model"], "model"),
 }
 
 
