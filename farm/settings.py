@@ -35,6 +35,9 @@ class FarmSettings(BaseSettings):
 
     s3_region: str | None = None
 
+    s3_max_attempts: int = Field(default=5, ge=1, le=20)
+    """Attempts per S3 request (botocore's standard retry mode, with backoff)."""
+
     home: Path = Field(default_factory=default_home)
     """The embedded farm's working folder (Redis data, local storage, `farm up` state)."""
 

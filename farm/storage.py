@@ -57,6 +57,9 @@ PUT_MANY_THREADS = 16
 _TMP_PREFIX = ".farm-tmp-"
 """LocalStore's in-flight temp files start with this; keys may not."""
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+"""Control characters, refused in keys."""
+
 
 class StorageError(FarmError):
     """Storage refused for good (no such bucket, access denied, no credentials)."""
@@ -86,7 +89,7 @@ def check_key(key: str) -> str:
         why = "starts with '/'"
     elif "\\" in key:
         why = "contains a backslash"
-    elif any(ord(c) < 32 or c == "\x7f" for c in key):
+    elif _CONTROL.search(key):
         why = "contains a control character"
     else:
         for seg in key.split("/"):
@@ -517,6 +520,7 @@ def open_store(settings: FarmSettings, *, allow_foreign: bool = False) -> Object
                 endpoint_url=settings.s3_endpoint_url,
                 region=settings.s3_region,
                 allow_foreign=allow_foreign,
+                max_attempts=settings.s3_max_attempts,
             )
         if path is not None:
             return LocalStore(Path(path), allow_foreign=allow_foreign)

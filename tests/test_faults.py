@@ -22,6 +22,7 @@ from farm.settings import FarmSettings
 from farm.storage import S3Store
 from farm.up import LocalFarm, settings_env
 from tests.checker import check, enable_versioning
+from tests.tcp_proxy import TcpProxy
 
 SLOW = 300  # steps: a few seconds of rendering on one CPU thread
 
@@ -135,6 +136,19 @@ def test_same_job_delivered_many_times_at_once_runs_once(faulty):
     assert check(faulty.store_s3, {job.id: 1}).writes[f"jobs/{job.id}/out/0.png"] == 1
 
 
+def test_redelivery_during_a_long_render_does_not_run_it_twice(faulty):
+    # What Redis does once the visibility timeout passes: the job's message comes again, to
+    # the other (idle) worker, while the first still renders. The live lease wins.
+    job = submit(faulty, steps=SLOW, seed=15)
+    wait_running(job)
+    enqueue(faulty.celery, [(job.id, RENDER_QUEUE, 0)])
+    submit(faulty, seed=16).wait(timeout=120)  # the idle worker took the redelivery first
+    assert job.status().state == JobState.RUNNING and job.status().attempt == 1
+    rec = job.wait(timeout=120)
+    assert rec.attempt == 1
+    assert check(faulty.store_s3, {job.id: 1}).writes[f"jobs/{job.id}/out/0.png"] == 1
+
+
 def test_out_of_memory_halves_the_batch_then_fails_the_culprit(faulty):
     # Behind a slow job, so that these four queue up and are gathered into one batch.
     blocker = [submit(faulty, steps=60, seed=30 + i) for i in range(2)]
@@ -234,3 +248,42 @@ def test_redis_restart_loses_nothing_with_aof(tmp_path, s3_server, appendonly):
             records = farm.wait([j.id for j in jobs], timeout=180)
             assert all(r.state == JobState.SUCCEEDED for r in records)
             assert check(store, {j.id: 1 for j in jobs}).clean
+
+
+@pytest.fixture
+def s3_behind_proxy(tmp_path, s3_server, redis_aof):
+    """A one-worker farm whose worker reaches S3 only through a proxy the test controls."""
+    proxy = TcpProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1])).up()
+    settings, store = make_settings(tmp_path, s3_server, redis_aof.url, s3_max_attempts=3)
+    worker_settings = settings.model_copy(update={"s3_endpoint_url": proxy.url})
+    with (
+        LocalFarm(worker_settings, workers=1, threads=1, preload=["tiny"], restart=False),
+        Farm(settings) as farm,
+    ):
+        yield farm, proxy, store
+    proxy.down()
+
+
+def test_storage_down_for_seconds_the_job_still_completes(s3_behind_proxy):
+    farm, proxy, store = s3_behind_proxy
+    job = farm.submit(Txt2Img(model="tiny", prompt="x", seed=5, num_inference_steps=150))
+    wait_running(job, min_step=1)
+    proxy.down()  # the worker's output upload meets a dead server
+    time.sleep(3)
+    assert job.status().state != JobState.SUCCEEDED  # its upload is waiting on storage
+    proxy.up()
+    rec = job.wait(timeout=120)
+    assert rec.state == JobState.SUCCEEDED
+    assert check(store, {job.id: 1}).clean
+
+
+def test_storage_down_for_long_fails_the_job_with_the_reason(s3_behind_proxy):
+    farm, proxy, store = s3_behind_proxy
+    job = farm.submit(Txt2Img(model="tiny", prompt="x", seed=6, num_inference_steps=150))
+    wait_running(job, min_step=1)
+    proxy.down()
+    rec = farm.wait([job.id], timeout=180)[0]
+    proxy.up()
+    assert rec.state == JobState.FAILED
+    assert "gave up after 2 attempts" in rec.error and "storage" in rec.error.lower()
+    assert rec.outputs == [] and rec.meta is None  # never succeeded without its objects

@@ -72,6 +72,25 @@ def stopped(
         hb.release(job.id)
 
 
+def finish_stored(rt: Runtime, job: Held) -> str | None:
+    """Finish a job from what an earlier attempt stored (meta.json is written last), so a
+    job whose worker died between storing and marking it done is not rendered again."""
+    try:
+        meta = json.loads(rt.store.get(meta_key(job.id)))
+    except KeyError:  # ObjectNotFound: nothing stored yet
+        return None
+    log.info("job %s: outputs stored by attempt %s; finishing it", job.id, meta.get("attempt"))
+    return end(
+        rt,
+        job.id,
+        job.token,
+        JobState.SUCCEEDED,
+        outputs=meta["outputs"],
+        mask=meta.get("mask") or "",
+        meta=rt.store.uri(meta_key(job.id)),
+    )
+
+
 def job_objects(
     rt: Runtime, job: Held, result: Any, batch: list[str], timings: dict[str, float]
 ) -> dict[str, bytes]:

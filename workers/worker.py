@@ -17,15 +17,15 @@ import threading
 import time
 from typing import Any
 
-from farm import images
+from farm import images, masks
 from farm.errors import InvalidJob, TransientError
 from farm.jobs import Img2Img, Inpaint, JobState, parse_spec
-from farm.keys import mask_key, meta_key, output_key
+from farm.keys import job_prefix, mask_key, meta_key, output_key
 from farm.queue import RENDER_QUEUE, RUN_TASK
 from farm.settings import FarmSettings
 from workers.faults import inject
 from workers.heartbeat import Heartbeat
-from workers.outcomes import dead_letter, end, job_objects, settle, stopped
+from workers.outcomes import dead_letter, end, finish_stored, job_objects, settle, stopped
 from workers.runtime import Held, Runtime, load_input
 
 log = logging.getLogger("farm.worker")
@@ -92,10 +92,15 @@ def _run_held(rt: Runtime, held: list[Held]) -> dict[str, str]:
     lease = rt.settings.lease_seconds
     tokens = {job.id: job.token for job in held}
     with Heartbeat(rt.tracker, tokens, lease, interval=min(0.2, lease / 3)) as hb:
-        # 3. Read each job's spec and inputs: a job with a bad input fails alone.
+        # 3. Read each job's spec and inputs: a job with a bad input fails alone. A retried
+        #    job whose earlier attempt stored everything before it died is just finished.
         ready = []
         for job in held:
             try:
+                if job.attempt > 1 and (ended := finish_stored(rt, job)):
+                    outcomes[job.id] = ended
+                    hb.release(job.id)
+                    continue
                 _read_inputs(rt, job)
                 ready.append(job)
             except Exception as e:
@@ -156,7 +161,11 @@ def _read_inputs(rt: Runtime, job: Held) -> None:
     if isinstance(job.spec, Img2Img | Inpaint):
         job.image = load_input(rt, job.spec.image, "image").convert("RGB")
     if isinstance(job.spec, Inpaint):
-        job.mask = images.as_mask(load_input(rt, job.spec.mask_image, "mask_image"))
+        gen = job.spec.mask_generator()
+        if gen is not None:  # a generated mask: drawn here, as the client would have drawn it
+            job.mask = masks.generate(gen, job.image.size)
+        else:
+            job.mask = images.as_mask(load_input(rt, job.spec.mask_image, "mask_image"))
     job.inputs_s = time.perf_counter() - t
 
 
@@ -222,7 +231,15 @@ def _render_and_store(
             "render_s": round(t_render - t_load, 4),
         }
         objects.update(job_objects(rt, job, result, ids, timings))
+    # An earlier attempt that died while storing left some objects: keep them, so each key
+    # is written once. meta.json last: its presence means the job's outputs are all stored.
+    for job, _ in done:
+        if job.attempt > 1:
+            for key in rt.store.list(job_prefix(job.id)):
+                objects.pop(key, None)
+    metas = {key: objects.pop(key) for key in [meta_key(job.id) for job, _ in done]}
     rt.store.put_many(objects)
+    rt.store.put_many(metas)
     # 7. Each job succeeded, if its own attempt is still the current one.
     for job, result in done:
         outcomes[job.id] = end(
