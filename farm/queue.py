@@ -6,6 +6,7 @@ of truth, so a duplicate or stale message finds the job already claimed or done 
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from collections.abc import Iterable
 
@@ -42,6 +43,12 @@ def make_celery(settings: FarmSettings, broker_url: str | None = None) -> Celery
         "global_keyprefix": f"{settings.key_prefix}celery:",
         "health_check_interval": 10,
     }
+    url = broker_url or settings.redis_url or ""
+    if url.startswith("rediss://"):  # TLS: always verify the server
+        app.conf.broker_use_ssl = {
+            "ssl_cert_reqs": ssl.CERT_REQUIRED,
+            "ssl_ca_certs": str(settings.redis_ca_file) if settings.redis_ca_file else None,
+        }
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

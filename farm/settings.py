@@ -27,6 +27,9 @@ class FarmSettings(BaseSettings):
     redis_url: str | None = None
     """Redis for job records and the Celery broker. Unset: `farm up` starts a private one."""
 
+    redis_ca_file: Path | None = None
+    """CA bundle that verifies a `rediss://` server (unset: the system's CAs)."""
+
     storage: str | None = None
     """`s3://bucket/prefix` or `file:///path`. Unset: a folder under `home`."""
 
@@ -65,6 +68,10 @@ class FarmSettings(BaseSettings):
 
     requeue_after: float = Field(default=600.0, gt=0)
     """A job queued this long without being claimed is enqueued again (its message was lost)."""
+
+    allow_foreign_inputs: bool = False
+    """Let jobs read `s3://` inputs outside the farm's bucket and `file://` inputs outside its
+    folder. Off by default: a job names only what the farm itself stored. (`http://` never.)"""
 
     fault_injection: bool = False
     """Tests only: honour `[fault:kill]` and `[fault:oom]` markers in prompts."""

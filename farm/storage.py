@@ -507,8 +507,11 @@ def _fsync_dir(path: Path) -> None:
 # --------------------------------------------------------------------------- choosing one
 
 
-def open_store(settings: FarmSettings, *, allow_foreign: bool = False) -> ObjectStore:
-    """The store `settings.storage_url()` names: `s3://bucket/prefix` or `file:///path`."""
+def open_store(settings: FarmSettings, *, allow_foreign: bool | None = None) -> ObjectStore:
+    """The store `settings.storage_url()` names: `s3://bucket/prefix` or `file:///path`.
+    It reads URIs outside itself only with `FARM_ALLOW_FOREIGN_INPUTS`."""
+    if allow_foreign is None:
+        allow_foreign = settings.allow_foreign_inputs
     url = settings.storage_url()
     bucket, prefix = _split_s3(url)
     path = _file_path(url)

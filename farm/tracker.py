@@ -31,6 +31,7 @@ from farm import scripts
 from farm.errors import FarmError, JobNotFound, StaleAttempt, TransientError
 from farm.jobs import JobRecord, JobState, Progress
 from farm.keys import RedisKeys
+from farm.settings import FarmSettings
 
 EVENTS_MAXLEN = 100_000
 """Approximate length the events stream is trimmed to."""
@@ -74,15 +75,34 @@ class Tracker:
         self._claim_batch = client.register_script(scripts.CLAIM_BATCH)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "farm:", record_ttl: int = 7 * 86400) -> Tracker:
+    def from_url(
+        cls,
+        url: str,
+        prefix: str = "farm:",
+        record_ttl: int = 7 * 86400,
+        ca_file: str | None = None,
+    ) -> Tracker:
+        """`redis://` or `rediss://` (TLS, the server verified against `ca_file` or the
+        system's CAs); a password in the URL."""
+        tls = (
+            {"ssl_cert_reqs": "required", "ssl_ca_certs": ca_file}
+            if url.startswith("rediss://")
+            else {}
+        )
         client = redis.Redis.from_url(
             url,
             decode_responses=True,
             health_check_interval=10,
             socket_keepalive=True,
             retry_on_timeout=True,
+            **tls,
         )
         return cls(client, prefix, record_ttl)
+
+    @classmethod
+    def from_settings(cls, settings: FarmSettings) -> Tracker:
+        ca = str(settings.redis_ca_file) if settings.redis_ca_file else None
+        return cls.from_url(settings.redis_url or "", settings.key_prefix, settings.record_ttl, ca)
 
     # ------------------------------------------------------------------ create / read
 

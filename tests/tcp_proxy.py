@@ -1,9 +1,11 @@
-"""A TCP proxy on loopback that a test can take down and bring back: a storage outage."""
+"""A TCP proxy on loopback that a test can take down and bring back (a storage outage), and
+that can terminate TLS in front of a plain server."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 
 from farm.embedded import free_port
@@ -13,8 +15,10 @@ class TcpProxy:
     """Forwards 127.0.0.1:<port> to 127.0.0.1:<target>. `down()` refuses and drops
     connections (as a dead server does) until `up()`."""
 
-    def __init__(self, target: int) -> None:
+    def __init__(self, target: int, tls: ssl.SSLContext | None = None) -> None:
         self.target = target
+        self.tls = tls
+        """Terminate TLS here (a `rediss://` front for a plain server)."""
         self.port = free_port()
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
@@ -53,8 +57,10 @@ class TcpProxy:
             except OSError:
                 return  # closed: down()
             try:
+                if self.tls:
+                    client = self.tls.wrap_socket(client, server_side=True)
                 server = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
+            except OSError:  # ssl.SSLError included: a client that does not trust us
                 client.close()
                 continue
             with self._lock:

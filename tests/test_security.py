@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
+import ssl
+import subprocess
 import time
 import urllib.parse
 import urllib.request
 import uuid
 
 import pytest
+from PIL import Image
 
 from farm import Farm, Txt2Img
 from farm.embedded import RedisServer
@@ -17,6 +21,7 @@ from farm.queue import RUN_TASK, make_celery
 from farm.settings import FarmSettings
 from farm.storage import S3Store, open_store
 from farm.up import LocalFarm
+from tests.tcp_proxy import TcpProxy
 
 REDIS_PASSWORD = "pw-" + uuid.uuid4().hex
 AWS_SECRET = "aws-secret-" + uuid.uuid4().hex
@@ -132,3 +137,84 @@ def test_foreign_inputs_are_refused(redis_server, s3_server, tmp_path):
             assert err.value.field == "image"
         assert not list(farm.tracker.r.scan_iter(f"{settings.key_prefix}*"))
         assert open_store(settings).list() == []
+
+
+@pytest.fixture(scope="module")
+def tls_redis(redis_server, tmp_path_factory):
+    """`rediss://` in front of the session's Redis, with a self-signed certificate."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    proxy = TcpProxy(redis_server.port, tls=context).up()
+    yield f"rediss://127.0.0.1:{proxy.port}/0", cert
+    proxy.down()
+
+
+def test_rediss_end_to_end_and_the_server_is_verified(tls_redis, tmp_path):
+    url, cert = tls_redis
+    settings = FarmSettings(
+        redis_url=url,
+        redis_ca_file=cert,
+        storage=(tmp_path / "s").as_uri(),
+        home=tmp_path,
+        key_prefix=f"tls{uuid.uuid4().hex[:6]}:",
+    )
+    with (
+        LocalFarm(settings, workers=1, threads=1, preload=["tiny"], restart=False) as lf,
+        Farm(lf.settings) as farm,
+    ):
+        job = farm.submit(Txt2Img(model="tiny", prompt="x", num_inference_steps=2))
+        assert job.wait(timeout=120).state.value == "succeeded"
+    untrusted = settings.model_copy(update={"redis_ca_file": None})
+    with pytest.raises(Exception, match="(?i)certificate"):
+        Farm(untrusted).submit(Txt2Img(model="tiny", prompt="x"))
+
+
+def test_foreign_inputs_only_when_allowed(redis_server, s3_server, tmp_path):
+    from farm import Img2Img
+
+    own, other = (
+        S3Store(
+            f"{n}-{uuid.uuid4().hex[:10]}", endpoint_url=s3_server.endpoint_url, region="us-east-1"
+        )
+        for n in ("own", "oth")
+    )
+    for store in (own, other):
+        store.ensure_bucket()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "blue").save(buf, format="PNG")
+    other.put("in.png", buf.getvalue())
+    settings = FarmSettings(
+        redis_url=redis_server.url,
+        storage=f"s3://{own.bucket}/farm",
+        s3_endpoint_url=s3_server.endpoint_url,
+        home=tmp_path,
+        key_prefix=f"fa{uuid.uuid4().hex[:6]}:",
+        allow_foreign_inputs=True,
+    )
+    with Farm(settings) as farm:
+        job = farm.submit(Img2Img(model="tiny", prompt="x", image=other.uri("in.png")))
+        assert job.status().spec["image"] == other.uri("in.png")  # read where it is

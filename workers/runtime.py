@@ -47,9 +47,7 @@ class Runtime:
         self.settings = settings
         self.device = pin_device(device, threads)
         self.name = name or f"{device}@{socket.gethostname()}"
-        self.tracker = Tracker.from_url(
-            settings.redis_url, settings.key_prefix, settings.record_ttl
-        )
+        self.tracker = Tracker.from_settings(settings)
         self.store = open_store(settings)
         import torch
 
