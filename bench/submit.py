@@ -6,13 +6,14 @@
 A private Redis (`farm.embedded.RedisServer`) and a local storage folder; `--images`
 distinct source pictures, each in rows/images rows with its own label and a prompt from a
 template. `--masks drawn` (default): rows alternate the `box` and `strokes` generators, so
-every row's mask is drawn, encoded and stored (10,000 more inputs); `--masks files`: one mask
-file per source. Times `submit_batch` end to end (read and validate the manifest, decode each
-source once, draw and upload the masks, write the records, send the messages, index the
-batch), then the same submit again (everything present), and prints rows/s for both (target
-≥ 2,000 rows/s for the first) with the CPU spent here and in the upload helper. Each round
-starts from an empty store and key prefix; the median comes last (this machine is shared and
-its disk's fsync latency varies: single runs differ by 2x).
+every job has a mask of its own, which its worker draws from the generator and seed its spec
+records; `--masks files`: one mask file per source (200 more inputs). Times `submit_batch`
+end to end (read and validate the manifest, decode each source once, upload the distinct
+inputs, write the records, send the messages, index the batch), then the same submit again
+(everything present), and prints rows/s for both (target ≥ 2,000 rows/s for the first) with
+the CPU spent here and in the upload helper. Each round starts from an empty store and key
+prefix; the median comes last (this machine is shared and its disk's fsync latency varies:
+single runs differ by 2x).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from farm.settings import FarmSettings  # noqa: E402
 
 
 def write_manifest(folder: Path, rows: int, n_images: int, size: int, masks: str) -> Path:
-    """`masks="drawn"`: rows alternate `box` and `strokes` generators (a mask drawn and stored
-    per row); `masks="files"`: each source has one mask file (only 2 x images inputs)."""
+    """`masks="drawn"`: rows alternate `box` and `strokes` generators (a mask per job, drawn
+    by its worker); `masks="files"`: each source has one mask file (2 x images inputs)."""
     for i in range(n_images):
         sample_image(i).resize((size, size)).save(folder / f"{i:04d}.png")
         if masks == "files":

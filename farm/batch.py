@@ -264,11 +264,12 @@ class Batch:
         return new_ids
 
     def _remember_inputs(self, spec: dict[str, Any]) -> None:
-        """Decode a spec's stored inputs once for all the retries that share them."""
+        """Decode a spec's stored inputs once for all the retries that share them (a generated
+        mask is a generator, not an input: the worker draws it)."""
         known = self.farm.known_inputs
         for name, mask in (("image", False), ("mask_image", True)):
             uri = spec.get(name)
-            if uri and uri not in known:
+            if isinstance(uri, str) and uri not in known:
                 img = images.load_image_input(self.farm.store.get_uri(uri, field=name), field=name)
                 known[uri] = images.as_mask(img) if mask else img
 

@@ -11,8 +11,14 @@ rows are told apart by their occurrence (0, 1, ...). A slot is (identity, occurr
 variation) under the batch seed; its id hashes those, its job's idempotency key is
 `batch:<name>:<slot>` and its job id derives from the key, so submitting the same manifest
 again finds every job it wrote before and writes only the missing ones. A job's seed (unless
-the row fixes one: row seed + variation) and a generated mask's seed derive from the slot the
-same way. Editing one row, adding rows or reordering them leaves the other rows' jobs alone.
+the row fixes one: row seed + variation) and a generated mask's seed (unless the row's
+generator fixes one: `strokes:seed=7`) derive from the slot the same way. Editing one row,
+adding rows or reordering them leaves the other rows' jobs alone.
+
+Generated masks travel as generators: the job's `mask_image` is the row's generator with the
+slot's seed (`{"generator": "strokes", "seed": ..., ...}`), which the worker draws at the
+source's size (`farm.masks`) and stores, as the model used it, with the job's results. No
+pixels are drawn, encoded or uploaded for them here.
 
 Speed: every distinct input is decoded and encoded once (content-addressed upload, existence
 checks in parallel), records go out in pipelines of `chunk_size`, messages in kombu batches.
@@ -43,7 +49,7 @@ from farm.inputs import URI_SCHEMES, InputCatalog, InputInfo
 from farm.jobs import JobState, parse_spec
 from farm.keys import input_key
 from farm.manifest import Row, normalize, read_rows, validate_rows
-from farm.masks import generate
+from farm.masks import MaskGenerator
 from farm.uploader import UploadHelper
 
 if TYPE_CHECKING:
@@ -64,6 +70,7 @@ class Planned:
     slot: str
     seed: int
     mask_seed: int
+    """Draws the row's generated mask for this slot, unless the row's generator fixes a seed."""
 
 
 @dataclass
@@ -317,17 +324,17 @@ def _prepare_chunk(
                 spec["mask_image"] = _input_uri(
                     farm, catalog, p.row.mask, True, encoded, out.uploads
                 )
-            elif p.row.mask_gen and p.row.image:
-                mask = generate(p.row.mask_gen, p.row.image.size, p.mask_seed)
-                data = images.encode_png(mask)
-                key = input_key(images.sha256_hex(data))
-                out.uploads[key] = data
-                spec["mask_image"] = farm.store.uri(key)
-                farm.known_inputs[spec["mask_image"]] = mask
+            elif p.row.mask_gen:  # drawn by the worker, with the slot's seed
+                spec["mask_image"] = _seeded(p.row.mask_gen, p.mask_seed)
             out.records.append(farm._prepare(parse_spec(spec), {}))
     finally:
         farm.known_inputs.clear()
     return out
+
+
+def _seeded(gen: MaskGenerator, seed: int) -> MaskGenerator:
+    """The generator with `seed`, unless it has one of its own (`strokes:seed=7`)."""
+    return gen if gen.seed is not None else gen.model_copy(update={"seed": seed})
 
 
 def _commit_chunk(farm: Farm, name: str, chunk: _Chunk, result: SubmitResult) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from farm import cli_batch
 from farm.errors import FarmError, InvalidJob
 from farm.jobs import BUILTIN_MODELS, SCHEDULERS, JobRecord
+from farm.masks import parse_generator
 from farm.settings import FarmSettings
 
 EXIT_FAILED = 1
@@ -69,7 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True)
     s.add_argument("--negative-prompt")
     s.add_argument("--image", help="input image: path or s3:// URI")
-    s.add_argument("--mask", help="mask (white = repaint): path or s3:// URI")
+    s.add_argument(
+        "--mask",
+        help="mask (white = repaint): path, s3:// URI, or a generator drawn by the worker: "
+        "box, strokes, full, with parameters (strokes:max_width=0.2,seed=7)",
+    )
     s.add_argument("--seed", type=int)
     s.add_argument("--steps", type=int, help="num_inference_steps")
     s.add_argument("--guidance-scale", type=float)
@@ -162,6 +167,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             spec[field] = value
+    if args.mask is not None:
+        spec["mask_image"] = parse_generator(args.mask, "mask_image") or args.mask
     farm = _farm()
     job = farm.submit(spec)
     if args.wait:

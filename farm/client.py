@@ -25,6 +25,7 @@ from farm import images
 from farm.errors import InvalidJob, JobCancelled, JobFailed, WaitTimeout
 from farm.jobs import Inpaint, JobRecord, JobState, Txt2Img, batch_signature, parse_spec
 from farm.keys import input_key
+from farm.masks import MaskGenerator
 from farm.models import check_visible_model
 from farm.settings import FarmSettings
 from farm.storage import ObjectStore, open_store
@@ -113,9 +114,7 @@ class Farm:
     def __init__(self, settings: FarmSettings | None = None, **overrides: Any) -> None:
         base = settings or FarmSettings(**overrides)
         self.settings = resolve_settings(base)
-        self.tracker = Tracker.from_url(
-            self.settings.redis_url, self.settings.key_prefix, self.settings.record_ttl
-        )
+        self.tracker = Tracker.from_settings(self.settings)
         self._store: ObjectStore | None = None
         self._checked_models: set[str] = set()
         self._celery: Any = None
@@ -191,7 +190,12 @@ class Farm:
         image = None
         if not isinstance(spec, Txt2Img):
             image = self._input(spec.image, "image", uploads, updates, mask=False)
-            if isinstance(spec, Inpaint):
+            if isinstance(spec, Inpaint) and isinstance(spec.mask_image, MaskGenerator):
+                # Drawn by the worker at the image's size: nothing to decode or upload here;
+                # its seed is written down (the job's, unless it has its own).
+                if spec.mask_image.seed is None:
+                    updates["mask_image"] = spec.model_copy(update=updates).mask_generator()
+            elif isinstance(spec, Inpaint):
                 mask = self._input(spec.mask_image, "mask_image", uploads, updates, mask=True)
                 images.check_mask_matches(image, mask)
         spec = spec.model_copy(update=updates)

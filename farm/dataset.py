@@ -32,6 +32,7 @@ from PIL import Image
 from farm import images
 from farm.batch import READ_CHUNK, Batch, Slot
 from farm.jobs import JobRecord
+from farm.masks import generate, generator_from
 
 FETCH_THREADS = 8
 """Parallel downloads."""
@@ -145,16 +146,20 @@ def contact_sheet(batch: Batch, out: str | Path, rows: int = 16, cell: int = 128
     grid: list[list[Image.Image]] = []
     for group in groups.values():
         cells: list[Image.Image] = []
-        last_mask = None
+        last_mask = source = None
         for slot in group:
             rec = recs[slot.id]
             if rec is None:
                 continue
             if not cells and rec.spec.get("image"):
-                cells.append(load(rec.spec["image"]))
+                source = load(rec.spec["image"])
+                cells.append(source)
             given = rec.spec.get("mask_image")
             if given and given != last_mask:  # the mask as used, once per distinct mask
-                cells.append(load(rec.mask or given))
+                if rec.mask or isinstance(given, str):
+                    cells.append(load(rec.mask or given))
+                elif source is not None:  # a generated mask not drawn yet: as it will be
+                    cells.append(generate(generator_from(given), source.size))
                 last_mask = given
             cells += [load(uri) for uri in rec.outputs]
         if cells:

@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from farm.errors import InvalidJob
+from farm.masks import MaskGenerator, generator_from
 
 # --------------------------------------------------------------------------- states
 
@@ -214,6 +215,9 @@ class Inpaint(_RenderSpec):
     kind: Literal["inpaint"] = "inpaint"
     image: ImageInput
     mask_image: ImageInput
+    """White pixels are repainted. An image (path, URI, bytes, PIL image), or a generated mask
+    (`farm.masks`): `{"generator": "strokes", "seed": 7, ...}` or `Strokes(seed=7)`, drawn by
+    the worker at the image's size; without a seed of its own it is drawn with the job's."""
     strength: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     padding_mask_crop: int | None = Field(default=None, ge=0, le=4096)
     """diffusers' own: inpaint only a crop around the mask (grown by this many pixels) at the
@@ -226,7 +230,24 @@ class Inpaint(_RenderSpec):
     """Composite the output over the source with the (dilated, blurred) mask at the source's
     size, so pixels outside the mask come back identical. Off: the pixels diffusers gives."""
 
-    _images = field_validator("image", "mask_image")(classmethod(lambda cls, v: _image_input(v)))
+    _image = field_validator("image")(classmethod(lambda cls, v: _image_input(v)))
+
+    @field_validator("mask_image")
+    @classmethod
+    def _mask(cls, v: Any) -> Any:
+        if isinstance(v, dict | MaskGenerator):
+            return generator_from(v)
+        return _image_input(v)
+
+    def mask_generator(self) -> MaskGenerator | None:
+        """The generated mask this job asks for, seeded (its own seed, else the job's), or None
+        when `mask_image` is an image."""
+        gen = self.mask_image
+        if not isinstance(gen, MaskGenerator):
+            return None
+        if gen.seed is None and self.seed is not None:
+            gen = gen.model_copy(update={"seed": self.seed})
+        return gen
 
 
 RenderSpec = Annotated[Txt2Img | Img2Img | Inpaint, Field(discriminator="kind")]

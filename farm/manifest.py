@@ -7,7 +7,8 @@ per line; empty cells count as absent. Row fields:
     image            path (relative to the manifest, or absolute) or an s3:// / file:// URI
                      inside the farm's store; none for txt2img
     mask             path/URI of a mask, or a generator: box | strokes | full, with parameters
-                     (`strokes:max_width=0.2`, or a JSON object; see `farm.masks`). `mask_image`
+                     (`strokes:max_width=0.2`, or a JSON object; see `farm.masks`), drawn by
+                     the worker with a seed per job (or the row's: `strokes:seed=7`). `mask_image`
                      is the same field under diffusers' name
     prompt           the prompt; or `prompt_template`, filled from the row's fields:
                      `"a photo of a {label}"`
@@ -39,8 +40,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from PIL import Image
 
 from farm.errors import InvalidJob
 from farm.inputs import URI_SCHEMES, InputCatalog, InputInfo
@@ -88,7 +87,6 @@ METADATA_FIELDS = frozenset(
 """Names the fetched dataset's metadata.jsonl uses for itself; labels may not take them."""
 
 _ROW_FIELDS = JOB_FIELDS | {"image", "mask", "prompt_template"}
-_PLACEHOLDER_MASK = "file:///farm-batch/generated-mask"
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,12 +376,11 @@ def _dry_run(farm: Farm, row: Row, catalog: InputCatalog) -> None:
         if row.image:
             spec["image"] = _stand_in(row.image)
             farm.known_inputs[spec["image"]] = catalog.image(row.image.source, mask=False)
-        if row.kind == "inpaint":
-            size = row.image.size if row.image else (8, 8)
-            spec["mask_image"] = _stand_in(row.mask) if row.mask else _PLACEHOLDER_MASK
-            farm.known_inputs[spec["mask_image"]] = (
-                catalog.image(row.mask.source, mask=True) if row.mask else Image.new("L", size)
-            )
+        if row.mask:
+            spec["mask_image"] = _stand_in(row.mask)
+            farm.known_inputs[spec["mask_image"]] = catalog.image(row.mask.source, mask=True)
+        elif row.mask_gen:
+            spec["mask_image"] = row.mask_gen  # checked as it is, never drawn here
         farm._prepare(parse_spec(spec), {})
     finally:
         farm.known_inputs.clear()

@@ -11,7 +11,14 @@ A manifest row (or `--mask`) may name a generator instead of a mask file:
 In JSONL the same can be an object: `{"generator": "strokes", "max_width": 0.2}`. Lengths and
 widths are fractions of the image's shorter side, so a generator looks alike at 64 and 1024
 pixels. A mask is a function of (generator, size, seed) only: the batch derives the seed from
-the row, the variation and `--seed`, so a re-run draws the very same masks.
+the row, the variation and `--seed` (unless the row fixes one, `strokes:seed=7`), so a re-run
+draws the very same masks.
+
+A job spec carries a generated mask as such, never as pixels: `mask_image` may be a generator
+with its seed (`{"generator": "strokes", "seed": 123, "max_width": 0.2, ...}` in the record,
+`Strokes(seed=123)` in Python), and the worker draws it at the source image's size just
+before rendering (this module is light: Pillow and pydantic). Nothing is uploaded for it at
+submit; the mask as the model used it is stored with the job's results (`jobs/<id>/mask.png`).
 
 `strokes` follows LaMa's `RandomIrregularMaskGenerator` (Suvorov et al., 2021): each stroke
 starts at a random point and runs through a few vertices, turning by a random angle, with a
@@ -24,7 +31,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -38,17 +45,21 @@ MAX_EXTRA_STROKES = 64
 class _Gen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    generator: str
+    seed: int | None = Field(default=None, ge=0, le=2**64 - 1)
+    """The seed the mask is drawn with; None: one the batch (or the job's seed) supplies."""
+
     def describe(self) -> str:
         """Canonical text form (`name` or `name:k=v,...`, defaults left out): keys and metadata."""
         params = self.model_dump(exclude_defaults=True, exclude={"generator"})
         args = ",".join(f"{k}={params[k]}" for k in sorted(params))
-        return f"{self.generator}:{args}" if args else self.generator  # type: ignore[attr-defined]
+        return f"{self.generator}:{args}" if args else self.generator
 
 
 class Box(_Gen):
     """One rectangle; each side a random fraction in [min_size, max_size] of the image's side."""
 
-    generator: str = "box"
+    generator: Literal["box"] = "box"
     min_size: float = Field(default=0.25, gt=0.0, le=1.0)
     max_size: float = Field(default=0.5, gt=0.0, le=1.0)
 
@@ -72,7 +83,7 @@ class Box(_Gen):
 class Strokes(_Gen):
     """LaMa-style brush strokes; widths and lengths are fractions of the shorter side."""
 
-    generator: str = "strokes"
+    generator: Literal["strokes"] = "strokes"
     max_strokes: int = Field(default=4, ge=1, le=64)
     max_vertices: int = Field(default=5, ge=1, le=32)
     min_width: float = Field(default=0.06, gt=0.0, le=1.0)
@@ -135,7 +146,7 @@ class Strokes(_Gen):
 class Full(_Gen):
     """The whole image is repainted."""
 
-    generator: str = "full"
+    generator: Literal["full"] = "full"
 
     def draw(self, size: tuple[int, int], rng: random.Random) -> Image.Image:
         return Image.new("L", size, 255)
@@ -155,17 +166,37 @@ def _number(text: str) -> Any:
             return text
 
 
+def generator_from(value: Any) -> MaskGenerator:
+    """A generator from its object form (`{"generator": "strokes", "max_width": 0.2, ...}`) or
+    a generator itself; `ValueError` naming the bad parameter and its value."""
+    if isinstance(value, _Gen):
+        return value  # type: ignore[return-value]
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mask generator object, got {type(value).__name__}")
+    params = dict(value)
+    return _build(params.pop("generator", None), params)
+
+
+def _build(name: Any, params: dict[str, Any]) -> MaskGenerator:
+    if name not in GENERATORS:
+        raise ValueError(f"generator must be one of {', '.join(GENERATORS)}, got {name!r}")
+    try:
+        return GENERATORS[name](**params)  # type: ignore[return-value]
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        if where and first["type"] != "extra_forbidden":
+            msg += f" (got {first.get('input')!r})"
+        raise ValueError(f"{name} {where}: {msg}" if where else f"{name} {msg}") from None
+
+
 def parse_generator(value: Any, field: str = "mask") -> MaskGenerator | None:
     """The generator `value` names (`strokes`, `box:max_size=0.3`, `{"generator": ...}`), or
     None when it is not one (a path or URI). Bad parameters are `InvalidJob` naming them."""
     if isinstance(value, dict):
         params = dict(value)
         name = params.pop("generator", None)
-        if name not in GENERATORS:
-            raise InvalidJob(
-                f"{field}: generator must be one of {', '.join(GENERATORS)}, got {name!r}",
-                field=field,
-            )
     elif isinstance(value, str):
         name, sep, args = value.strip().partition(":")
         if name not in GENERATORS:
@@ -179,20 +210,17 @@ def parse_generator(value: Any, field: str = "mask") -> MaskGenerator | None:
     else:
         return None
     try:
-        return GENERATORS[name](**params)  # type: ignore[return-value]
-    except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        if where and first["type"] != "extra_forbidden":
-            msg += f" (got {first.get('input')!r})"
-        detail = f"{where}: {msg}" if where else msg
-        raise InvalidJob(f"{field}: {name} {detail}", field=field) from None
+        return _build(name, params)
+    except ValueError as e:
+        raise InvalidJob(f"{field}: {e}", field=field) from None
 
 
-def generate(gen: MaskGenerator, size: tuple[int, int], seed: int) -> Image.Image:
-    """The mask `gen` draws for an image of `size` (width, height) with this seed: mode `L`,
-    255 where the model repaints, 0 where the source is kept."""
+def generate(gen: MaskGenerator, size: tuple[int, int], seed: int | None = None) -> Image.Image:
+    """The mask `gen` draws for an image of `size` (width, height) with `seed` (default: the
+    generator's own): mode `L`, 255 where the model repaints, 0 where the source is kept."""
+    seed = gen.seed if seed is None else seed
+    if seed is None:
+        raise ValueError(f"{gen.describe()}: no seed to draw the mask with")
     return gen.draw(size, random.Random(seed))
 
 

@@ -7,6 +7,7 @@ real worker subprocesses (`LocalFarm`) and SIGKILLs one half-way.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import signal
 import subprocess
@@ -15,15 +16,18 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 from PIL import Image
 
-from farm import Farm, JobState
+from farm import Farm, Inpaint, JobState
 from farm.batch import Batch, list_batches
 from farm.batch_submit import submit_batch
+from farm.dataset import contact_sheet, fetch_dataset
 from farm.demo import box_mask, sample_image
 from farm.manifest import InvalidManifest
+from farm.masks import Box, Strokes, generate, parse_generator
 from farm.settings import FarmSettings
 from farm.up import LocalFarm, settings_env
 
@@ -132,8 +136,8 @@ def test_resubmit_submits_only_what_is_missing(settings, data):
     more = run_cli(settings, *args)
     assert "8 jobs (4 rows x 2 variations): new=2 present=6" in more.stdout
     assert queued_messages(settings) == 8
-    # 4 sources + 1 mask file + one drawn mask per (generated-mask row, variation).
-    assert len(stored(settings, "inputs/")) == 4 + 1 + 2 * 2
+    # 4 sources + 1 mask file; generated masks are drawn by the worker, not stored as inputs.
+    assert len(stored(settings, "inputs/")) == 4 + 1
 
 
 def test_s3_store_inputs_uploaded_once_across_chunks(redis_server, s3_server, data, tmp_path):
@@ -157,9 +161,12 @@ def test_s3_store_inputs_uploaded_once_across_chunks(redis_server, s3_server, da
         again = submit_batch(farm, manifest, "cats", variations=2, chunk_size=2)
         specs = [r.spec for r in farm.tracker.get_many(Batch(farm, "cats").job_ids())]
     assert (first.new, again.new, again.present) == (6, 0, 6)
-    assert len(store.list("inputs/")) == 3 + 1 + 2 * 2
+    assert len(store.list("inputs/")) == 3 + 1
     assert all(s["image"].startswith(f"s3://{bucket}/farm/inputs/") for s in specs)
-    assert all(store.exists(store.key_of(s["mask_image"])) for s in specs)
+    files = [s["mask_image"] for s in specs if isinstance(s["mask_image"], str)]
+    assert len(files) == 2 and all(store.exists(store.key_of(uri)) for uri in files)
+    drawn = [s["mask_image"] for s in specs if isinstance(s["mask_image"], dict)]
+    assert [m["generator"] for m in drawn] == ["strokes"] * 2 + ["box"] * 2
 
 
 def test_jobs_follow_rows_not_line_numbers(farm, data):
@@ -201,6 +208,51 @@ def test_seeds_and_masks_derive_from_row_variation_and_seed(farm, data):
         "a photo of a cat 1",
         "a photo of a cat 2",
     ]
+
+
+def test_generated_masks_travel_as_generators_and_nothing_is_drawn_or_stored(farm, data):
+    rows = [
+        {"image": "0.png", "mask": "strokes:seed=7", "label": "fixed"},
+        {"image": "1.png", "mask": {"generator": "box", "max_size": 0.4}, "label": "derived"},
+    ]
+    manifest = write_jsonl(data / "cats.jsonl", rows, TEMPLATE)
+    submit_batch(farm, manifest, "cats", variations=2)
+    specs = [r.spec for r in farm.tracker.get_many(Batch(farm, "cats").job_ids())]
+    masks = [s["mask_image"] for s in specs]
+    # A row's own seed draws every variation's mask; else each variation has its own seed.
+    assert masks[0] == masks[1] == {**Strokes(seed=7).model_dump(), "generator": "strokes"}
+    assert masks[2]["generator"] == "box" and masks[2]["max_size"] == 0.4
+    assert masks[2]["seed"] != masks[3]["seed"]
+    assert [s.info["mask"] for s in Batch(farm, "cats").slots()][::2] == [
+        "strokes:seed=7",
+        "box:max_size=0.4",
+    ]
+    assert len(stored(farm.settings, "inputs/")) == 2  # the two sources, no masks
+    # Before any worker drew them, a contact sheet draws them here: source | mask (| mask).
+    assert contact_sheet(Batch(farm, "cats"), data / "sheet.png", cell=32) == 2
+    assert Image.open(data / "sheet.png").size == (3 * 32 + 4 * 4, 2 * 32 + 3 * 4)
+
+
+def test_submit_one_job_with_a_generated_mask(farm, settings, data):
+    common = dict(model="tiny-inpaint", prompt="a cat", image=str(data / "0.png"))
+    job = farm.submit(Inpaint(**common, mask_image=Strokes(max_width=0.2), seed=5))
+    rec = farm.get(job.id)
+    assert rec.spec["mask_image"] == Strokes(max_width=0.2, seed=5).model_dump()
+    assert len(stored(settings, "inputs/")) == 1  # the image only
+    with_file = farm.submit(Inpaint(**common, mask_image=str(data / "mask.png"), seed=5))
+    assert farm.get(with_file.id).signature == rec.signature  # they may share a batch
+    res = run_cli(
+        settings, "submit", "inpaint", "--model", "tiny-inpaint", "--prompt", "x",
+        "--image", data / "1.png", "--mask", "box:max_size=0.3", "--seed", 3,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert farm.get(res.stdout.strip()).spec["mask_image"] == Box(max_size=0.3, seed=3).model_dump()
+    bad = run_cli(
+        settings, "submit", "inpaint", "--model", "tiny-inpaint", "--prompt", "x",
+        "--image", data / "1.png", "--mask", "strokes:max_width=3",
+    )  # fmt: skip
+    assert bad.returncode == 2 and "mask_image: strokes max_width" in bad.stderr, bad.stderr
+    assert len(farm.tracker.r.zrange(farm.tracker.keys.jobs, 0, -1)) == 3
 
 
 def test_csv_manifest_with_command_line_defaults(settings, data):
@@ -501,6 +553,31 @@ def test_fetch_writes_an_imagefolder_dataset(resumed, tmp_path):
     (out / rows[0]["file_name"]).unlink()
     again = run_cli(settings, "batch", "fetch", "cats", out)
     assert "1 files fetched, 35 already there" in again.stdout, again.stdout  # 16 + 16 + 4
+
+
+def test_worker_draws_generated_masks_as_the_client_would_and_stores_them(resumed, tmp_path):
+    farm, ids, settings = resumed["farm"], resumed["ids"], resumed["settings"]
+    fetch_dataset(Batch(farm, "cats"), tmp_path / "ds")
+    slots = {s.job: s for s in Batch(farm, "cats").slots()}
+    drawn = [r for r in farm.tracker.get_many(ids) if isinstance(r.spec["mask_image"], dict)]
+    assert len(drawn) == 10  # rows with `strokes` or `box:max_size=0.4`, two variations each
+    for rec in drawn:
+        # The mask the client draws here, from the row's generator and the job's mask seed...
+        ref = rec.spec["mask_image"]
+        gen = parse_generator(slots[rec.id].info["mask"])
+        assert ref == {**gen.model_dump(), "seed": ref["seed"]}
+        source = Image.open(io.BytesIO(farm.store.get_uri(rec.spec["image"])))
+        expected = np.asarray(generate(gen, source.size, ref["seed"]))
+        assert 0 < (expected > 0).mean() < 1
+        # ...is, pixel for pixel, the one the worker drew, used and stored with the job,
+        assert rec.mask == farm.store.uri(f"jobs/{rec.id}/mask.png")
+        used = Image.open(io.BytesIO(farm.store.get_uri(rec.mask)))
+        assert used.mode == "L" and np.array_equal(np.asarray(used), expected)
+        # and the one `farm batch fetch` writes into masks/.
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"ds/masks/{rec.id}.png")), expected)
+    # Variations draw different masks; none of them was ever stored as an input.
+    assert len({r.spec["mask_image"]["seed"] for r in drawn}) == len(drawn)
+    assert len(stored(settings, "inputs/")) == 4 + 1  # the sources and the one mask file
 
 
 def test_fetched_folder_loads_with_datasets(resumed, tmp_path, monkeypatch):

@@ -96,3 +96,63 @@ def test_bad_parameters_name_the_field_and_value(value, words):
     message = str(err.value)
     assert message.startswith("mask: ") and "\n" not in message
     assert all(w in message for w in words), message
+
+
+# --------------------------------------------------------------------------- in a job spec
+
+
+def test_a_spec_carries_a_generated_mask_as_its_generator_and_seed():
+    from farm.jobs import Inpaint, parse_spec
+
+    common = dict(kind="inpaint", model="tiny-inpaint", prompt="a cat", image="cat.png")
+    spec = parse_spec({**common, "mask_image": {"generator": "strokes", "max_width": 0.2}})
+    assert spec.mask_image == Strokes(max_width=0.2)
+    # Without a seed of its own the mask is drawn with the job's (filled in at submit); its
+    # own seed wins.
+    assert spec.seed is None and spec.mask_generator() == Strokes(max_width=0.2)
+    assert parse_spec({**spec.model_dump(), "seed": 9}).mask_generator() == Strokes(
+        max_width=0.2, seed=9
+    )
+    own = Inpaint(**common, mask_image=Box(seed=3), seed=9)
+    assert own.mask_generator() == Box(seed=3)
+    # The record's JSON form is the generator, every parameter written out, and reads back.
+    dumped = own.model_dump(mode="json", exclude_none=True)["mask_image"]
+    assert dumped == {"generator": "box", "seed": 3, "min_size": 0.25, "max_size": 0.5}
+    assert parse_spec(own.model_dump(mode="json")).mask_generator() == Box(seed=3)
+    # A string is always a path or URI in a spec, whatever its name.
+    assert Inpaint(**common, mask_image="strokes").mask_generator() is None
+
+
+@pytest.mark.parametrize(
+    "mask, words",
+    [
+        ({"generator": "strokes", "max_width": 3}, ["strokes max_width", "3"]),
+        ({"generator": "blob"}, ["box, strokes, full", "blob"]),
+        ({"generator": "box", "seed": -1}, ["box seed", "-1"]),
+        ({"max_width": 0.2}, ["generator must be one of", "None"]),
+    ],
+)
+def test_a_bad_generated_mask_in_a_spec_names_mask_image(mask, words):
+    from farm.jobs import parse_spec
+
+    with pytest.raises(InvalidJob) as err:
+        parse_spec(
+            {"kind": "inpaint", "model": "tiny-inpaint", "prompt": "", "image": "a.png"}
+            | {"mask_image": mask}
+        )
+    assert err.value.field == "mask_image"
+    message = str(err.value)
+    assert message.startswith("mask_image: ") and all(w in message for w in words), message
+
+
+def test_the_generators_own_seed_draws_unless_one_is_given():
+    def drawn(gen, seed=None):
+        return generate(gen, (64, 64), seed).tobytes()
+
+    assert drawn(Strokes(seed=5)) == drawn(Strokes(), 5)
+    assert drawn(Strokes(seed=5), 6) != drawn(Strokes(seed=5))
+    with pytest.raises(ValueError, match="no seed"):
+        drawn(Strokes())
+    text = parse_generator("strokes:seed=7,max_width=0.2")
+    assert text == Strokes(seed=7, max_width=0.2)
+    assert text.describe() == "strokes:max_width=0.2,seed=7"
