@@ -307,3 +307,27 @@ def test_duplicate_message_is_a_no_op(farm):
     farm.submit(Txt2Img(model="tiny", prompt="y", num_inference_steps=1)).wait(timeout=120)
     again = farm.get(job.id)
     assert (again.state, again.attempt, again.finished_at) == (rec.state, 1, rec.finished_at)
+
+
+def test_uri_input_with_exif_rotation_decodes_alike_on_both_sides(farm, tmp_path):
+    import io
+
+    # A 64x48 JPEG whose EXIF says "rotate 90°": shown, and rendered, as 48x64.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), "green").save(buf, format="JPEG", exif=exif)
+    store = open_store(farm.settings)
+    store.put("uploads/rotated.jpg", buf.getvalue())
+    job = farm.submit(
+        Img2Img(
+            model="tiny",
+            prompt="x",
+            image=store.uri("uploads/rotated.jpg"),
+            seed=1,
+            num_inference_steps=2,
+        )
+    )
+    job.wait(timeout=120)
+    out = Image.open(job.download(tmp_path)[0])
+    assert out.size == (48, 64)

@@ -67,7 +67,9 @@ class Runtime:
 
 
 def load_input(rt: Runtime, uri: str, field: str) -> Any:
-    return images.decode_image(rt.store.get_uri(uri), field=field)
+    """An input image as the client saw it when it validated the job (EXIF orientation
+    applied, RGB), so a URI used as it is decodes the same on both sides."""
+    return images.load_image_input(rt.store.get_uri(uri, field=field), field=field)
 
 
 @dataclass
