@@ -25,21 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from farm.client import Farm  # noqa: E402
-from farm.demo import box_mask, sample_image  # noqa: E402
+from farm.demo import write_samples  # noqa: E402
 from farm.embedded import RedisServer  # noqa: E402
 from farm.jobs import Inpaint, Txt2Img  # noqa: E402
 from farm.settings import FarmSettings  # noqa: E402
 from farm.up import LocalFarm  # noqa: E402
-
-
-def inputs(n: int, size: int, folder: Path) -> list[tuple[Path, Path]]:
-    pairs = []
-    for i in range(n):
-        img, mask = folder / f"{i}.png", folder / f"{i}.mask.png"
-        sample_image(i).resize((size, size)).save(img)
-        box_mask(i).resize((size, size)).save(mask)
-        pairs.append((img, mask))
-    return pairs
 
 
 def specs(args: argparse.Namespace, pairs, round_: int) -> list[Inpaint | Txt2Img]:
@@ -90,7 +80,7 @@ def main() -> None:
 
     model = "tiny-inpaint" if args.kind == "inpaint" else "tiny"
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as redis:
-        pairs = inputs(args.jobs, args.size, Path(tmp))
+        pairs = write_samples(Path(tmp), args.jobs, args.size)
 
         def farm_settings(name: str, max_batch: int) -> FarmSettings:
             return FarmSettings(

@@ -21,20 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from farm.client import Farm  # noqa: E402
-from farm.demo import box_mask, sample_image  # noqa: E402
+from farm.demo import write_samples  # noqa: E402
 from farm.jobs import Inpaint  # noqa: E402
 from farm.settings import FarmSettings  # noqa: E402
 from farm.up import LocalFarm  # noqa: E402
-
-
-def inputs(n: int, size: int, folder: Path) -> list[tuple[Path, Path]]:
-    pairs = []
-    for i in range(n):
-        img, mask = folder / f"{i}.png", folder / f"{i}.mask.png"
-        sample_image(i).resize((size, size)).save(img)
-        box_mask(i).resize((size, size)).save(mask)
-        pairs.append((img, mask))
-    return pairs
 
 
 def specs(pairs, steps: int, round_: int) -> list[Inpaint]:
@@ -97,7 +87,7 @@ def main() -> None:
     pipe = build_tiny("tiny-inpaint")
     pipe.set_progress_bar_config(disable=True)
     with tempfile.TemporaryDirectory() as tmp:
-        pairs = inputs(args.jobs, args.size, Path(tmp))
+        pairs = write_samples(Path(tmp), args.jobs, args.size)
         settings = FarmSettings(home=Path(tmp) / "farm")
         with (
             LocalFarm(settings, workers=1, threads=1, preload=["tiny-inpaint"]) as lf,

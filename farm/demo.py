@@ -54,19 +54,24 @@ def box_mask(seed: int) -> Image.Image:
     return mask
 
 
+def write_samples(folder: Path, n: int, size: int = SIZE) -> list[tuple[Path, Path]]:
+    """`n` sample pictures and box masks as PNG files: [(image, mask)], for demos and benches."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for i in range(n):
+        img, mask = folder / f"{i}.png", folder / f"{i}.mask.png"
+        sample_image(i).resize((size, size)).save(img)
+        box_mask(i).resize((size, size)).save(mask)
+        pairs.append((img, mask))
+    return pairs
+
+
 def run_demo(out: Path, workers: int = 1, n_images: int = 4, variations: int = 2) -> int:
     from farm.cli import _ProgressBar
 
     out = out.resolve()
-    inputs = out / "inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
     # 1. Sample inputs (deterministic, small).
-    pairs = []
-    for i in range(n_images):
-        img_path, mask_path = inputs / f"{i}.png", inputs / f"{i}.mask.png"
-        sample_image(i).save(img_path)
-        box_mask(i).save(mask_path)
-        pairs.append((img_path, mask_path))
+    pairs = write_samples(out / "inputs", n_images)
     settings = FarmSettings(home=out / ".farm")
     print(
         f"demo: starting an embedded farm ({workers} worker(s)) under {settings.home}", flush=True
