@@ -21,6 +21,11 @@ class RedisKeys:
         return f"{self.prefix}events"
 
     @property
+    def cancels(self) -> str:
+        """Pub/sub channel: ids of running jobs whose cancel was just requested."""
+        return f"{self.prefix}cancels"
+
+    @property
     def jobs(self) -> str:
         """Sorted set: every live job id, scored by creation time."""
         return f"{self.prefix}jobs"

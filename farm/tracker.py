@@ -298,7 +298,10 @@ class Tracker:
         t = self.transition(job_id, JobState.CANCELLED, expect=[JobState.QUEUED])
         if t.ok or t.state != JobState.RUNNING:
             return t.state
-        self.r.hset(self.keys.job(job_id), "cancel", "1")
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(self.keys.job(job_id), "cancel", "1")  # seen by the next heartbeat
+        pipe.publish(self.keys.cancels, job_id)  # seen at once by a listening worker
+        pipe.execute()
         return JobState.RUNNING
 
     def set_fields(self, job_id: str, **fields: Any) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from farm.tracker import Tracker
@@ -25,9 +26,16 @@ class Heartbeat:
     """Renews the leases of held jobs and publishes their progress, from one thread."""
 
     def __init__(
-        self, tracker: Tracker, tokens: dict[str, str], lease: float, interval: float = 0.2
+        self,
+        tracker: Tracker,
+        tokens: dict[str, str],
+        lease: float,
+        interval: float = 0.2,
+        cancels: CancelListener | None = None,
     ) -> None:
         self.tracker = tracker
+        self.cancels = cancels or CancelListener(tracker)
+        """Cancels published just now: a render stops at its next step, not the next beat."""
         self.lease = lease
         self.interval = interval
         self.tokens = dict(tokens)
@@ -79,6 +87,7 @@ class Heartbeat:
             with self._lock:
                 for job_id in ids:
                     self.progress[job_id] = (step, total)
+                self.cancelled.update(j for j in ids if j in self.cancels.ids)
                 return all(j in self.cancelled or j in self.stale for j in ids)
 
         return on_step
@@ -87,3 +96,26 @@ class Heartbeat:
         """The job ended (or was handed back): stop renewing its lease."""
         with self._lock:
             self.tokens.pop(job_id, None)
+        self.cancels.ids.discard(job_id)
+
+
+class CancelListener(threading.Thread):
+    """Follows the cancel channel for the worker process: the ids whose cancel was published
+    while this worker ran. Started once per process; until started it hears nothing, and the
+    heartbeat's flag still lands within a beat."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        super().__init__(name="cancels", daemon=True)
+        self.tracker = tracker
+        self.ids: set[str] = set()
+
+    def run(self) -> None:
+        while True:
+            try:
+                pubsub = self.tracker.r.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.tracker.keys.cancels)
+                for message in pubsub.listen():
+                    self.ids.add(message["data"])
+            except Exception as e:  # Redis away: listen again once it is back
+                log.warning("cancel listener: %s; reconnecting", e)
+                time.sleep(1.0)

@@ -13,6 +13,7 @@ from farm.queue import make_celery
 from farm.settings import FarmSettings
 from farm.storage import open_store
 from farm.tracker import Tracker
+from workers.heartbeat import CancelListener
 
 
 def versions() -> dict[str, str]:
@@ -48,6 +49,8 @@ class Runtime:
         self.device = pin_device(device, threads)
         self.name = name or f"{device}@{socket.gethostname()}"
         self.tracker = Tracker.from_settings(settings)
+        self.cancels = CancelListener(self.tracker)
+        self.cancels.start()
         self.store = open_store(settings)
         import torch
 

@@ -91,7 +91,9 @@ def _run_held(rt: Runtime, held: list[Held]) -> dict[str, str]:
     outcomes: dict[str, str] = {}
     lease = rt.settings.lease_seconds
     tokens = {job.id: job.token for job in held}
-    with Heartbeat(rt.tracker, tokens, lease, interval=min(0.2, lease / 3)) as hb:
+    with Heartbeat(
+        rt.tracker, tokens, lease, interval=min(0.2, lease / 3), cancels=rt.cancels
+    ) as hb:
         # 3. Read each job's spec and inputs: a job with a bad input fails alone. A retried
         #    job whose earlier attempt stored everything before it died is just finished.
         ready = []
