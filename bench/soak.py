@@ -25,8 +25,8 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 from farm import Farm, Txt2Img  # noqa: E402
 from farm.embedded import RedisServer, S3Server  # noqa: E402
+from farm.s3 import S3Store  # noqa: E402
 from farm.settings import FarmSettings  # noqa: E402
-from farm.storage import S3Store  # noqa: E402
 from farm.up import LocalFarm  # noqa: E402
 from tests.checker import check, enable_versioning  # noqa: E402
 

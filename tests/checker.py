@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from farm.storage import S3Store
+from farm.s3 import S3Store
 
 
 def enable_versioning(store: S3Store) -> None:

@@ -24,8 +24,9 @@ for _name in [n for n in os.environ if n.startswith("FARM_")]:
     del os.environ[_name]
 
 from farm.embedded import RedisServer, S3Server  # noqa: E402
+from farm.s3 import S3Store  # noqa: E402
 from farm.settings import FarmSettings  # noqa: E402
-from farm.storage import ObjectStore, S3Store, open_store  # noqa: E402
+from farm.storage import ObjectStore, open_store  # noqa: E402
 
 AWS_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -141,7 +141,7 @@ def test_resubmit_submits_only_what_is_missing(settings, data):
 
 
 def test_s3_store_inputs_uploaded_once_across_chunks(redis_server, s3_server, data, tmp_path):
-    from farm.storage import S3Store
+    from farm.s3 import S3Store
 
     bucket = f"batch-{uuid.uuid4().hex[:12]}"
     store = S3Store(bucket, "farm", endpoint_url=s3_server.endpoint_url, region="us-east-1")

@@ -21,8 +21,9 @@ from farm import Farm, Img2Img, Inpaint, JobCancelled, JobState, Txt2Img
 from farm.demo import box_mask, sample_image
 from farm.jobs import SCHEDULERS
 from farm.queue import RENDER_QUEUE, enqueue
+from farm.s3 import S3Store
 from farm.settings import FarmSettings
-from farm.storage import S3Store, open_store
+from farm.storage import open_store
 from farm.up import LocalFarm, settings_env
 
 STEPS = 4

@@ -18,8 +18,8 @@ from farm import Farm, JobState, Txt2Img
 from farm.embedded import RedisServer
 from farm.queue import RENDER_QUEUE, enqueue
 from farm.reconciler import reconcile
+from farm.s3 import S3Store
 from farm.settings import FarmSettings
-from farm.storage import S3Store
 from farm.up import LocalFarm, settings_env
 from tests.checker import check, enable_versioning
 from tests.tcp_proxy import TcpProxy

@@ -18,8 +18,9 @@ from PIL import Image
 from farm import Farm, Txt2Img
 from farm.embedded import RedisServer
 from farm.queue import RUN_TASK, make_celery
+from farm.s3 import S3Store
 from farm.settings import FarmSettings
-from farm.storage import S3Store, open_store
+from farm.storage import open_store
 from farm.up import LocalFarm
 from tests.tcp_proxy import TcpProxy
 

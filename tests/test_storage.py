@@ -16,12 +16,12 @@ from botocore.exceptions import EndpointConnectionError
 
 from farm.embedded import S3Server
 from farm.errors import FarmError, InvalidJob, TransientError
+from farm.s3 import S3Store
 from farm.settings import FarmSettings
 from farm.storage import (
     LocalStore,
     ObjectNotFound,
     ObjectStore,
-    S3Store,
     StorageError,
     check_key,
     open_store,
