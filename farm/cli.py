@@ -17,6 +17,7 @@ from farm import cli_batch
 from farm.errors import FarmError, InvalidJob
 from farm.jobs import BUILTIN_MODELS, SCHEDULERS, JobRecord
 from farm.masks import parse_generator
+from farm.progress import JobsBar
 from farm.settings import FarmSettings
 
 EXIT_FAILED = 1
@@ -172,7 +173,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     farm = _farm()
     job = farm.submit(spec)
     if args.wait:
-        rec = farm.wait([job.id], timeout=args.timeout, on_progress=_ProgressBar(sys.stderr))[0]
+        rec = farm.wait([job.id], timeout=args.timeout, on_progress=JobsBar(sys.stderr))[0]
     else:
         rec = farm.get(job.id)
     if args.json:
@@ -188,7 +189,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    records = _farm().wait(args.jobs, timeout=args.timeout, on_progress=_ProgressBar(sys.stderr))
+    records = _farm().wait(args.jobs, timeout=args.timeout, on_progress=JobsBar(sys.stderr))
     for rec in records:
         _print_record(rec, False)
     return 0 if all(r.state.value == "succeeded" for r in records) else EXIT_FAILED
@@ -263,32 +264,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(
         args.out, workers=args.workers, n_images=args.images, variations=args.variations
     )
-
-
-class _ProgressBar:
-    """A one-line progress bar on a terminal; silent when stderr is not one."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.started = time.monotonic()
-
-    def __call__(self, states: list[tuple[str, str | None, int, int]]) -> None:
-        if not self.tty:
-            return
-        done = sum(s in ("succeeded", "failed", "cancelled") for _, s, _, _ in states)
-        frac = sum(
-            1.0 if s in ("succeeded", "failed", "cancelled") else (a / b if b else 0.0)
-            for _, s, a, b in states
-        ) / len(states)
-        bar = "#" * int(frac * 30)
-        self.stream.write(
-            f"\r[{bar:<30}] {done}/{len(states)} jobs  {frac:4.0%}  "
-            f"{time.monotonic() - self.started:5.1f}s"
-        )
-        if done == len(states):
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 COMMANDS = {

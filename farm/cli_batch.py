@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.errors import InvalidJob, TransientError
+from farm.progress import LiveLine
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -205,10 +206,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
             print(status.line())
         return 0
-    display = _Display(sys.stderr if sys.stderr.isatty() else sys.stdout)
+    display = LiveLine(sys.stderr if sys.stderr.isatty() else sys.stdout)
     while True:
         status = batch.status()
-        display(status)
+        display.show(status.line())
         if not status.counts.get("queued") and not status.counts.get("running"):
             display.end()
             return 0
@@ -216,8 +217,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    display = _Display(sys.stderr, only_tty=True)
-    status = _batch(args.name).wait(args.timeout, on_status=display)
+    display = LiveLine(sys.stderr, only_tty=True)
+    status = _batch(args.name).wait(args.timeout, on_status=lambda st: display.show(st.line()))
     display.end()
     print(status.line())
     if status.counts.get("unsubmitted"):
@@ -270,29 +271,6 @@ def cmd_sheet(args: argparse.Namespace) -> int:
     n = contact_sheet(_batch(args.name), args.out, rows=max(1, args.rows), cell=args.cell)
     print(f"{args.out}: {n} rows")
     return 0
-
-
-class _Display:
-    """A live one-line status on a terminal; elsewhere a line per change (or nothing)."""
-
-    def __init__(self, stream: Any, only_tty: bool = False) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.quiet = only_tty and not self.tty
-        self.last = ""
-
-    def __call__(self, status: Any) -> None:
-        line = status.line()
-        if self.quiet or line == self.last:
-            return
-        self.last = line
-        self.stream.write(f"\r{line}\x1b[K" if self.tty else f"{line}\n")
-        self.stream.flush()
-
-    def end(self) -> None:
-        if self.tty and self.last:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 ACTIONS = {

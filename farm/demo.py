@@ -67,7 +67,7 @@ def write_samples(folder: Path, n: int, size: int = SIZE) -> list[tuple[Path, Pa
 
 
 def run_demo(out: Path, workers: int = 1, n_images: int = 4, variations: int = 2) -> int:
-    from farm.cli import _ProgressBar
+    from farm.progress import JobsBar
 
     out = out.resolve()
     # 1. Sample inputs (deterministic, small).
@@ -97,7 +97,7 @@ def run_demo(out: Path, workers: int = 1, n_images: int = 4, variations: int = 2
         jobs = farm.submit_many(specs)
         print(f"demo: submitted {len(jobs)} inpaint jobs; rendering", flush=True)
         # 3. Follow progress to the end.
-        records = farm.wait([j.id for j in jobs], timeout=600, on_progress=_ProgressBar(sys.stderr))
+        records = farm.wait([j.id for j in jobs], timeout=600, on_progress=JobsBar(sys.stderr))
         failed = [r for r in records if r.state.value != "succeeded"]
         for r in failed:
             print(f"demo: job {r.id} {r.state.value}: {r.error}", file=sys.stderr)

@@ -1,0 +1,50 @@
+"""Progress on a terminal: one live line, rewritten in place; elsewhere a line per change."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+ENDED = ("succeeded", "failed", "cancelled")
+
+
+class LiveLine:
+    """Writes status lines to `stream`: in place on a terminal, else one per change (or none
+    with `only_tty`)."""
+
+    def __init__(self, stream: Any, only_tty: bool = False) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.quiet = only_tty and not self.tty
+        self.last = ""
+
+    def show(self, line: str) -> None:
+        if self.quiet or line == self.last:
+            return
+        self.last = line
+        self.stream.write(f"\r{line}\x1b[K" if self.tty else f"{line}\n")
+        self.stream.flush()
+
+    def end(self) -> None:
+        if self.tty and self.last:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class JobsBar:
+    """`Farm.wait`'s `on_progress`: a bar over the jobs' steps, on a terminal only."""
+
+    def __init__(self, stream: Any) -> None:
+        self.line = LiveLine(stream, only_tty=True)
+        self.started = time.monotonic()
+
+    def __call__(self, states: list[tuple[str, str | None, int, int]]) -> None:
+        done = sum(s in ENDED for _, s, _, _ in states)
+        frac = sum(1.0 if s in ENDED else (a / b if b else 0.0) for _, s, a, b in states)
+        frac /= len(states)
+        self.line.show(
+            f"[{'#' * int(frac * 30):<30}] {done}/{len(states)} jobs  {frac:4.0%}  "
+            f"{time.monotonic() - self.started:5.1f}s"
+        )
+        if done == len(states):
+            self.line.end()
