@@ -150,19 +150,28 @@ def test_redelivery_during_a_long_render_does_not_run_it_twice(faulty):
 
 
 def test_out_of_memory_halves_the_batch_then_fails_the_culprit(faulty):
-    # Behind a slow job, so that these four queue up and are gathered into one batch.
-    blocker = [submit(faulty, steps=60, seed=30 + i) for i in range(2)]
-    jobs = [
-        submit(faulty, steps=4, seed=40 + i, prompt="[fault:oom] x" if i == 0 else "x")
+    # Both workers busy (one for longer), so the four jobs queue up together and the first
+    # worker to come free gathers all of them into one batch.
+    blockers = [submit(faulty, steps=SLOW, seed=30), submit(faulty, steps=SLOW + 150, seed=31)]
+    for b in blockers:
+        wait_running(b, min_step=1)
+    specs = [
+        Txt2Img(
+            model="tiny",
+            prompt="[fault:oom] x" if i == 0 else "x",
+            seed=40 + i,
+            num_inference_steps=4,
+        )
         for i in range(4)
     ]
-    records = faulty.wait([j.id for j in blocker + jobs], timeout=180)
+    jobs = faulty.submit_many(specs)
+    faulty.submitted.update({j.id: 1 for j in jobs[1:]})
+    records = faulty.wait([j.id for j in blockers + jobs], timeout=180)
     culprit, *rest = records[2:]
     assert culprit.state == JobState.FAILED and "out of device memory" in culprit.error
-    faulty.submitted.pop(culprit.id)
     assert all(r.state == JobState.SUCCEEDED for r in rest)
     logs = "".join(p.read_text() for p in faulty.local.log_dir.glob("*.log"))
-    assert "ran out of memory; retrying halves" in logs
+    assert "batch of 4 ran out of memory; retrying halves" in logs
 
 
 def test_time_limit_fails_the_job_and_the_worker_goes_on(tmp_path, s3_server, redis_aof):
