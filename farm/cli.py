@@ -15,7 +15,7 @@ from typing import Any
 
 from farm import cli_batch
 from farm.errors import FarmError, InvalidJob
-from farm.jobs import BUILTIN_MODELS, SCHEDULERS, JobRecord
+from farm.jobs import BUILTIN_MODELS, SCHEDULERS, JobRecord, flag_field
 from farm.masks import parse_generator
 from farm.progress import JobsBar
 from farm.settings import FarmSettings
@@ -23,22 +23,22 @@ from farm.settings import FarmSettings
 EXIT_FAILED = 1
 EXIT_INVALID = 2
 
-# CLI flag → spec field (diffusers' names), where they differ.
-SUBMIT_FLAGS = {
-    "negative_prompt": "negative_prompt",
-    "steps": "num_inference_steps",
-    "guidance_scale": "guidance_scale",
-    "strength": "strength",
-    "scheduler": "scheduler",
-    "width": "width",
-    "height": "height",
-    "num_images": "num_images_per_prompt",
-    "seed": "seed",
-    "key": "key",
-    "priority": "priority",
-    "image": "image",
-    "mask": "mask_image",
-}
+SUBMIT_FLAGS = (
+    "negative_prompt",
+    "steps",
+    "guidance_scale",
+    "strength",
+    "scheduler",
+    "width",
+    "height",
+    "num_images",
+    "seed",
+    "key",
+    "priority",
+    "image",
+    "mask",
+)
+"""`farm submit`'s job flags; `--mask` fills `mask_image`, the rest `farm.jobs.flag_field`."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -164,7 +164,8 @@ def _print_record(rec: JobRecord, as_json: bool) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     spec: dict[str, Any] = {"kind": args.kind, "model": args.model, "prompt": args.prompt}
-    for flag, field in SUBMIT_FLAGS.items():
+    for flag in SUBMIT_FLAGS:
+        field = "mask_image" if flag == "mask" else flag_field(flag)
         value = getattr(args, flag)
         if value is not None:
             spec[field] = value

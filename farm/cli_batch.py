@@ -25,28 +25,29 @@ from pathlib import Path
 from typing import Any
 
 from farm.errors import InvalidJob, TransientError
+from farm.jobs import flag_field
 from farm.progress import LiveLine
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
 
-# Flag → job field, for the defaults every row gets (rows override them).
-DEFAULT_FLAGS = {
-    "kind": "kind",
-    "model": "model",
-    "prompt": "prompt",
-    "prompt_template": "prompt_template",
-    "negative_prompt": "negative_prompt",
-    "mask": "mask",
-    "steps": "num_inference_steps",
-    "guidance_scale": "guidance_scale",
-    "strength": "strength",
-    "scheduler": "scheduler",
-    "width": "width",
-    "height": "height",
-    "num_images": "num_images_per_prompt",
-    "priority": "priority",
-}
+DEFAULT_FLAGS = (
+    "kind",
+    "model",
+    "prompt",
+    "prompt_template",
+    "negative_prompt",
+    "mask",
+    "steps",
+    "guidance_scale",
+    "strength",
+    "scheduler",
+    "width",
+    "height",
+    "num_images",
+    "priority",
+)
+"""Flags that set the defaults every row gets (rows override them); fields per `flag_field`."""
 
 
 def add_parser(sub: Any) -> None:
@@ -155,9 +156,9 @@ def _defaults(args: argparse.Namespace) -> dict[str, Any]:
         if not eq or not field.strip():
             raise InvalidJob(f"--set: expected FIELD=VALUE, got {item!r}", field="set")
         out[field.strip()] = _value(text)
-    for flag, field in DEFAULT_FLAGS.items():
+    for flag in DEFAULT_FLAGS:
         if getattr(args, flag) is not None:
-            out[field] = getattr(args, flag)
+            out[flag_field(flag)] = getattr(args, flag)
     return out
 
 

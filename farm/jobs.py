@@ -254,6 +254,14 @@ RenderSpec = Annotated[Txt2Img | Img2Img | Inpaint, Field(discriminator="kind")]
 JobSpec = RenderSpec
 """Every job kind the farm runs (fine-tunes join this union)."""
 
+FLAG_FIELDS = {"steps": "num_inference_steps", "num_images": "num_images_per_prompt"}
+"""Command-line flags whose spec field has diffusers' longer name; other flags are the field."""
+
+
+def flag_field(flag: str) -> str:
+    return FLAG_FIELDS.get(flag, flag)
+
+
 SPECS: dict[str, type[_RenderSpec]] = {"txt2img": Txt2Img, "img2img": Img2Img, "inpaint": Inpaint}
 _SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)
 
