@@ -227,7 +227,7 @@ class Batch:
         is. Safe to repeat after a crash: the new id is deterministic, so a retry that died
         between writing the job and the index is completed, not doubled.
         """
-        from farm.queue import RENDER_QUEUE, enqueue
+        from farm.queue import enqueue
 
         wanted = {"failed", "cancelled"} if cancelled else {"failed"}
         todo = [s for s in self.slots() if s.state in wanted and s.job]
@@ -252,7 +252,7 @@ class Batch:
             enqueue(
                 self.farm.celery,
                 (
-                    (rec["id"], RENDER_QUEUE, rec["priority"])
+                    (rec["id"], rec["queue"], rec["priority"])
                     for rec, new, (state, _, _) in zip(fresh, created, states, strict=True)
                     if new or state == JobState.QUEUED
                 ),

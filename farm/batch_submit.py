@@ -347,7 +347,7 @@ def _commit_chunk(farm: Farm, name: str, chunk: _Chunk, result: SubmitResult) ->
     states = tracker.states(again)
     queued = {i for i, (s, _, _) in zip(again, states, strict=True) if s == JobState.QUEUED}
     resend = [
-        (rec["id"], RENDER_QUEUE, rec["priority"])
+        (rec["id"], rec["queue"], rec["priority"])
         for rec, new in zip(chunk.records, created, strict=True)
         if new or rec["id"] in queued
     ]

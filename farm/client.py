@@ -23,7 +23,15 @@ from typing import Any
 
 from farm import images
 from farm.errors import InvalidJob, JobCancelled, JobFailed, WaitTimeout
-from farm.jobs import Inpaint, JobRecord, JobState, Txt2Img, batch_signature, parse_spec
+from farm.jobs import (
+    Inpaint,
+    JobRecord,
+    JobState,
+    Txt2Img,
+    batch_signature,
+    parse_spec,
+    queue_for,
+)
 from farm.keys import input_key
 from farm.masks import MaskGenerator
 from farm.models import check_visible_model
@@ -167,12 +175,12 @@ class Farm:
         self.upload_inputs(uploads)
         # 3. Write the records; 4. enqueue those that are new.
         created = self.tracker.create(records)
-        from farm.queue import RENDER_QUEUE, enqueue
+        from farm.queue import enqueue
 
         enqueue(
             self.celery,
             (
-                (rec["id"], RENDER_QUEUE, rec["priority"])
+                (rec["id"], rec["queue"], rec["priority"])
                 for rec, new in zip(records, created, strict=True)
                 if new
             ),
@@ -209,6 +217,7 @@ class Farm:
             "created_at": repr(time.time()),
             "attempt": 0,
             "signature": batch_signature(spec, image.size if image is not None else None),
+            "queue": queue_for(spec),
         }
 
     def upload_inputs(self, items: dict[str, bytes]) -> int:

@@ -36,6 +36,9 @@ from farm.masks import MaskGenerator, generator_from
 
 
 class JobState(StrEnum):
+    WAITING = "waiting"
+    """Held back until the jobs it depends on end (a render naming an unfinished fine-tune's
+    adapter); then queued, or failed with the reason its dependency failed."""
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -50,6 +53,7 @@ class JobState(StrEnum):
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.WAITING: frozenset({JobState.QUEUED, JobState.CANCELLED, JobState.FAILED}),
     # queued → failed: refused by a worker before it ran (bad model ref, dead-lettered).
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
     # running → queued: the attempt is handed back (retry, shutdown, lease expired).
@@ -65,6 +69,20 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 def allowed(src: JobState | str, dst: JobState | str) -> bool:
     return JobState(dst) in TRANSITIONS[JobState(src)]
+
+
+# --------------------------------------------------------------------------- queues
+
+RENDER_QUEUE = "render"
+"""The queue of txt2img, img2img and inpaint jobs."""
+
+FINETUNE_QUEUE = "finetune"
+"""The queue of fine-tunes: its own, so renders never wait behind a training run."""
+
+
+def queue_for(spec: Any) -> str:
+    """The queue a job of this spec is sent to."""
+    return FINETUNE_QUEUE if spec.kind == "finetune" else RENDER_QUEUE
 
 
 # --------------------------------------------------------------------------- schedulers
@@ -124,6 +142,33 @@ def check_model_ref(ref: str) -> str:
     )
 
 
+_JOB_REF = re.compile(r"^job:[A-Za-z0-9_-]{1,64}$")
+
+
+def check_adapter_ref(ref: str) -> str:
+    """Check the form of a LoRA adapter ref.
+
+    `job:<id>` (the adapter a fine-tune job of this farm wrote, `adapters/<id>/...`), an
+    `s3://` or `file://` URI of a `.safetensors` file, or a local `.safetensors` path.
+    """
+    ref = ref.strip()
+    if not ref:
+        raise ValueError("must not be empty")
+    if ref.startswith("job:"):
+        if not _JOB_REF.match(ref):
+            raise ValueError(f"{ref!r} is not a job ref (job:<id>)")
+        return ref
+    if ref.lower().endswith(_PICKLE_SUFFIXES):
+        raise ValueError(f"{ref!r} is pickle weights; only .safetensors is loaded")
+    if "://" in ref and not ref.startswith(("s3://", "file://")):
+        raise ValueError(f"{ref!r}: adapter refs are job:<id>, s3://, file:// or a local path")
+    if ".." in ref.replace("\\", "/").split("/"):
+        raise ValueError(f"{ref!r} escapes its folder ('..' is not allowed in adapter refs)")
+    if not ref.endswith(".safetensors"):
+        raise ValueError(f"{ref!r} is not a .safetensors file")
+    return ref
+
+
 # --------------------------------------------------------------------------- specs
 
 
@@ -150,6 +195,20 @@ ImageInput = Annotated[Any, Field(description="path, s3:// URI, bytes or PIL ima
 Size = Annotated[int | None, Field(default=None, ge=8, le=4096)]
 
 
+class LoraRef(BaseModel):
+    """A LoRA adapter applied to a render at `scale` (diffusers' `set_adapters` weight)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ref: str
+    scale: float = Field(default=1.0, ge=-10.0, le=10.0, allow_inf_nan=False)
+
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        return check_adapter_ref(v)
+
+
 class _RenderSpec(BaseModel):
     """Fields every render job has, named and defaulted as diffusers does."""
 
@@ -165,6 +224,8 @@ class _RenderSpec(BaseModel):
     width: Size = None
     num_images_per_prompt: int = Field(default=1, ge=1, le=16)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    loras: list[LoraRef] = Field(default=[], max_length=8)
+    """LoRA adapters for this render, loaded for the job and unloaded after it."""
     priority: int = Field(default=0, ge=0, le=9)
     key: str | None = Field(default=None, min_length=1, max_length=512)
 
@@ -172,6 +233,14 @@ class _RenderSpec(BaseModel):
     @classmethod
     def _model(cls, v: str) -> str:
         return check_model_ref(v)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras(cls, v: Any) -> Any:
+        """A bare ref string is the adapter at scale 1."""
+        if isinstance(v, list):
+            return [{"ref": x} if isinstance(x, str) else x for x in v]
+        return v
 
     @field_validator("scheduler")
     @classmethod
@@ -250,9 +319,63 @@ class Inpaint(_RenderSpec):
         return gen
 
 
+class Finetune(BaseModel):
+    """A LoRA fine-tune of a model's UNet (optionally its text encoder too).
+
+    Fields are named as diffusers' training scripts (`train_dreambooth_lora.py`,
+    `train_text_to_image_lora.py`) name their flags. Training images are a local folder
+    (uploaded at submit), an `s3://` prefix, or a list of images; each image's caption is
+    its entry in `captions`, else a sidecar `<name>.txt`, else `instance_prompt`.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    kind: Literal["finetune"] = "finetune"
+    model: str
+    images: str | list[ImageInput]
+    captions: list[str] | None = None
+    instance_prompt: str | None = None
+    rank: int = Field(default=4, ge=1, le=256)
+    lora_alpha: float | None = Field(default=None, gt=0, le=4096, allow_inf_nan=False)
+    """LoRA alpha; None: equal to `rank` (what diffusers' scripts do)."""
+    train_text_encoder: bool = False
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0, allow_inf_nan=False)
+    max_train_steps: int = Field(default=500, ge=1, le=1_000_000)
+    resolution: int = Field(default=512, ge=8, le=2048)
+    train_batch_size: int = Field(default=1, ge=1, le=64)
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
+    checkpointing_steps: int = Field(default=500, ge=1, le=1_000_000)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """On a GPU worker; a CPU worker trains in float32 whatever this says."""
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    priority: int = Field(default=0, ge=0, le=9)
+    key: str | None = Field(default=None, min_length=1, max_length=512)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return check_model_ref(v)
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, v: int, info: Any) -> int:
+        return _multiple_of_8(info.field_name, v)  # type: ignore[return-value]
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must name at least one training image")
+            return [_image_input(x) for x in v]
+        return _image_input(v)
+
+
 RenderSpec = Annotated[Txt2Img | Img2Img | Inpaint, Field(discriminator="kind")]
-JobSpec = RenderSpec
-"""Every job kind the farm runs (fine-tunes join this union)."""
+JobSpec = Annotated[Txt2Img | Img2Img | Inpaint | Finetune, Field(discriminator="kind")]
+"""Every job kind the farm runs."""
+
+RENDER_KINDS = ("txt2img", "img2img", "inpaint")
 
 FLAG_FIELDS = {"steps": "num_inference_steps", "num_images": "num_images_per_prompt"}
 """Command-line flags whose spec field has diffusers' longer name; other flags are the field."""
@@ -262,7 +385,12 @@ def flag_field(flag: str) -> str:
     return FLAG_FIELDS.get(flag, flag)
 
 
-SPECS: dict[str, type[_RenderSpec]] = {"txt2img": Txt2Img, "img2img": Img2Img, "inpaint": Inpaint}
+SPECS: dict[str, type[BaseModel]] = {
+    "txt2img": Txt2Img,
+    "img2img": Img2Img,
+    "inpaint": Inpaint,
+    "finetune": Finetune,
+}
 _SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)
 
 
@@ -281,9 +409,9 @@ def describe_validation_error(err: ValidationError) -> tuple[str, str]:
     return field, f"{field}: {msg}{shown}"
 
 
-def parse_spec(data: Any) -> Txt2Img | Img2Img | Inpaint:
+def parse_spec(data: Any) -> Txt2Img | Img2Img | Inpaint | Finetune:
     """A spec from a dict (or a spec), or `InvalidJob` naming the field and the value."""
-    if isinstance(data, _RenderSpec):
+    if isinstance(data, BaseModel):
         data = data.model_dump(exclude_unset=False)
     try:
         return _SPEC_ADAPTER.validate_python(data)
@@ -324,11 +452,11 @@ def batch_signature(
 ) -> str | None:
     """A hash of what must be equal for jobs to share one pipeline call, or None: runs alone.
 
-    Model, kind, working size, steps, scheduler, guidance, strength, images per prompt and the
-    mask options. Prompts, seeds, images and masks differ freely: each image has its own
+    Model, kind, working size, steps, scheduler, guidance, strength, images per prompt, the
+    mask options and the LoRA adapters. Fine-tunes always run alone. Prompts, seeds, images and masks differ freely: each image has its own
     generator. `padding_mask_crop` jobs run alone: diffusers crops one image per call.
     """
-    if getattr(spec, "padding_mask_crop", None) is not None:
+    if spec.kind not in RENDER_KINDS or getattr(spec, "padding_mask_crop", None) is not None:
         return None
     height, width = working_size(spec, image_size)
     fields = {
@@ -344,6 +472,7 @@ def batch_signature(
         "mask_blur": getattr(spec, "mask_blur", None),
         "mask_dilate": getattr(spec, "mask_dilate", None),
         "preserve_unmasked": getattr(spec, "preserve_unmasked", None),
+        "loras": [[lora.ref, lora.scale] for lora in spec.loras],
     }
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
@@ -355,6 +484,8 @@ def batch_signature(
 class Progress(BaseModel):
     step: int = 0
     total: int = 0
+    loss: float | None = None
+    """A fine-tune's latest training loss."""
 
 
 class JobRecord(BaseModel):
@@ -377,6 +508,10 @@ class JobRecord(BaseModel):
     meta: str | None = None
     signature: str | None = None
     """Batch signature (`batch_signature`): jobs that share one may run as one pipeline call."""
+    queue: str | None = None
+    """The queue its message goes to (`queue_for`); re-sends go there too."""
+    depends_on: list[str] = []
+    """Jobs that must succeed before this one is queued (a `waiting` job)."""
 
     @property
     def done(self) -> bool:

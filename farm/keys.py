@@ -80,3 +80,17 @@ def meta_key(job_id: str) -> str:
 
 def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/"
+
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+"""The adapter's file name, as diffusers' `save_lora_weights` writes it."""
+
+
+def adapter_prefix(job_id: str) -> str:
+    """Everything a fine-tune stores: the adapter, its loss log and curve, its checkpoints."""
+    return f"adapters/{job_id}/"
+
+
+def adapter_key(job_id: str) -> str:
+    """A fine-tune's adapter, loadable by diffusers' `load_lora_weights`."""
+    return f"adapters/{job_id}/{ADAPTER_FILE}"

@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from celery import Celery
 from celery.utils.nodenames import anon_nodename
 
+from farm.jobs import FINETUNE_QUEUE, RENDER_QUEUE
 from farm.settings import FarmSettings
 
-RENDER_QUEUE = "render"
-"""Default queue for txt2img, img2img and inpaint jobs."""
+__all__ = ["FINETUNE_QUEUE", "RENDER_QUEUE", "RUN_TASK", "enqueue", "make_celery"]
 
 RUN_TASK = "farm.run"
 """The one task: run the job whose id is the message's only argument."""

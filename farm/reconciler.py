@@ -65,10 +65,11 @@ def reconcile(
                 "enqueued_at",
                 "created_at",
                 "priority",
+                "queue",
             )
         resend: list[tuple[str, str, int]] = []
         gone: list[str] = []
-        for job_id, (state, token, lease, enqueued, created, prio) in zip(
+        for job_id, (state, token, lease, enqueued, created, prio, queue) in zip(
             ids, pipe.execute(), strict=True
         ):
             if state is None or JobState(state).terminal:
@@ -82,13 +83,13 @@ def reconcile(
                 )
                 if t.ok:
                     report.handed_back.append(job_id)
-                    resend.append((job_id, RENDER_QUEUE, int(prio or 0)))
+                    resend.append((job_id, queue or RENDER_QUEUE, int(prio or 0)))
             elif (
                 state == JobState.QUEUED and float(enqueued or created or now) < now - requeue_after
             ):
                 tracker.r.hset(tracker.keys.job(job_id), "enqueued_at", repr(now))
                 report.requeued.append(job_id)
-                resend.append((job_id, RENDER_QUEUE, int(prio or 0)))
+                resend.append((job_id, queue or RENDER_QUEUE, int(prio or 0)))
         if gone:
             tracker.r.zrem(tracker.keys.jobs, *gone)
             report.forgotten += len(gone)

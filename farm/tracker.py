@@ -324,11 +324,15 @@ def _record(job_id: str, h: dict[str, str]) -> JobRecord:
         created_at=num("created_at") or 0.0,
         started_at=num("started_at"),
         finished_at=num("finished_at"),
-        progress=Progress(step=int(h.get("step", 0)), total=int(h.get("total", 0))),
+        progress=Progress(
+            step=int(h.get("step", 0)), total=int(h.get("total", 0)), loss=num("loss")
+        ),
         cancel_requested=h.get("cancel") == "1",
         error=h.get("error") or None,
         outputs=json.loads(h.get("outputs", "[]")),
         mask=h.get("mask") or None,
         meta=h.get("meta") or None,
         signature=h.get("signature") or None,
+        queue=h.get("queue") or None,
+        depends_on=json.loads(h.get("depends_on", "[]")),
     )

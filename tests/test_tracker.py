@@ -25,13 +25,13 @@ def make_job(tracker, state=JobState.QUEUED):
             {
                 "id": job_id,
                 "kind": "txt2img",
-                "state": "queued",
+                "state": "waiting" if state == JobState.WAITING else "queued",
                 "spec": {},
                 "created_at": time.time(),
             }
         ]
     ) == [True]
-    if state != JobState.QUEUED:
+    if state not in (JobState.QUEUED, JobState.WAITING):
         claim = tracker.claim(job_id, "w", 30)
         if state != JobState.RUNNING:
             tracker.finish(job_id, claim.token, state)

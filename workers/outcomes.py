@@ -145,5 +145,6 @@ def hand_back(
     outcome = end(rt, job_id, token, JobState.QUEUED, error=reason)
     if outcome == JobState.QUEUED.value:
         record = rt.tracker.get(job_id)
-        enqueue(rt.celery, [(job_id, RENDER_QUEUE, int(record.spec.get("priority", 0)))])
+        queue = record.queue or RENDER_QUEUE
+        enqueue(rt.celery, [(job_id, queue, int(record.spec.get("priority", 0)))])
     return outcome
