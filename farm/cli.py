@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--model", required=True, help="tiny, tiny-inpaint, org/name, folder, .safetensors"
     )
-    s.add_argument("--prompt", required=True)
+    s.add_argument("--prompt", help="required by txt2img, img2img and inpaint")
     s.add_argument("--negative-prompt")
     s.add_argument("--image", help="input image: path or s3:// URI")
     s.add_argument(
@@ -163,7 +163,9 @@ def _print_record(rec: JobRecord, as_json: bool) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    spec: dict[str, Any] = {"kind": args.kind, "model": args.model, "prompt": args.prompt}
+    spec: dict[str, Any] = {"kind": args.kind, "model": args.model}
+    if args.prompt is not None:
+        spec["prompt"] = args.prompt
     for flag in SUBMIT_FLAGS:
         field = "mask_image" if flag == "mask" else flag_field(flag)
         value = getattr(args, flag)
