@@ -62,4 +62,9 @@ def test_hub_cache_snapshot_is_checked(copy, tmp_path, monkeypatch):
     assert visible_model("org/name") == snapshot
     with pytest.raises(InvalidJob, match="remote code"):
         check_visible_model("org/name")
-    check_visible_model("org/absent")  # not visible here: left to the worker
+    with pytest.raises(InvalidJob, match="not in the local Hugging Face cache") as err:
+        check_visible_model("org/absent")  # this machine has a cache, without it: refused
+    assert err.value.field == "model"
+    check_visible_model("org/absent", check=False)  # FARM_MODEL_CHECK=0: left to the worker
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-cache-here"))
+    check_visible_model("org/absent")  # no cache on this machine: left to the worker
