@@ -37,6 +37,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionImg2ImgPipeline
 
 from farm.errors import InvalidJob
+from farm.hub import PULL_PATTERNS
 from farm.jobs import BUILTIN_IP_ADAPTERS, Style, check_ip_adapter_ref
 
 _HELD = "_farm_ip_adapters"
@@ -97,7 +98,14 @@ def _cached_folder(ref: str) -> Path:
         raise _invalid(ref, "no such file or folder")
     repo_id, _, revision = ref.partition("@")
     try:
-        return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision or None,
+                local_files_only=True,
+                allow_patterns=list(PULL_PATTERNS),
+            )
+        )
     except Exception as e:
         raise _invalid(
             ref,
