@@ -208,7 +208,12 @@ class Farm:
                 mask = self._input(spec.mask_image, "mask_image", uploads, updates, mask=True)
                 images.check_mask_matches(image, mask)
         if isinstance(spec, Style):  # the reference image, stored once like `image`
-            check_resolvable(spec.ip_adapter, self.settings.model_check, field="ip_adapter")
+            check_resolvable(
+                spec.ip_adapter,
+                self.settings.model_check,
+                self.settings.models_dir,
+                field="ip_adapter",
+            )
             self._input(spec.ip_adapter_image, "ip_adapter_image", uploads, updates, mask=False)
         spec = spec.model_copy(update=updates)
         job_id = new_job_id(spec.key)

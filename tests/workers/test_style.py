@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,14 @@ from farm.jobs import Img2Img, Style, Txt2Img
 from workers.ip_adapter import load_for, resolve_ip_adapter
 from workers.render import render, render_batch
 from workers.tiny_ip_adapter import WEIGHT_NAME, export_tiny_ip_adapter
+
+
+def put_in_hf_cache(hub, repo_id, folder):
+    """Lay `folder` out as a cached snapshot of `repo_id` (refs/main → the commit)."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +133,12 @@ def test_a_batch_sharing_a_style_image_is_each_job_alone(cache, photo, style_ima
         assert max_diff(result.images[0], alone.images[0]) <= 1
 
 
-def test_adapter_refs_resolve_or_name_what_is_missing(adapter_folder, tmp_path):
+def test_adapter_refs_resolve_or_name_what_is_missing(adapter_folder, tmp_path, empty_hf_cache):
     assert resolve_ip_adapter("tiny-ip-adapter").weights is None
+    put_in_hf_cache(empty_hf_cache, "org/adapter", adapter_folder)
+    cached = resolve_ip_adapter("org/adapter")
+    assert cached.weights is not None and cached.weights.endswith(f"/{WEIGHT_NAME}")
+    assert Path(cached.image_encoder, "config.json").is_file()
     source = resolve_ip_adapter(str(adapter_folder))
     assert source.weights == str(adapter_folder / WEIGHT_NAME)
     assert resolve_ip_adapter(str(adapter_folder / WEIGHT_NAME)) == source
