@@ -69,13 +69,13 @@ def is_repo_id(ref: str) -> bool:
 
 
 def check_resolvable(
-    ref: str, check: bool = True, models_dir: Path | None = None, *, field: str = "model"
+    ref: str | None, check: bool = True, models_dir: Path | None = None, *, field: str = "model"
 ) -> None:
     """Refuse a repo id this machine's Hugging Face cache does not hold, when it has a cache.
 
     Built-in names and paths pass (a path may be the workers' own, not this machine's).
     """
-    if not check or not is_repo_id(ref) or not hf_cache_dir().is_dir():
+    if ref is None or not check or not is_repo_id(ref) or not hf_cache_dir().is_dir():
         return
     if visible_model(ref, models_dir) is not None:
         return  # a local folder of that name, or the cached snapshot
