@@ -14,7 +14,7 @@ from farm.errors import (
     TransientError,
     WaitTimeout,
 )
-from farm.jobs import Img2Img, Inpaint, JobRecord, JobState, Txt2Img
+from farm.jobs import Img2Img, Inpaint, JobRecord, JobState, Style, Txt2Img
 from farm.settings import FarmSettings
 
 __version__ = "0.1.0"
@@ -33,6 +33,7 @@ __all__ = [
     "JobRecord",
     "JobState",
     "StaleAttempt",
+    "Style",
     "TransientError",
     "Txt2Img",
     "WaitTimeout",

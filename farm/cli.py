@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from farm import cli_batch
+from farm import cli_batch, cli_models
 from farm.errors import FarmError, InvalidJob
-from farm.jobs import BUILTIN_MODELS, SCHEDULERS, JobRecord, flag_field
+from farm.jobs import SCHEDULERS, JobRecord, flag_field
 from farm.masks import parse_generator
 from farm.progress import JobsBar
 from farm.settings import FarmSettings
@@ -37,6 +37,10 @@ SUBMIT_FLAGS = (
     "priority",
     "image",
     "mask",
+    "style_image",
+    "style_scale",
+    "ip_adapter",
+    "ip_adapter_weight_name",
 )
 """`farm submit`'s job flags; `--mask` fills `mask_image`, the rest `farm.jobs.flag_field`."""
 
@@ -64,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     s = sub.add_parser("submit", help="submit one job")
-    s.add_argument("kind", choices=["txt2img", "img2img", "inpaint"])
+    s.add_argument("kind", choices=["txt2img", "img2img", "inpaint", "style"])
     s.add_argument(
         "--model", required=True, help="tiny, tiny-inpaint, org/name, folder, .safetensors"
     )
@@ -76,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
         help="mask (white = repaint): path, s3:// URI, or a generator drawn by the worker: "
         "box, strokes, full, with parameters (strokes:max_width=0.2,seed=7)",
     )
+    s.add_argument("--style-image", help="style: the reference image (ip_adapter_image)")
+    s.add_argument("--style-scale", type=float, help="style: ip_adapter_scale (default 0.6)")
+    s.add_argument("--ip-adapter", help="style: IP-Adapter ref (default tiny-ip-adapter for tiny)")
+    s.add_argument("--ip-adapter-weight-name", help="style: weights file in the adapter's folder")
     s.add_argument("--seed", type=int)
     s.add_argument("--steps", type=int, help="num_inference_steps")
     s.add_argument("--guidance-scale", type=float)
@@ -105,18 +113,6 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cancel", help="cancel a job (queued: at once; running: within a step)")
     c.add_argument("job")
 
-    m = sub.add_parser("models", help="built-in and local models")
-    msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    msub.add_parser("list", help="list the built-in models")
-    ex = msub.add_parser("export", help="write a built-in model as a diffusers folder")
-    ex.add_argument("name", choices=sorted(BUILTIN_MODELS))
-    ex.add_argument("dir", type=Path)
-    ex.add_argument(
-        "--single-file",
-        action="store_true",
-        help="also write one original-layout .safetensors checkpoint",
-    )
-
     d = sub.add_parser("demo", help="inpaint a few sample images on an embedded farm")
     d.add_argument("--out", type=Path, default=Path("demo-out"))
     d.add_argument("--workers", type=int, default=1)
@@ -124,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--variations", type=int, default=2)
 
     cli_batch.add_parser(sub)
+    cli_models.add_parser(sub)
     return p
 
 
@@ -210,20 +207,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    if args.models_command == "list":
-        for name, what in BUILTIN_MODELS.items():
-            print(f"{name:14} built-in  {what}")
-        return 0
-    from workers.tiny import export_single_file, export_tiny
-
-    out = export_tiny(args.name, args.dir)
-    print(out)
-    if args.single_file:
-        print(export_single_file(args.name, args.dir / f"{args.name}.safetensors"))
-    return 0
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
     from farm.client import resolve_settings
     from workers.worker import run_worker
@@ -277,7 +260,7 @@ COMMANDS = {
     "wait": cmd_wait,
     "fetch": cmd_fetch,
     "cancel": cmd_cancel,
-    "models": cmd_models,
+    "models": cli_models.run,
     "demo": cmd_demo,
     "batch": cli_batch.run,
 }

@@ -27,6 +27,7 @@ from farm.jobs import (
     Inpaint,
     JobRecord,
     JobState,
+    Style,
     Txt2Img,
     batch_signature,
     parse_spec,
@@ -34,7 +35,7 @@ from farm.jobs import (
 )
 from farm.keys import input_key
 from farm.masks import MaskGenerator
-from farm.models import check_visible_model
+from farm.models import check_resolvable, check_visible_model
 from farm.settings import FarmSettings
 from farm.storage import ObjectStore, open_store
 from farm.tracker import Tracker, new_job_id
@@ -190,7 +191,7 @@ class Farm:
     def _prepare(self, spec: Any, uploads: dict[str, bytes]) -> dict[str, Any]:
         """The record of a validated spec; its input images checked and queued for upload."""
         if spec.model not in self._checked_models:
-            check_visible_model(spec.model, self.settings.models_dir)
+            check_visible_model(spec.model, self.settings.models_dir, self.settings.model_check)
             self._checked_models.add(spec.model)
         updates: dict[str, Any] = {}
         if spec.seed is None:
@@ -206,6 +207,14 @@ class Farm:
             elif isinstance(spec, Inpaint):
                 mask = self._input(spec.mask_image, "mask_image", uploads, updates, mask=True)
                 images.check_mask_matches(image, mask)
+        if isinstance(spec, Style):  # the reference image, stored once like `image`
+            check_resolvable(
+                spec.ip_adapter,
+                self.settings.model_check,
+                self.settings.models_dir,
+                field="ip_adapter",
+            )
+            self._input(spec.ip_adapter_image, "ip_adapter_image", uploads, updates, mask=False)
         spec = spec.model_copy(update=updates)
         job_id = new_job_id(spec.key)
         return {

@@ -74,7 +74,7 @@ def allowed(src: JobState | str, dst: JobState | str) -> bool:
 # --------------------------------------------------------------------------- queues
 
 RENDER_QUEUE = "render"
-"""The queue of txt2img, img2img and inpaint jobs."""
+"""The queue of txt2img, img2img, inpaint and style jobs."""
 
 FINETUNE_QUEUE = "finetune"
 """The queue of fine-tunes: its own, so renders never wait behind a training run."""
@@ -108,6 +108,12 @@ BUILTIN_MODELS = {
     "tiny-inpaint": "inpaint: a tiny Stable Diffusion inpainting model (9-channel UNet)",
 }
 
+BUILTIN_IP_ADAPTERS = {
+    "tiny-ip-adapter": "IP-Adapter for `tiny`: a tiny CLIP image encoder and image projection, "
+    "seeded random weights",
+}
+"""Built-in IP-Adapters (`ip_adapter` of a style job); the default for the built-in `tiny`."""
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}(@[\w./-]{1,128})?$")
 _PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 
@@ -140,6 +146,19 @@ def check_model_ref(ref: str) -> str:
         f"{ref!r} is not a built-in model ({', '.join(BUILTIN_MODELS)}), a repo id (org/name) "
         "or a local path"
     )
+
+
+def check_ip_adapter_ref(ref: str) -> str:
+    """Check the form of an IP-Adapter ref: a built-in name, `org/name[@revision]` (local
+    Hugging Face cache), a local folder, or its `.safetensors` weights file."""
+    ref = ref.strip()
+    if ref in BUILTIN_IP_ADAPTERS:
+        return ref
+    if ref in BUILTIN_MODELS:
+        raise ValueError(
+            f"{ref!r} is a model, not an IP-Adapter ({', '.join(BUILTIN_IP_ADAPTERS)})"
+        )
+    return check_model_ref(ref)
 
 
 _JOB_REF = re.compile(r"^job:[A-Za-z0-9_-]{1,64}$")
@@ -371,13 +390,62 @@ class Finetune(BaseModel):
         return _image_input(v)
 
 
-RenderSpec = Annotated[Txt2Img | Img2Img | Inpaint, Field(discriminator="kind")]
-JobSpec = Annotated[Txt2Img | Img2Img | Inpaint | Finetune, Field(discriminator="kind")]
+class Style(Img2Img):
+    """Style transfer: img2img of `image` (the content) with the UNet also conditioned on
+    `ip_adapter_image` (the style reference) through an IP-Adapter (diffusers'
+    `load_ip_adapter`, `set_ip_adapter_scale`, `ip_adapter_image`).
+
+    `ip_adapter_scale` 0.6 by default: with a text prompt as well, the IP-Adapter authors
+    advise about 0.5 and diffusers' docs use 0.6; 1.0 lets the reference image dominate the
+    prompt. 0 is exactly plain img2img. `ip_adapter` defaults to the built-in `tiny-ip-adapter`
+    for the built-in `tiny`; any other model needs one made for it (its cross-attention size).
+    """
+
+    kind: Literal["style"] = "style"  # type: ignore[assignment]
+    ip_adapter_image: ImageInput
+    ip_adapter_scale: float = Field(default=0.6, ge=0.0, le=10.0, allow_inf_nan=False)
+    ip_adapter: str | None = Field(default=None, validate_default=True)
+    ip_adapter_weight_name: str | None = Field(default=None, min_length=1, max_length=512)
+    """diffusers' `weight_name`: the weights file inside an `ip_adapter` folder or repo (e.g.
+    `models/ip-adapter_sd15.safetensors`); None: the folder's only top-level `.safetensors`."""
+
+    _style_image = field_validator("ip_adapter_image")(classmethod(lambda cls, v: _image_input(v)))
+
+    @field_validator("ip_adapter")
+    @classmethod
+    def _ip_adapter(cls, v: str | None, info: Any) -> str:
+        if v is not None:
+            return check_ip_adapter_ref(v)
+        model = info.data.get("model")
+        if model == "tiny":
+            return "tiny-ip-adapter"
+        raise ValueError(
+            f"is required for model {model!r} (the built-in tiny-ip-adapter fits the built-in "
+            "tiny only)"
+        )
+
+    @field_validator("ip_adapter_weight_name")
+    @classmethod
+    def _weight_name(cls, v: str | None) -> str | None:
+        if v is not None and (
+            not v.endswith(".safetensors") or v.startswith("/") or ".." in v.split("/")
+        ):
+            raise ValueError(f"must be a .safetensors file inside the adapter's folder, got {v!r}")
+        return v
+
+
+RenderSpec = Annotated[Txt2Img | Img2Img | Inpaint | Style, Field(discriminator="kind")]
+JobSpec = Annotated[Txt2Img | Img2Img | Inpaint | Style | Finetune, Field(discriminator="kind")]
 """Every job kind the farm runs."""
 
-RENDER_KINDS = ("txt2img", "img2img", "inpaint")
+RENDER_KINDS = ("txt2img", "img2img", "inpaint", "style")
 
-FLAG_FIELDS = {"steps": "num_inference_steps", "num_images": "num_images_per_prompt"}
+FLAG_FIELDS = {
+    "steps": "num_inference_steps",
+    "num_images": "num_images_per_prompt",
+    "style_image": "ip_adapter_image",
+    "style_scale": "ip_adapter_scale",
+}
 """Command-line flags whose spec field has diffusers' longer name; other flags are the field."""
 
 
@@ -389,6 +457,7 @@ SPECS: dict[str, type[BaseModel]] = {
     "txt2img": Txt2Img,
     "img2img": Img2Img,
     "inpaint": Inpaint,
+    "style": Style,
     "finetune": Finetune,
 }
 _SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)
@@ -409,7 +478,7 @@ def describe_validation_error(err: ValidationError) -> tuple[str, str]:
     return field, f"{field}: {msg}{shown}"
 
 
-def parse_spec(data: Any) -> Txt2Img | Img2Img | Inpaint | Finetune:
+def parse_spec(data: Any) -> Txt2Img | Img2Img | Inpaint | Style | Finetune:
     """A spec from a dict (or a spec), or `InvalidJob` naming the field and the value."""
     if isinstance(data, BaseModel):
         data = data.model_dump(exclude_unset=False)
@@ -453,8 +522,9 @@ def batch_signature(
     """A hash of what must be equal for jobs to share one pipeline call, or None: runs alone.
 
     Model, kind, working size, steps, scheduler, guidance, strength, images per prompt, the
-    mask options and the LoRA adapters. Fine-tunes always run alone. Prompts, seeds, images and masks differ freely: each image has its own
-    generator. `padding_mask_crop` jobs run alone: diffusers crops one image per call.
+    mask options and the LoRA adapters; for style jobs, the IP-Adapter, its reference image
+    (URI) and scale. Fine-tunes always run alone. Prompts, seeds, images and masks differ
+    freely: each image has its own generator. `padding_mask_crop` jobs run alone: diffusers crops one image per call.
     """
     if spec.kind not in RENDER_KINDS or getattr(spec, "padding_mask_crop", None) is not None:
         return None
@@ -474,6 +544,15 @@ def batch_signature(
         "preserve_unmasked": getattr(spec, "preserve_unmasked", None),
         "loras": [[lora.ref, lora.scale] for lora in spec.loras],
     }
+    if spec.kind == "style":  # one reference image, adapter and scale per call
+        if not isinstance(spec.ip_adapter_image, str):
+            return None  # not stored yet: nothing to tell two such images apart by
+        fields.update(
+            ip_adapter=spec.ip_adapter,
+            ip_adapter_weight_name=spec.ip_adapter_weight_name,
+            ip_adapter_image=spec.ip_adapter_image,
+            ip_adapter_scale=spec.ip_adapter_scale,
+        )
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 

@@ -4,6 +4,12 @@ Workers resolve refs and refuse what they must never load. Where the submitter c
 model too (a local folder or file, or the local Hugging Face cache), `check_visible_model`
 refuses the same things before anything is stored or enqueued: shipped Python code (remote
 code is never run) and pickle-only weights (only safetensors are loaded).
+
+A repo id (`org/name`) that is neither a local path nor in the local Hugging Face cache is
+refused too, when this machine has a cache at all (`check_resolvable`): a submitter that shares
+the workers' cache learns of a typo before a thousand jobs queue behind it. A submit-only box
+with a cache of its own turns that off (`FARM_MODEL_CHECK=0`); then the first worker that
+cannot resolve the ref fails the job with the same reason (never a retry, never a stuck queue).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import os
 from pathlib import Path
 
 from farm.errors import InvalidJob
-from farm.jobs import BUILTIN_MODELS
+from farm.jobs import BUILTIN_IP_ADAPTERS, BUILTIN_MODELS
 
 _PICKLE = {".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"}
 
@@ -51,10 +57,46 @@ def visible_model(ref: str, models_dir: Path | None = None) -> Path | None:
     return None
 
 
-def check_visible_model(ref: str, models_dir: Path | None = None) -> None:
-    """Refuse a model this machine can see that a worker would refuse to load."""
+def is_repo_id(ref: str) -> bool:
+    """Whether `ref` names a Hugging Face repo (`org/name[@revision]`) rather than a path."""
+    return (
+        ref not in BUILTIN_MODELS
+        and ref not in BUILTIN_IP_ADAPTERS
+        and ref.count("/") == 1 + ref.partition("@")[2].count("/")
+        and not ref.startswith(("/", ".", "~"))
+        and not ref.endswith(".safetensors")
+    )
+
+
+def check_resolvable(
+    ref: str | None, check: bool = True, models_dir: Path | None = None, *, field: str = "model"
+) -> None:
+    """Refuse a repo id this machine's Hugging Face cache does not hold, when it has a cache.
+
+    Built-in names and paths pass (a path may be the workers' own, not this machine's).
+    """
+    if ref is None or not check or not is_repo_id(ref) or not hf_cache_dir().is_dir():
+        return
+    if visible_model(ref, models_dir) is not None:
+        return  # a local folder of that name, or the cached snapshot
+    repo_id, _, revision = ref.partition("@")
+    where = f" at revision {revision!r}" if revision else ""
+    raise InvalidJob(
+        f"{field}: {ref!r} is not built in, not a local folder, and {repo_id!r}{where} is not in "
+        f"the local Hugging Face cache ({hf_cache_dir()}); fetch it first with "
+        f"`farm models pull {ref}` (or set FARM_MODEL_CHECK=0 if the workers' cache differs)",
+        field=field,
+    )
+
+
+def check_visible_model(ref: str, models_dir: Path | None = None, check: bool = True) -> None:
+    """Refuse a model this machine can see that a worker would refuse to load, and (with
+    `check`) a repo id missing from this machine's Hugging Face cache."""
     path = visible_model(ref, models_dir)
-    if path is None or path.is_file():
+    if path is None:
+        check_resolvable(ref, check, models_dir)
+        return
+    if path.is_file():
         return  # the worker resolves it; a file ref's suffix is checked by the spec
     index = path / "model_index.json"
     if not index.is_file():

@@ -85,5 +85,10 @@ class FarmSettings(BaseSettings):
     models_dir: Path | None = None
     """Relative local model refs resolve under this folder, and may not leave it."""
 
+    model_check: bool = True
+    """Refuse at submit a repo id missing from the local Hugging Face cache, when there is one.
+    Off (`FARM_MODEL_CHECK=0`) on a submit-only box whose cache is not the workers': the first
+    worker that cannot resolve the ref fails the job with the reason."""
+
     def storage_url(self) -> str:
         return self.storage or (self.home / "storage").resolve().as_uri()

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from farm.errors import InvalidJob
-from farm.models import check_visible_model, visible_model
+from farm.models import check_resolvable, check_visible_model, visible_model
 
 
 @pytest.fixture(scope="module")
@@ -62,4 +62,13 @@ def test_hub_cache_snapshot_is_checked(copy, tmp_path, monkeypatch):
     assert visible_model("org/name") == snapshot
     with pytest.raises(InvalidJob, match="remote code"):
         check_visible_model("org/name")
-    check_visible_model("org/absent")  # not visible here: left to the worker
+    with pytest.raises(InvalidJob, match="not in the local Hugging Face cache") as err:
+        check_visible_model("org/absent")  # this machine has a cache, without it: refused
+    assert err.value.field == "model"
+    check_visible_model("org/absent", check=False)  # FARM_MODEL_CHECK=0: left to the worker
+    with pytest.raises(InvalidJob, match="ip_adapter: 'org/no-adapter'") as err:
+        check_resolvable("org/no-adapter", field="ip_adapter")
+    assert err.value.field == "ip_adapter"
+    check_resolvable("./org/absent")  # a path: the workers may see it, this machine need not
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-cache-here"))
+    check_visible_model("org/absent")  # no cache on this machine: left to the worker

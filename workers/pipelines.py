@@ -48,6 +48,7 @@ from diffusers import (
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 
 from farm.errors import InvalidJob, TransientError
+from farm.hub import PULL_PATTERNS
 from farm.jobs import BUILTIN_MODELS, check_model_ref
 from workers.tiny import build_tiny
 
@@ -131,7 +132,15 @@ def _resolve_hub(ref: str) -> ModelSource:
 
     repo_id, _, revision = ref.partition("@")
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
+        # Complete is what `farm models pull` fetches: a snapshot without pickles is whole.
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision or None,
+                local_files_only=True,
+                allow_patterns=list(PULL_PATTERNS),
+            )
+        )
     except Exception as e:  # LocalEntryNotFoundError, RevisionNotFoundError, a bad repo id…
         where = f" at revision {revision!r}" if revision else ""
         raise _invalid(
@@ -154,7 +163,11 @@ def _single_file_config(ref: str, path: Path) -> Path:
         from huggingface_hub import snapshot_download
 
         try:
-            cached = Path(snapshot_download(repo_id, local_files_only=True))
+            cached = Path(
+                snapshot_download(
+                    repo_id, local_files_only=True, allow_patterns=list(PULL_PATTERNS)
+                )
+            )
         except Exception:
             cached = None
         if cached is not None and (cached / "model_index.json").is_file():

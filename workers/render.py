@@ -1,4 +1,4 @@
-"""Render jobs → images: txt2img, img2img or inpaint, one diffusers pipeline call per batch.
+"""Render jobs → images: txt2img, img2img, inpaint or style, one diffusers pipeline call per batch.
 
 Pure compute: no Redis, no storage. The caller decodes the inputs, gets a warm pipeline from
 `PipelineCache`, and stores what comes back. The call is the one a diffusers user would write
@@ -7,6 +7,10 @@ by hand, with the same argument names and values, so the farm's pixels equal dif
     >>> pipe = cache.get(spec.model, spec.kind)
     >>> result = render(pipe, spec, image, mask, on_step=lambda step, total: cancelled())
     >>> results = render_batch(pipe, specs, images, masks)    # compatible jobs, one call
+
+A style job is img2img with an IP-Adapter: `pipe` is the adapter's pipeline
+(`workers.ip_adapter.load_for`), attached for the call, and `ip_adapter_image` the reference
+image the batch shares.
 
 Determinism: image i of a job is drawn from its own `torch.Generator("cpu").manual_seed(seed + i)`,
 so its pixels depend on the spec and seed only, never on what else shares the call.
@@ -19,6 +23,7 @@ the outputs come back at the input's own size; `preserve_unmasked` always does.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +76,8 @@ def render_batch(
     masks: Sequence[Image.Image | None] | None = None,
     *,
     on_step: StepCallback | None = None,
+    ip_adapter: Any = None,
+    ip_adapter_image: Image.Image | None = None,
 ) -> list[RenderResult]:
     """Run jobs that share one batch signature as one pipeline call; one result per job.
 
@@ -93,7 +100,9 @@ def render_batch(
         }
         if len(signatures) != 1 or None in signatures:
             raise ValueError("render_batch runs jobs of one batch signature only")
-    kind = lead.kind
+    kind = "img2img" if lead.kind == "style" else lead.kind
+    if lead.kind == "style" and (ip_adapter is None or ip_adapter_image is None):
+        raise InvalidJob("style needs its IP-Adapter and ip_adapter_image", field="ip_adapter")
 
     # 2. The working size, shared by the batch.
     height, width = working_size(lead, images[0] and images[0].size)
@@ -146,6 +155,8 @@ def render_batch(
         kwargs.update(padding_mask_crop=lead.padding_mask_crop)
     if kind != "img2img":
         kwargs.update(height=height, width=width)
+    if lead.kind == "style":  # one reference image for the whole batch (in its signature)
+        kwargs.update(ip_adapter_image=ip_adapter_image.convert("RGB"))
 
     # 7. Progress and cancellation, after each denoising step.
     progress = {"steps": 0, "interrupted": False}
@@ -157,11 +168,14 @@ def render_batch(
             progress["interrupted"] = True
         return tensors
 
-    # 8. Denoise and decode, with the batch's scheduler in place for this call only.
+    # 8. Denoise and decode, with the batch's scheduler (and a style job's IP-Adapter at its
+    #    scale) in place for this call only.
+    attached = ip_adapter.attached(lead.ip_adapter_scale) if lead.kind == "style" else nullcontext()
     default_scheduler = pipe.scheduler
     pipe.scheduler = scheduler
     try:
-        out = pipe(**kwargs, callback_on_step_end=callback_on_step_end)
+        with attached:
+            out = pipe(**kwargs, callback_on_step_end=callback_on_step_end)
     finally:
         pipe.scheduler = default_scheduler
     if height is None or width is None:  # txt2img at the model's default size
@@ -196,11 +210,11 @@ def _check_inputs(
     spec: Spec, image: Image.Image | None, mask: Image.Image | None
 ) -> tuple[Image.Image | None, Image.Image | None]:
     kind = spec.kind
-    if kind not in ("txt2img", "img2img", "inpaint"):
+    if kind not in ("txt2img", "img2img", "inpaint", "style"):
         raise InvalidJob(
-            f"render runs txt2img, img2img and inpaint jobs, not {kind!r}", field="kind"
+            f"render runs txt2img, img2img, inpaint and style jobs, not {kind!r}", field="kind"
         )
-    if kind in ("img2img", "inpaint") and image is None:
+    if kind in ("img2img", "inpaint", "style") and image is None:
         raise InvalidJob(f"{kind} needs an image", field="image")
     if kind == "inpaint" and mask is None:
         raise InvalidJob("inpaint needs a mask_image", field="mask_image")

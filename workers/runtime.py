@@ -85,6 +85,8 @@ class Held:
     spec: Any = None
     image: Any = None
     mask: Any = None
+    style_image: Any = None
+    """A style job's reference image (`ip_adapter_image`)."""
     inputs_s: float = 0.0
 
     @property

@@ -19,7 +19,7 @@ from typing import Any
 
 from farm import images, masks
 from farm.errors import InvalidJob, TransientError
-from farm.jobs import Img2Img, Inpaint, JobState, parse_spec
+from farm.jobs import Img2Img, Inpaint, JobState, Style, parse_spec
 from farm.keys import job_prefix, mask_key, meta_key, output_key
 from farm.queue import RENDER_QUEUE, RUN_TASK
 from farm.settings import FarmSettings
@@ -168,6 +168,8 @@ def _read_inputs(rt: Runtime, job: Held) -> None:
             job.mask = masks.generate(gen, job.image.size)
         else:
             job.mask = images.as_mask(load_input(rt, job.spec.mask_image, "mask_image"))
+    if isinstance(job.spec, Style):
+        job.style_image = load_input(rt, job.spec.ip_adapter_image, "ip_adapter_image")
     job.inputs_s = time.perf_counter() - t
 
 
@@ -175,13 +177,16 @@ def _render_and_store(
     rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, str]
 ) -> None:
     """Render `jobs` (one batch signature) as one call, store and finish each; into `outcomes`."""
+    from workers.ip_adapter import load_for
     from workers.render import render_batch
 
     lead = jobs[0].spec
     ids = [job.id for job in jobs]
     t_start = time.perf_counter()
-    # 4. The warm pipeline (loaded once per process, shared across kinds).
-    pipe = rt.cache.get(lead.model, lead.kind)
+    # 4. The warm pipeline (loaded once per process, shared across kinds); for style jobs,
+    #    their IP-Adapter's, loaded once beside it and attached for the call only.
+    ip_adapter = load_for(rt.cache, lead) if lead.kind == "style" else None
+    pipe = ip_adapter.pipe if ip_adapter else rt.cache.get(lead.model, lead.kind)
     t_load = time.perf_counter()
     # 5. Render: one call, progress for every job; between steps, a cancel, a shutdown or
     #    the time limit stops it.
@@ -203,6 +208,8 @@ def _render_and_store(
         [job.image for job in jobs],
         [job.mask for job in jobs],
         on_step=on_step,
+        ip_adapter=ip_adapter,
+        ip_adapter_image=jobs[0].style_image,
     )
     t_render = time.perf_counter()
     hb.beat()  # a cancel or takeover that came during the last step counts too
