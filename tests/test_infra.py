@@ -1,0 +1,347 @@
+"""docker-compose.yml, the images and infra/k8s, checked offline.
+
+Schemas first: the Kubernetes manifests through `kubernetes-validate` (strict: an unknown
+field is an error), KEDA's kinds against KEDA's own CRD schemas (vendored in tests/schemas),
+the compose file through `check-jsonschema` and the compose-spec schema it ships. Then what no
+schema can see: KEDA's list names are the lists kombu really writes (checked in a real Redis),
+each compose worker reserves exactly one GPU of its own, the worker image installs a CUDA
+torch and the client image none, and every `FARM_*` name is a real setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from farm import Farm
+from farm.jobs import RENDER_QUEUE
+from farm.keys import RedisKeys
+from farm.queue import PRIORITY_STEPS, enqueue
+from farm.settings import FarmSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "infra" / "k8s"
+COMPOSE = ROOT / "docker-compose.yml"
+KUBERNETES_VERSION = "1.37.0"
+KEDA_SCHEMAS = yaml.safe_load((ROOT / "tests" / "schemas" / "keda.sh_v1alpha1.yaml").read_text())
+
+
+def manifests() -> list[tuple[str, dict]]:
+    """(file name, resource) for every Kubernetes resource under infra/k8s."""
+    out = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        out += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return out
+
+
+def by_kind(kind: str) -> list[dict]:
+    return [doc for _, doc in manifests() if doc["kind"] == kind]
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())  # PyYAML resolves the `<<` merge keys
+
+
+def strict(schema: dict) -> dict:
+    """The schema with unknown fields refused, as the API server does with
+    `--validate=strict` (a CRD's structural schema otherwise prunes them silently)."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if "properties" in node and "additionalProperties" not in node:
+                node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return schema
+
+
+def keda_validate(doc: dict) -> None:
+    assert doc["apiVersion"] == "keda.sh/v1alpha1"
+    jsonschema.validate(doc, strict(KEDA_SCHEMAS[doc["kind"]]))
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def test_kubernetes_manifests_validate_strictly():
+    kinds = []
+    for name, doc in manifests():
+        if doc["apiVersion"].startswith("keda.sh/"):
+            continue
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        assert doc["metadata"]["namespace" if doc["kind"] != "Namespace" else "name"] == (
+            "render-farm"
+        ), name
+        kinds.append(doc["kind"])
+    assert sorted(kinds) == [
+        "ConfigMap", "Deployment", "Namespace", "Secret", "Service", "StatefulSet"
+    ]  # fmt: skip
+
+
+def test_the_validators_catch_mistakes():
+    (deployment,) = by_kind("Deployment")
+    bad = copy.deepcopy(deployment)
+    bad["spec"]["template"]["spec"]["containers"][0]["resource"] = {}  # a typo
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, KUBERNETES_VERSION, strict=True)
+    (scaled,) = by_kind("ScaledObject")
+    bad = copy.deepcopy(scaled)
+    bad["spec"]["maxReplicas"] = 8  # HPA's name, not KEDA's
+    with pytest.raises(jsonschema.ValidationError):
+        keda_validate(bad)
+    bad = copy.deepcopy(scaled)
+    del bad["spec"]["triggers"][0]["type"]
+    with pytest.raises(jsonschema.ValidationError):
+        keda_validate(bad)
+
+
+def test_keda_resources_validate_against_kedas_crd_schemas():
+    kinds = [doc["kind"] for doc in by_kind("ScaledObject") + by_kind("TriggerAuthentication")]
+    assert sorted(kinds) == ["ScaledObject", "TriggerAuthentication"]
+    for doc in by_kind("ScaledObject") + by_kind("TriggerAuthentication"):
+        keda_validate(doc)
+
+
+def test_compose_file_validates_against_the_compose_spec(tmp_path):
+    check = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"]
+    done = subprocess.run([*check, str(COMPOSE)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text(COMPOSE.read_text().replace("    image: redis:7\n", "    imag: redis:7\n"))
+    done = subprocess.run([*check, str(bad)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "imag" in done.stdout, done.stdout
+
+
+def test_kustomization_lists_every_manifest_but_the_example_secret():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files - {"secret.example.yaml"}
+    assert kustomization["namespace"] == "render-farm"
+
+
+# --------------------------------------------------------------------------- KEDA
+
+
+def test_keda_triggers_name_the_lists_kombu_writes(redis_url, tmp_path):
+    """One message at every priority into a real Redis: the lists kombu created are exactly
+    the triggers' list names, and the scaling formula adds every trigger."""
+    (scaled,) = by_kind("ScaledObject")
+    triggers = scaled["spec"]["triggers"]
+    settings = FarmSettings(redis_url=redis_url, storage=(tmp_path / "s").as_uri())
+    assert settings.key_prefix == "farm:"  # the manifests assume the default prefix
+    with Farm(settings) as farm:
+        enqueue(farm.celery, [(f"job{p}", RENDER_QUEUE, p) for p in range(10)])
+        written = set(farm.tracker.r.keys(f"{settings.key_prefix}celery:{RENDER_QUEUE}*"))
+        assert all(farm.tracker.r.type(k) == "list" for k in written)
+    names = {t["metadata"]["listName"] for t in triggers}
+    assert names == written
+    assert names == {RedisKeys().broker_queue(RENDER_QUEUE, s) for s in PRIORITY_STEPS}
+    assert len(triggers) == len(PRIORITY_STEPS) == 10
+    modifiers = scaled["spec"]["advanced"]["scalingModifiers"]
+    assert sorted(modifiers["formula"].split(" + ")) == sorted(t["name"] for t in triggers)
+
+
+def test_keda_scales_the_worker_deployment_with_the_clusters_redis_password():
+    (scaled,) = by_kind("ScaledObject")
+    (deployment,) = by_kind("Deployment")
+    (auth,) = by_kind("TriggerAuthentication")
+    (secret,) = by_kind("Secret")
+    (service,) = by_kind("Service")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    for t in scaled["spec"]["triggers"]:
+        assert t["type"] == "redis" and t["authenticationRef"]["name"] == auth["metadata"]["name"]
+        host = t["metadata"]["address"].split(":")[0]
+        assert host == f"{service['metadata']['name']}.render-farm.svc.cluster.local"
+        assert "password" not in t["metadata"]
+    (ref,) = auth["spec"]["secretTargetRef"]
+    assert ref["parameter"] == "password" and ref["name"] == secret["metadata"]["name"]
+    assert ref["key"] in secret["stringData"]
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_worker_pods_take_one_gpu_and_their_secrets_from_the_cluster():
+    (deployment,) = by_kind("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "cuda:0" in container["args"]
+    env = env_of(container)
+    for name in ("FARM_REDIS_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "farm-secrets", name
+        assert "value" not in env[name]
+    # Long enough for SIGTERM's hand-back (a step, then the record written back).
+    assert pod["terminationGracePeriodSeconds"] >= 60
+    assert container["readinessProbe"]["exec"]["command"] == ["python", "-m", "farm.probe"]
+
+
+def test_redis_statefulset_keeps_an_aof_on_a_volume_behind_the_password():
+    (sts,) = by_kind("StatefulSet")
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    args = " ".join(container["args"])
+    assert "--appendonly yes" in args and "--requirepass $(REDIS_PASSWORD)" in args
+    secret_ref = env_of(container)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert secret_ref == {"name": "farm-secrets", "key": "REDIS_PASSWORD"}
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
+
+
+def test_probe_answers_whether_redis_does(redis_url):
+    probe = [sys.executable, "-m", "farm.probe"]
+    ok = subprocess.run(probe, env={"FARM_REDIS_URL": redis_url}, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    dead = subprocess.run(
+        probe,
+        env={"FARM_REDIS_URL": "redis://:secret@127.0.0.1:1/0"},
+        capture_output=True,
+        text=True,
+    )
+    assert dead.returncode == 1 and "did not answer" in dead.stderr
+    assert "secret" not in dead.stderr
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def test_every_compose_worker_reserves_exactly_one_gpu_of_its_own():
+    services = compose()["services"]
+    workers = {n: s for n, s in services.items() if s.get("command", [None, None])[1] == "worker"}
+    assert len(workers) >= 2
+    ids = []
+    for name, svc in workers.items():
+        (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], name
+        (gpu,) = device["device_ids"]
+        ids.append(gpu)
+        assert name == f"worker-gpu{gpu}"
+        # Inside the container its one GPU is cuda:0; its name says which one it is.
+        assert svc["command"][2:4] == ["--device", "cuda:0"]
+        assert svc["command"][5].startswith(f"cuda{gpu}@")
+        assert int(svc["stop_grace_period"].rstrip("s")) >= 30
+        assert svc["build"]["dockerfile"] == "infra/worker.Dockerfile"
+    assert len(set(ids)) == len(ids)
+
+
+def test_compose_redis_minio_and_flower():
+    services = compose()["services"]
+    redis = services["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command and '--requirepass "$$REDIS_PASSWORD"' in command
+    assert "${REDIS_PASSWORD:?" in redis["environment"]["REDIS_PASSWORD"]
+    assert "ping" in " ".join(redis["healthcheck"]["test"])
+    assert redis["volumes"] == ["redis-data:/data"]
+    env = services["worker-gpu0"]["environment"]
+    assert env["FARM_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD")
+    bucket = re.match(r"s3://([^/]+)/", env["FARM_STORAGE"]).group(1)
+    assert bucket == "${FARM_BUCKET:-renders}" == services["minio-bucket"]["environment"]["BUCKET"]
+    assert "mc mb" in " ".join(services["minio-bucket"]["entrypoint"])
+    flower = services["flower"]
+    assert flower["command"][:4] == ["celery", "-A", "farm.flower", "flower"]
+    assert flower["environment"]["FARM_REDIS_URL"] == env["FARM_REDIS_URL"]
+    for name, svc in services.items():  # nothing listens beyond this machine
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), (name, port)
+    assert services["client"]["build"]["dockerfile"] == "infra/client.Dockerfile"
+
+
+def test_flower_app_speaks_the_farms_broker_dialect(monkeypatch, redis_url):
+    monkeypatch.setenv("FARM_REDIS_URL", redis_url)
+    sys.modules.pop("farm.flower", None)
+    from farm.flower import app
+
+    options = app.conf.broker_transport_options
+    assert options["global_keyprefix"] == "farm:celery:"
+    assert options["priority_steps"] == PRIORITY_STEPS
+    assert app.conf.accept_content == ["json"]
+    sys.modules.pop("farm.flower", None)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def dockerfile(name: str) -> tuple[str, list[str]]:
+    """The Dockerfile's text and its RUN commands (continuation lines joined)."""
+    text = (ROOT / "infra" / name).read_text()
+    joined = re.sub(r"\\\n", " ", text)
+    return text, [line[4:] for line in joined.splitlines() if line.startswith("RUN ")]
+
+
+def test_worker_image_installs_a_cuda_torch_before_the_farm():
+    text, runs = dockerfile("worker.Dockerfile")
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu12\d", args["TORCH_INDEX_URL"])
+    assert args["TORCH_VERSION"] == "2.13.0"
+    torch_run = next(i for i, r in enumerate(runs) if "torch==" in r)
+    farm_run = next(i for i, r in enumerate(runs) if '".[worker]"' in r)
+    assert torch_run < farm_run
+    assert '--index-url "${TORCH_INDEX_URL}"' in runs[torch_run]
+    assert "torch.version.cuda" in runs[torch_run] and "torch.version.cuda" in runs[farm_run]
+    assert re.search(r"^USER farm$", text, re.M) and "HF_HUB_OFFLINE=1" in text
+    assert text.rstrip().endswith('CMD ["farm", "worker", "--device", "cuda:0"]')
+
+
+def test_client_image_has_no_torch():
+    text, runs = dockerfile("client.Dockerfile")
+    installs = [r for r in runs if "pip install" in r]
+    assert installs == [r for r in runs if '".[flower]"' in r] and len(installs) == 1
+    assert "find_spec('torch')" in installs[0]
+    assert "torch" not in re.sub(r"python -c .*", "", installs[0])
+    assert re.search(r"^USER farm$", text, re.M)
+    # The extras it installs pull no torch either.
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    light = project["dependencies"] + project["optional-dependencies"]["flower"]
+    assert not [d for d in light if re.match(r"(torch|diffusers|transformers)\b", d)]
+
+
+def test_dockerignore_keeps_secrets_and_the_venv_out():
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".env", ".venv", ".git"} <= ignored
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def farm_names(text: str) -> set[str]:
+    return set(re.findall(r"\bFARM_[A-Z0-9_]+\b", text))
+
+
+def test_every_farm_variable_is_a_real_setting():
+    """A misspelt FARM_* name would be ignored silently by pydantic-settings: refuse it here."""
+    fields = {f"FARM_{name.upper()}" for name in FarmSettings.model_fields}
+    # Not settings, but compose/.env variables of their own (no container reads them).
+    own = {"FARM_BUCKET", "FARM_HOST_NAME"}
+    files = [COMPOSE, ROOT / ".env.example", *K8S.glob("*.yaml"), *ROOT.glob("infra/*.Dockerfile")]
+    used = {}
+    for path in files:
+        for name in farm_names(path.read_text()):
+            used.setdefault(name, path.name)
+    unknown = {n: f for n, f in used.items() if n not in fields | own}
+    assert not unknown, unknown
+    assert {"FARM_REDIS_URL", "FARM_STORAGE", "FARM_S3_ENDPOINT_URL"} <= set(used)
+    # The compose/.env variables of their own never reach a container as FARM_ settings.
+    for svc in compose()["services"].values():
+        env = svc.get("environment", {})
+        assert not own & set(env)
