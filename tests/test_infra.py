@@ -11,9 +11,14 @@ torch and the client image none, and every `FARM_*` name is a real setting.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -275,6 +280,41 @@ def test_flower_app_speaks_the_farms_broker_dialect(monkeypatch, redis_url):
     assert options["priority_steps"] == PRIORITY_STEPS
     assert app.conf.accept_content == ["json"]
     sys.modules.pop("farm.flower", None)
+
+
+def test_flower_on_the_farm_app_counts_messages_at_every_priority(redis_url, tmp_path):
+    """compose's `celery -A farm.flower flower`, started for real: its broker view finds all
+    ten messages, spread over kombu's ten priority lists under the `farm:celery:` prefix."""
+    pytest.importorskip("flower")
+    settings = FarmSettings(redis_url=redis_url, storage=(tmp_path / "s").as_uri())
+    with Farm(settings) as farm:
+        enqueue(farm.celery, [(f"job{p}", RENDER_QUEUE, p) for p in range(10)])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FARM_REDIS_URL": redis_url, "FLOWER_UNAUTHENTICATED_API": "true"}
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "farm.flower", "flower", f"--port={port}"]
+        + ["--address=127.0.0.1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                url = f"http://127.0.0.1:{port}/api/queues/length"
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    answer = json.load(resp)
+                break
+            except OSError:
+                assert flower.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+    finally:
+        flower.kill()
+        flower.wait()
+    assert answer == {"active_queues": [{"name": RENDER_QUEUE, "messages": 10}]}
 
 
 # --------------------------------------------------------------------------- images
