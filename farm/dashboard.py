@@ -26,9 +26,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
+from redis import RedisError
+
 from farm.dashboard_data import FILE_PREFIXES, DashboardData
 from farm.dashboard_page import PAGE
-from farm.errors import InvalidJob, JobNotFound
+from farm.errors import FarmError, InvalidJob, JobNotFound
 from farm.storage import ObjectNotFound, check_key
 
 SECURITY_HEADERS = {
@@ -104,6 +106,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(HTTPStatus.BAD_REQUEST, f"{e}\n".encode(), "text/plain", head=head)
         except (FileNotFoundError, ObjectNotFound, JobNotFound):
             return self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain", head=head)
+        except (FarmError, RedisError) as e:  # Redis or storage unreachable: say so, keep serving
+            msg = f"farm unavailable: {type(e).__name__}\n".encode()
+            return self._send(HTTPStatus.SERVICE_UNAVAILABLE, msg, "text/plain", head=head)
         self._send(HTTPStatus.OK, body, ctype, head=head)
 
     def _send(

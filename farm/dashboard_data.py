@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 FILE_PREFIXES = ("inputs/", "jobs/", "adapters/")
 """Storage keys the dashboard may serve: inputs, job outputs/masks/meta, fine-tune adapters."""
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+"""Outputs shown as pictures; others (a fine-tune's adapter, its loss log) are links."""
+
 RECENT_JOBS = 24
 """Jobs listed on the front page, newest first."""
 
@@ -124,7 +127,9 @@ class DashboardData:
             "finished_at": rec.finished_at,
             "progress": {"step": rec.progress.step, "total": rec.progress.total},
             "error": rec.error,
-            "thumb": self.file_url(rec.outputs[0]) if rec.outputs else None,
+            "thumb": next(
+                (self.file_url(u) for u in rec.outputs if u.endswith(IMAGE_SUFFIXES)), None
+            ),
         }
 
     # ------------------------------------------------------------------ one job

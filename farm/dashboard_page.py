@@ -153,9 +153,11 @@ function recent(data) {
 }
 
 function figure(caption, url) {
-  return el("figure", {}, url ? el("img", {src: url, alt: caption})
-                              : el("div", {class: "thumb nothumb", text: "none"}),
-            el("figcaption", {text: caption}));
+  const shown = !url ? el("div", {class: "thumb nothumb", text: "none"})
+    : /\.(png|jpe?g|webp)$/i.test(url) ? el("img", {src: url, alt: caption})
+    : el("a", {href: url, class: "thumb nothumb mono",
+               text: decodeURIComponent(url.split("/").pop())});
+  return el("figure", {}, shown, el("figcaption", {text: caption}));
 }
 function jobPage(j) {
   const fields = [["job", j.id], ["state", j.state], ["kind", j.kind], ["model", j.model],

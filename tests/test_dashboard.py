@@ -30,6 +30,7 @@ from farm.batch_submit import submit_batch
 from farm.dashboard import DashboardServer
 from farm.dashboard_data import DashboardData
 from farm.demo import box_mask, sample_image
+from farm.jobs import JobRecord
 from farm.queue import RENDER_QUEUE, enqueue
 from farm.registry import WorkerInfo, publish
 from farm.settings import FarmSettings
@@ -234,6 +235,36 @@ def test_foreign_uris_get_no_url(api):
     assert data.file_url("file:///etc/passwd") is None
     assert data.file_url(api[1].store.uri("logs/x.png")) is None
     assert data.file_url(api[1].store.uri("jobs/x/out/0.png")) == "/files/jobs/x/out/0.png"
+
+
+def test_only_image_outputs_become_thumbnails(api):
+    """A fine-tune's outputs are an adapter and its logs: links, never an <img>."""
+    farm = api[1]
+    adapter = farm.store.uri("adapters/abc/pytorch_lora_weights.safetensors")
+    curve = farm.store.uri("adapters/abc/loss.png")
+    rec = JobRecord(
+        id="abc", kind="finetune", state="succeeded", spec={}, created_at=0, outputs=[adapter]
+    )
+    data = DashboardData(farm)
+    assert data._summary(rec)["thumb"] is None
+    rec.outputs.append(curve)
+    assert data._summary(rec)["thumb"] == "/files/adapters/abc/loss.png"
+
+
+def test_an_unreachable_redis_is_a_503_not_a_dropped_connection(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    with Farm(FarmSettings(redis_url=dead, storage=(tmp_path / "s").as_uri())) as farm:
+        server = DashboardServer(DashboardData(farm), "127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            status, body, _ = get(server, "/api/overview")
+            assert status == 503 and body.startswith(b"farm unavailable")
+            assert get(server, "/")[0] == 200  # the page itself still loads
+        finally:
+            server.shutdown()
+            server.server_close()
 
 
 # --------------------------------------------------------------------------- in Chromium
