@@ -46,6 +46,11 @@ SECURITY_HEADERS = {
 """Sent with every answer: the page runs only its own inline script and loads only from here."""
 
 
+FILES_CACHE = "private, max-age=300"
+"""Stored objects do not change under their keys (inputs are content-addressed, outputs are
+written once per job), so the browser may keep thumbnails between refreshes."""
+
+
 class BadRequest(Exception):
     """A request the dashboard refuses (400)."""
 
@@ -88,6 +93,7 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self, head: bool) -> None:
         # The raw path, not a normalised one: `/files/../x` must reach `file_key` as written.
         path = self.path.partition("?")[0]  # the page reads `?job=` itself
+        extra: dict[str, str] = {}
         data = self.server.data
         try:
             if path in ("/", "/index.html"):
@@ -100,6 +106,7 @@ class Handler(BaseHTTPRequestHandler):
                 key = file_key(path)
                 body = data.farm.store.get(key)
                 ctype = mimetypes.guess_type(key)[0] or "application/octet-stream"
+                extra = {"Cache-Control": FILES_CACHE}
             else:
                 raise FileNotFoundError(path)
         except (BadRequest, InvalidJob) as e:
@@ -109,7 +116,7 @@ class Handler(BaseHTTPRequestHandler):
         except (FarmError, RedisError) as e:  # Redis or storage unreachable: say so, keep serving
             msg = f"farm unavailable: {type(e).__name__}\n".encode()
             return self._send(HTTPStatus.SERVICE_UNAVAILABLE, msg, "text/plain", head=head)
-        self._send(HTTPStatus.OK, body, ctype, head=head)
+        self._send(HTTPStatus.OK, body, ctype, head=head, extra=extra)
 
     def _send(
         self,

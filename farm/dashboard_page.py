@@ -1,7 +1,8 @@
 """The dashboard's one HTML page: inline CSS and JS, nothing fetched from elsewhere.
 
-The script polls `/api/overview` every two seconds (or `/api/job/<id>` for `/?job=<id>`) and
-builds the page with DOM calls and `textContent` only, never `innerHTML`, so a prompt, a
+The script polls `/api/overview` every two seconds (or `/api/job/<id>` for `/?job=<id>`),
+rebuilds the page only when the answer changed (so images are not reloaded for nothing), and
+builds it with DOM calls and `textContent` only, never `innerHTML`, so a prompt, a
 batch name or an error message is shown as text and can never run as markup.
 """
 
@@ -176,6 +177,7 @@ function jobPage(j) {
                                     : [figure("output", null)])))];
 }
 
+let lastSeen = null;
 async function refresh() {
   const job = new URLSearchParams(location.search).get("job");
   const main = document.getElementById("main");
@@ -183,6 +185,9 @@ async function refresh() {
     const resp = await fetch(job ? "/api/job/" + encodeURIComponent(job) : "/api/overview");
     if (!resp.ok) throw new Error((await resp.text()).trim() || resp.status);
     const data = await resp.json();
+    const seen = JSON.stringify({...data, now: 0});
+    if (seen === lastSeen) return;  // nothing changed: keep the page (and its images) as is
+    lastSeen = seen;
     const parts = job ? jobPage(data)
       : [queues(data), workers(data), batches(data), recent(data)];
     main.replaceChildren(...parts);
@@ -191,6 +196,7 @@ async function refresh() {
       "updated " + new Date().toLocaleTimeString();
     document.body.dataset.loaded = "1";
   } catch (e) {
+    lastSeen = null;
     main.replaceChildren(section("Error", "wide", el("p", {class: "error", text: String(e)})));
   }
 }

@@ -182,8 +182,11 @@ def test_job_api_serves_input_mask_and_outputs_from_the_store(api, worked):
     assert len(images["outputs"]) == len(rec.outputs) == 1
     for url, uri in wanted.items():
         assert url.startswith("/files/")
-        status, data, _ = get(server, url)
+        status, data, headers = get(server, url)
         assert status == 200 and data == farm.store.get_uri(uri)
+        assert headers["Cache-Control"] == "private, max-age=300"  # stored objects never change
+        assert headers["X-Content-Type-Options"] == "nosniff"
+    assert get(server, f"/api/job/{job_id}")[2]["Cache-Control"] == "no-store"
 
 
 def test_queue_depth_counts_every_priority_list(redis_server, tmp_path):
