@@ -119,6 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--images", type=int, default=4)
     d.add_argument("--variations", type=int, default=2)
 
+    db = sub.add_parser("dashboard", help="serve a read-only web page: queues, workers, jobs")
+    db.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    db.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free)")
+
     cli_batch.add_parser(sub)
     cli_models.add_parser(sub)
     return p
@@ -252,6 +256,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from farm.dashboard import serve
+    from farm.dashboard_data import DashboardData
+
+    with _farm() as farm:
+        serve(DashboardData(farm), args.host, args.port)
+    return 0
+
+
 COMMANDS = {
     "up": cmd_up,
     "worker": cmd_worker,
@@ -263,4 +276,5 @@ COMMANDS = {
     "models": cli_models.run,
     "demo": cmd_demo,
     "batch": cli_batch.run,
+    "dashboard": cmd_dashboard,
 }

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+BROKER_PRIORITY_SEP = "\x06\x16"
+"""kombu's Redis transport: separator between a queue's name and its priority step."""
+
 
 @dataclass(frozen=True, slots=True)
 class RedisKeys:
@@ -55,6 +58,14 @@ class RedisKeys:
     def batch_slots(self, name: str) -> str:
         """Hash: slot id → JSON (current job id, retry generation, row, variation, labels)."""
         return f"{self.prefix}batch:{name}:slots"
+
+    def broker_queue(self, queue: str, step: int = 0) -> str:
+        """List: one Celery queue's messages at one kombu priority step. kombu's Redis
+        transport keeps the bare name for step 0 and `name + '\\x06\\x16' + step` for the
+        others, all under Celery's `global_keyprefix` (`<prefix>celery:`); a queue's depth is
+        the sum over the steps (what the dashboard shows and KEDA scales on)."""
+        name = f"{queue}{BROKER_PRIORITY_SEP}{step}" if step else queue
+        return f"{self.prefix}celery:{name}"
 
 
 # Storage keys: relative to the store's root (bucket prefix or folder).
