@@ -39,7 +39,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, recurse_remove_peft_layers
 from diffusers.utils.torch_utils import randn_tensor
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
@@ -118,9 +118,11 @@ class LoraTrainer:
             torch.manual_seed(self.seed)
             pipe.unet.add_adapter(self._config(UNET_TARGETS, alpha), adapter_name=ADAPTER_NAME)
             if spec.train_text_encoder:
-                pipe.text_encoder.add_adapter(
-                    self._config(TEXT_ENCODER_TARGETS, alpha), adapter_name=ADAPTER_NAME
-                )
+                # peft directly, as diffusers' own text-encoder LoRA loader does: transformers'
+                # `add_adapter` wants a newer peft than this farm pins.
+                config = self._config(TEXT_ENCODER_TARGETS, alpha)
+                inject_adapter_in_model(config, pipe.text_encoder, adapter_name=ADAPTER_NAME)
+                pipe.text_encoder.peft_config = {ADAPTER_NAME: config}
         for module in self.modules.values():
             cast_training_params(module, dtype=torch.float32)  # LoRA params train in float32
             module.train()
