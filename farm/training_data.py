@@ -147,6 +147,8 @@ def _local_items(path: Path) -> list[_Item]:
 
 def _prefix_items(store: ObjectStore, uri: str) -> list[_Item]:
     key = store.key_of(uri)
+    if key is None and uri.endswith("/"):  # a folder URI, `file:///…/photos/`
+        key = store.key_of(uri.rstrip("/"))
     if key is None:
         raise InvalidJob(
             f"images: {uri!r} is outside this farm's storage ({store.uri('')!r})", field="images"
