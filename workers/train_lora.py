@@ -40,6 +40,7 @@ from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, recurse_remove_peft_layers
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
@@ -104,8 +105,15 @@ class LoraTrainer:
     # ----------------------------------------------------------------------- set up / tear down
 
     def __enter__(self) -> LoraTrainer:
-        pipe, spec = self.pipe, self.spec
         self._exit.callback(self._detach)
+        try:
+            return self._attach()
+        except BaseException:
+            self._exit.close()  # a half-attached adapter never outlives the job
+            raise
+
+    def _attach(self) -> LoraTrainer:
+        pipe, spec = self.pipe, self.spec
         # 1. Freeze the model; add LoRA layers (peft) to the UNet, and the text encoder if asked.
         #    Their initial weights come from the job's seed, not the worker's history.
         self.modules = {"unet": pipe.unet}
@@ -168,13 +176,22 @@ class LoraTrainer:
         return torch.float16 if self.spec.mixed_precision == "fp16" else torch.bfloat16
 
     def _detach(self) -> None:
-        """Put the pipeline back as it was: no LoRA layers, eval mode, no gradients held."""
+        """Put the pipeline back as it was: no LoRA layers of ours, eval mode. Adapters that
+        were loaded before (a render's, if any were left) stay; without them, every peft
+        layer goes, so the module tree is the original one again."""
         for module in (self.pipe.unet, self.pipe.text_encoder):
-            if getattr(module, "peft_config", None) is None:
+            configs = getattr(module, "peft_config", None)
+            if not configs or ADAPTER_NAME not in configs:
                 continue
-            recurse_remove_peft_layers(module)
-            del module.peft_config
-            module._hf_peft_config_loaded = None
+            if set(configs) == {ADAPTER_NAME}:
+                recurse_remove_peft_layers(module)
+                del module.peft_config
+                module._hf_peft_config_loaded = None
+            else:
+                for layer in module.modules():
+                    if isinstance(layer, BaseTunerLayer):
+                        layer.delete_adapter(ADAPTER_NAME)
+                configs.pop(ADAPTER_NAME)
             module.eval()
         self.optimizer = None
         self.params = []

@@ -137,3 +137,16 @@ def test_resumed_run_ends_with_the_same_adapter_as_an_unbroken_one(cache, tmp_pa
     a, b = load_tensors(unbroken), load_tensors(resumed)
     assert any(k.startswith("text_encoder.") for k in a) and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_adapter_loaded_before_a_finetune_is_still_there_after(trained, cache, tmp_path):
+    """Only the fine-tune's own LoRA layers go: a render's adapter left loaded keeps working."""
+    (tmp_path / ADAPTER_FILE).write_bytes(trained["adapter"])
+    pipe = cache.get("tiny", "txt2img")
+    pipe.load_lora_weights(tmp_path, weight_name=ADAPTER_FILE, adapter_name="render_lora")
+    before = render(pipe)
+    with LoraTrainer(pipe, spec(max_train_steps=2), training_images(), ["a"] * 4) as trainer:
+        trainer.run(never, lambda ckpt: None)
+    assert set(pipe.unet.peft_config) == {"render_lora"}
+    assert np.array_equal(render(pipe), before)
+    pipe.unload_lora_weights()
