@@ -12,6 +12,7 @@ process per store would double this module's time.) The adapter is checked with 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -171,7 +172,7 @@ def test_render_after_a_finetune_on_the_same_worker_is_unchanged(farm, photos):
 
 
 def test_sigkilled_training_worker_resumes_from_its_last_checkpoint(farm, local_farm, photos):
-    total, every = 60, 10
+    total, every = 40, 10
     job = farm.submit(
         Finetune(
             model="tiny",
@@ -198,6 +199,33 @@ def test_sigkilled_training_worker_resumes_from_its_last_checkpoint(farm, local_
     assert len(log["loss"]) == total
     stored = farm.store.list(checkpoints_prefix(job.id))
     assert any(key.endswith(f"{resumed:08d}/complete.json") for key in stored)
+
+
+def test_sigterm_checkpoints_hands_back_and_the_next_attempt_resumes_there(
+    farm, local_farm, photos
+):
+    """A shutdown stops training at the next step and writes a checkpoint there, whatever
+    `checkpointing_steps` says; the job goes back to the queue and loses no step."""
+    job = farm.submit(
+        Finetune(
+            model="tiny",
+            images=str(photos),
+            instance_prompt="sks disc",
+            max_train_steps=40,
+            checkpointing_steps=1000,
+            **TRAIN,
+        )
+    )
+    wait_step(farm, job.id, 5)
+    local_farm.procs[0].send_signal(signal.SIGTERM)
+    done = job.wait(timeout=300)
+    assert done.state == JobState.SUCCEEDED and done.attempt == 2 and done.progress.step == 40
+    meta = json.loads(farm.store.get(adapter_file_key(job.id, "meta.json")))
+    assert 5 <= meta["resumed_from"] < 40
+    stored = farm.store.list(checkpoints_prefix(job.id))
+    assert [k.rsplit("/", 2)[1] for k in stored if k.endswith("complete.json")] == [
+        f"{meta['resumed_from']:08d}"
+    ]
 
 
 def test_cancel_a_running_finetune(farm, photos):
