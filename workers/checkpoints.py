@@ -78,9 +78,14 @@ def latest_step(store: ObjectStore, job_id: str) -> int | None:
     return max(steps, default=None)
 
 
+def load_state(store: ObjectStore, job_id: str, step: int) -> dict[str, Any]:
+    """Only `state.json` of the checkpoint at `step`: step, losses, and the extra fields."""
+    return json.loads(store.get(checkpoint_key(job_id, step, "state.json")))
+
+
 def load(store: ObjectStore, job_id: str, step: int) -> Checkpoint:
     """Read the complete checkpoint at `step`."""
-    state = json.loads(store.get(checkpoint_key(job_id, step, "state.json")))
+    state = load_state(store, job_id, step)
     optimizer = torch.load(
         io.BytesIO(store.get(checkpoint_key(job_id, step, "optimizer.pt"))), weights_only=True
     )

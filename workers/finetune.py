@@ -24,11 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from farm.errors import InvalidJob
 from farm.jobs import Finetune, JobState, parse_spec
 from farm.keys import ADAPTER_FILE, adapter_file_key, adapter_key
+from farm.storage import ObjectStore
 from workers import checkpoints
 from workers.checkpoints import Checkpoint
 from workers.heartbeat import Heartbeat
@@ -43,7 +45,10 @@ OUTPUT_FILES = (ADAPTER_FILE, "loss.json", "loss.png")
 
 def run_finetune(rt: Runtime, job: Held) -> str:
     """Run one claimed fine-tune to its end; the state it ended in (or `stale`)."""
-    if dead_letter(rt, job):
+    # Attempts that moved the checkpoint on do not count toward FARM_MAX_DELIVERIES: a long
+    # fine-tune on preemptible machines may be stopped many times and still finish.
+    counted = replace(job, attempt=attempts_without_progress(rt.store, job.id, job.attempt))
+    if dead_letter(rt, counted):
         return JobState.FAILED.value
     lease = rt.settings.lease_seconds
     with Heartbeat(
@@ -53,7 +58,7 @@ def run_finetune(rt: Runtime, job: Held) -> str:
             # 1. A retried job whose earlier attempt stored everything is just finished.
             outcome = (job.attempt > 1 and _finish_stored(rt, job)) or _train(rt, job, hb)
         except Exception as e:
-            outcome = settle(rt, job, e)
+            outcome = settle(rt, counted, e)
         hb.release(job.id)
     log.info("fine-tune %s: %s (attempt %d)", job.id, outcome, job.attempt)
     return outcome
@@ -91,6 +96,7 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> str:
         if job.id in hb.stale:
             return  # a newer attempt owns the job now: write nothing more
         ckpt.extra["segments"] = segments
+        ckpt.extra["attempt"] = job.attempt
         checkpoints.save(rt.store, job.id, ckpt)
         log.info("fine-tune %s: checkpoint at step %d", job.id, ckpt.step)
 
@@ -167,6 +173,20 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> str:
         total=spec.max_train_steps,
         loss=losses[-1] if losses else "",
     )
+
+
+def attempts_without_progress(store: ObjectStore, job_id: str, attempt: int) -> int:
+    """How many attempts, this one included, since the attempt that wrote the newest complete
+    checkpoint: all of them when there is none (or storage cannot say)."""
+    try:
+        step = checkpoints.latest_step(store, job_id) if attempt > 1 else None
+        if step is None:
+            return attempt
+        written_by = checkpoints.load_state(store, job_id, step).get("attempt")
+    except Exception as e:  # storage away: count every attempt, as for a render
+        log.warning("fine-tune %s: cannot read its checkpoints (%s)", job_id, e)
+        return attempt
+    return attempt - int(written_by) if written_by else attempt
 
 
 def _stopped(rt: Runtime, job: Held, hb: Heartbeat, reason: str) -> str:

@@ -150,3 +150,22 @@ def test_an_adapter_loaded_before_a_finetune_is_still_there_after(trained, cache
     assert set(pipe.unet.peft_config) == {"render_lora"}
     assert np.array_equal(render(pipe), before)
     pipe.unload_lora_weights()
+
+
+def test_only_attempts_without_a_new_checkpoint_count_toward_dead_lettering(tmp_path):
+    from workers.finetune import attempts_without_progress
+
+    store = LocalStore(tmp_path / "store")
+    assert attempts_without_progress(store, "job2", 3) == 3  # no checkpoint: every attempt
+    ckpt = checkpoints.Checkpoint(
+        step=10,
+        losses=[1.0] * 10,
+        lora={"unet.w": torch.zeros(2)},
+        optimizer={"state": {}, "param_groups": []},
+        rng={"torch_cpu": torch.get_rng_state()},
+        extra={"attempt": 4},
+    )
+    checkpoints.save(store, "job2", ckpt)
+    assert attempts_without_progress(store, "job2", 5) == 1
+    assert attempts_without_progress(store, "job2", 7) == 3
+    assert checkpoints.load(store, "job2", 10).losses == [1.0] * 10
