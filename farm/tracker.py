@@ -284,7 +284,7 @@ class Tracker:
         until = repr(time.time() + lease)
         pipe = self.r.pipeline(transaction=False)
         for job_id, token, step, total, *loss in beats:
-            args = [token, until, step, total]
+            args: list[str | int | float] = [token, until, step, total]
             if loss and loss[0] is not None:
                 args.append(repr(float(loss[0])))
             self._heartbeat(keys=[self.keys.job(job_id)], args=args, client=pipe)

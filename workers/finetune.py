@@ -78,7 +78,7 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> str:
     images = [load_input(rt, uri, "images") for uri in spec.images]
     t_inputs = time.perf_counter()
     # 3. The warm pipeline renders use; the trainer adds its LoRA layers and removes them after.
-    pipe = rt.cache.get(spec.model, "txt2img")
+    pipe: Any = rt.cache.get(spec.model, "txt2img")  # a StableDiffusionPipeline (4-channel)
     t_load = time.perf_counter()
     stop: list[str] = []
     watch = hb.watch([job.id])

@@ -139,6 +139,7 @@ def test_resumed_run_ends_with_the_same_adapter_as_an_unbroken_one(cache, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`", "ignore:Adapter farm_finetune")
 def test_an_adapter_loaded_before_a_finetune_is_still_there_after(trained, cache, tmp_path):
     """Only the fine-tune's own LoRA layers go: a render's adapter left loaded keeps working."""
     (tmp_path / ADAPTER_FILE).write_bytes(trained["adapter"])
