@@ -14,7 +14,7 @@ from farm.errors import (
     TransientError,
     WaitTimeout,
 )
-from farm.jobs import Img2Img, Inpaint, JobRecord, JobState, Style, Txt2Img
+from farm.jobs import Finetune, Img2Img, Inpaint, JobRecord, JobState, Style, Txt2Img
 from farm.settings import FarmSettings
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "Farm",
     "FarmError",
     "FarmSettings",
+    "Finetune",
     "Img2Img",
     "Inpaint",
     "InvalidJob",

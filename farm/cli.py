@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from farm import cli_batch, cli_models
+from farm import cli_batch, cli_finetune, cli_models
 from farm.errors import FarmError, InvalidJob
 from farm.jobs import SCHEDULERS, JobRecord, flag_field
 from farm.masks import parse_generator
 from farm.progress import JobsBar
 from farm.settings import FarmSettings
+from farm.up import LOCAL_QUEUES
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -53,10 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     up.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
     up.add_argument("--threads", type=int, help="torch threads per worker")
+    up.add_argument(
+        "--queues", default=LOCAL_QUEUES, help=f"queues the workers serve (default {LOCAL_QUEUES})"
+    )
 
     w = sub.add_parser("worker", help="serve jobs on one device")
     w.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
-    w.add_argument("--queues", default=None, help="comma-separated queues (default render)")
+    w.add_argument(
+        "--queues", default=None, help="comma-separated queues: render, finetune (default render)"
+    )
     w.add_argument("--threads", type=int, help="torch threads (default: all cores on cpu)")
     w.add_argument("--name", help="worker name (default DEVICE@HOST)")
     w.add_argument(
@@ -68,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     s = sub.add_parser("submit", help="submit one job")
-    s.add_argument("kind", choices=["txt2img", "img2img", "inpaint", "style"])
+    s.add_argument("kind", choices=["txt2img", "img2img", "inpaint", "style", "finetune"])
     s.add_argument(
         "--model", required=True, help="tiny, tiny-inpaint, org/name, folder, .safetensors"
     )
@@ -97,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", action="store_true", help="wait; exit 1 unless it succeeds")
     s.add_argument("--timeout", type=float, help="with --wait: give up after S seconds")
     s.add_argument("--json", action="store_true", help="print the job record as JSON")
+    cli_finetune.add_arguments(s)
 
     st = sub.add_parser("status", help="show a job's record")
     st.add_argument("job")
@@ -156,6 +163,8 @@ def _print_record(rec: JobRecord, as_json: bool) -> None:
     line = f"{rec.id}  {rec.kind}  {rec.state.value}"
     if rec.state.value == "running" and p.total:
         line += f"  step {p.step}/{p.total}"
+    if p.loss is not None:
+        line += f"  loss {p.loss:.4f}"
     if rec.error:
         line += f"  error: {rec.error}"
     print(line)
@@ -164,6 +173,9 @@ def _print_record(rec: JobRecord, as_json: bool) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    if args.kind == "finetune":
+        return cli_finetune.submit(args, _farm(), _print_record)
+    cli_finetune.refuse_flags(args)
     spec: dict[str, Any] = {"kind": args.kind, "model": args.model}
     if args.prompt is not None:
         spec["prompt"] = args.prompt
@@ -232,7 +244,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = FarmSettings()
     signal.signal(signal.SIGTERM, interrupt)
     with LocalFarm(
-        settings, workers=args.workers, device=args.device, threads=args.threads, write_state=True
+        settings,
+        workers=args.workers,
+        device=args.device,
+        threads=args.threads,
+        write_state=True,
+        queues=args.queues,
     ) as lf:
         print(f"farm up: redis {lf.settings.redis_url}", flush=True)
         print(f"farm up: storage {lf.settings.storage_url()}", flush=True)

@@ -33,7 +33,7 @@ from farm.jobs import (
     parse_spec,
     queue_for,
 )
-from farm.keys import input_key
+from farm.keys import ADAPTER_FILE, input_key
 from farm.masks import MaskGenerator
 from farm.models import check_resolvable, check_visible_model
 from farm.settings import FarmSettings
@@ -116,6 +116,16 @@ class JobHandle:
     def download(self, directory: str | Path) -> list[Path]:
         return self.farm.download(self.id, directory)
 
+    def adapter(self) -> str:
+        """A succeeded fine-tune's adapter URI (`adapters/<id>/pytorch_lora_weights.safetensors`),
+        for diffusers' `load_lora_weights` or a render's `loras`."""
+        rec = self.status()
+        if rec.state != JobState.SUCCEEDED or rec.kind != "finetune":
+            raise JobFailed(
+                f"no adapter: the job is a {rec.state.value} {rec.kind}", job_id=self.id
+            )
+        return next(uri for uri in rec.outputs if uri.endswith(ADAPTER_FILE))
+
 
 class Farm:
     """A connection to a farm: its Redis, its storage and its queue."""
@@ -197,7 +207,11 @@ class Farm:
         if spec.seed is None:
             updates["seed"] = secrets.randbits(32)
         image = None
-        if not isinstance(spec, Txt2Img):
+        if spec.kind == "finetune":  # training images and captions, resolved to store URIs
+            from farm.training_data import training_set
+
+            updates.update(training_set(spec, self.store, uploads))
+        elif not isinstance(spec, Txt2Img):
             image = self._input(spec.image, "image", uploads, updates, mask=False)
             if isinstance(spec, Inpaint) and isinstance(spec.mask_image, MaskGenerator):
                 # Drawn by the worker at the image's size: nothing to decode or upload here;
@@ -329,6 +343,8 @@ class Farm:
         out.mkdir(parents=True, exist_ok=True)
         written = []
         named = [(uri, f"{i}.png") for i, uri in enumerate(rec.outputs)]
+        if rec.kind == "finetune":  # adapter, loss.json, loss.png: by their own names
+            named = [(uri, uri.rsplit("/", 1)[-1]) for uri in rec.outputs]
         named += [(rec.mask, "mask.png")] if rec.mask else []
         named += [(rec.meta, "meta.json")] if rec.meta else []
         for uri, name in named:

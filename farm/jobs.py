@@ -373,6 +373,10 @@ class Finetune(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
+        if v.strip() == "tiny-inpaint":
+            raise ValueError(
+                "'tiny-inpaint' is an inpainting model; fine-tunes train txt2img models"
+            )
         return check_model_ref(v)
 
     @field_validator("resolution")

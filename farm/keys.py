@@ -105,3 +105,18 @@ def adapter_prefix(job_id: str) -> str:
 def adapter_key(job_id: str) -> str:
     """A fine-tune's adapter, loadable by diffusers' `load_lora_weights`."""
     return f"adapters/{job_id}/{ADAPTER_FILE}"
+
+
+def adapter_file_key(job_id: str, name: str) -> str:
+    """Another file of a fine-tune's output: `loss.json`, `loss.png`, `meta.json`."""
+    return f"adapters/{job_id}/{name}"
+
+
+def checkpoints_prefix(job_id: str) -> str:
+    """Every checkpoint of a fine-tune, one folder per optimizer step."""
+    return f"adapters/{job_id}/checkpoints/"
+
+
+def checkpoint_key(job_id: str, step: int, name: str) -> str:
+    """One file of the checkpoint at `step` (zero-padded, so keys sort by step)."""
+    return f"adapters/{job_id}/checkpoints/{step:08d}/{name}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 ENDED = ("succeeded", "failed", "cancelled")
@@ -47,4 +48,28 @@ class JobsBar:
             f"{time.monotonic() - self.started:5.1f}s"
         )
         if done == len(states):
+            self.line.end()
+
+
+class TrainingBar:
+    """`Farm.wait`'s `on_progress` for one fine-tune: steps and the latest training loss, read
+    from the job's record by `loss(job_id)`, on a terminal only."""
+
+    def __init__(self, stream: Any, loss: Callable[[str], float | None]) -> None:
+        self.line = LiveLine(stream, only_tty=True)
+        self.loss = loss
+        self.started = time.monotonic()
+
+    def __call__(self, states: list[tuple[str, str | None, int, int]]) -> None:
+        job_id, state, step, total = states[0]
+        if self.line.quiet:
+            return
+        frac = 1.0 if state in ENDED else (step / total if total else 0.0)
+        loss = self.loss(job_id)
+        shown = f"  loss {loss:.4f}" if loss is not None else ""
+        self.line.show(
+            f"[{'#' * int(frac * 30):<30}] step {step}/{total or '?'}{shown}  {state}  "
+            f"{time.monotonic() - self.started:5.1f}s"
+        )
+        if state in ENDED:
             self.line.end()

@@ -143,6 +143,7 @@ if state ~= 'running' or redis.call('HGET', key, 'token') ~= ARGV[1] then
   return {'stale', state or 'missing'}
 end
 redis.call('HSET', key, 'lease_until', ARGV[2], 'step', ARGV[3], 'total', ARGV[4])
+if ARGV[5] then redis.call('HSET', key, 'loss', ARGV[5]) end
 return {'ok', redis.call('HGET', key, 'cancel') or '0'}
 """
 

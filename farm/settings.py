@@ -57,6 +57,11 @@ class FarmSettings(BaseSettings):
     """Seconds one job (or batch) may render, checked between steps; then it fails. A worker
     refuses to start unless this is shorter than `visibility_timeout`."""
 
+    finetune_time_limit: float = Field(default=24 * 3600.0, gt=0)
+    """Seconds one fine-tune may train, checked between steps; then it fails (its checkpoints
+    stay). It may exceed `visibility_timeout`: a message redelivered while the job trains finds
+    its lease alive and is acknowledged without running."""
+
     lease_seconds: float = Field(default=30.0, gt=0)
     """A running job's lease; its worker renews it every third of this."""
 

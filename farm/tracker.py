@@ -272,18 +272,22 @@ class Tracker:
         return value == "1"
 
     def heartbeat_many(
-        self, beats: Sequence[tuple[str, str, int, int]], lease: float
+        self,
+        beats: Sequence[tuple[str, str, int, int] | tuple[str, str, int, int, float | None]],
+        lease: float,
     ) -> dict[str, str]:
-        """`heartbeat` for several (job id, token, step, total) in one round trip.
+        """`heartbeat` for several (job id, token, step, total[, loss]) in one round trip.
 
         Per job: `ok`, `cancel` (a cancel was requested) or `stale` (the attempt is over).
+        A fine-tune's beat carries its latest training loss too.
         """
         until = repr(time.time() + lease)
         pipe = self.r.pipeline(transaction=False)
-        for job_id, token, step, total in beats:
-            self._heartbeat(
-                keys=[self.keys.job(job_id)], args=[token, until, step, total], client=pipe
-            )
+        for job_id, token, step, total, *loss in beats:
+            args: list[str | int | float] = [token, until, step, total]
+            if loss and loss[0] is not None:
+                args.append(repr(float(loss[0])))
+            self._heartbeat(keys=[self.keys.job(job_id)], args=args, client=pipe)
         try:
             replies = pipe.execute()
         except _redis_errors() as e:

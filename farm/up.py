@@ -19,9 +19,13 @@ import time
 from pathlib import Path
 
 from farm.embedded import RedisServer
+from farm.jobs import FINETUNE_QUEUE, RENDER_QUEUE
 from farm.settings import FarmSettings
 
 log = logging.getLogger("farm.up")
+
+LOCAL_QUEUES = f"{RENDER_QUEUE},{FINETUNE_QUEUE}"
+"""An embedded farm's workers serve renders and fine-tunes alike (`farm up --queues` narrows it)."""
 
 
 def worker_command(
@@ -66,8 +70,11 @@ class LocalFarm:
         log_dir: Path | None = None,
         write_state: bool = False,
         restart: bool = True,
+        queues: str = LOCAL_QUEUES,
     ) -> None:
         self.base = settings
+        self.queues = queues
+        """The queues every worker consumes: renders and fine-tunes, so one machine runs both."""
         self.restart = restart
         """Restart a worker that dies, as `farm up` does."""
         self.n_workers = workers
@@ -126,7 +133,7 @@ class LocalFarm:
         name = f"{self.device}-{i}@{os.uname().nodename}"
         logfile = open(self.log_dir / f"worker-{i}.log", "ab")  # noqa: SIM115 - owned by the child
         return subprocess.Popen(
-            worker_command(self.device, self.threads, name=name, preload=self.preload),
+            worker_command(self.device, self.threads, self.queues, name=name, preload=self.preload),
             env=settings_env(self.settings),
             stdout=logfile,
             stderr=subprocess.STDOUT,

@@ -41,6 +41,8 @@ class Heartbeat:
         self.tokens = dict(tokens)
         """Job id → attempt token, for the jobs still held."""
         self.progress: dict[str, tuple[int, int]] = {job_id: (0, 0) for job_id in tokens}
+        self.loss: dict[str, float] = {}
+        """A fine-tune's latest training loss, published with its progress."""
         self.cancelled: set[str] = set()
         """Jobs whose cancel was requested while held."""
         self.stale: set[str] = set()
@@ -62,7 +64,7 @@ class Heartbeat:
     def beat(self) -> None:
         """Renew every held job's lease and record its progress, in one round trip."""
         with self._lock:
-            beats = [(j, t, *self.progress[j]) for j, t in self.tokens.items()]
+            beats = [(j, t, *self.progress[j], self.loss.get(j)) for j, t in self.tokens.items()]
         if not beats:
             return
         try:
@@ -91,6 +93,11 @@ class Heartbeat:
                 return all(j in self.cancelled or j in self.stale for j in ids)
 
         return on_step
+
+    def report_loss(self, job_id: str, loss: float) -> None:
+        """A fine-tune's loss after its latest step, sent with the next beat."""
+        with self._lock:
+            self.loss[job_id] = loss
 
     def release(self, job_id: str) -> None:
         """The job ended (or was handed back): stop renewing its lease."""

@@ -45,6 +45,10 @@ def run_job(rt: Runtime, job_id: str) -> str:
     # 2. Gather: queued jobs with the same batch signature join it, each with its own claim.
     #    A job that has used up its attempts (it kills its worker every time) is dead-lettered.
     held = [Held(rt.tracker.get(job_id), claim.token, claim.attempt)]
+    if held[0].record.kind == "finetune":  # trains alone, on its own path
+        from workers.finetune import run_finetune
+
+        return run_finetune(rt, held[0])
     held += _gather(rt, held[0])
     held = [job for job in held if not dead_letter(rt, job)]
     if not held:
