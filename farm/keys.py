@@ -56,6 +56,10 @@ class RedisKeys:
         """Hash: slot id → JSON (current job id, retry generation, row, variation, labels)."""
         return f"{self.prefix}batch:{name}:slots"
 
+    def dependents(self, job_id: str) -> str:
+        """Set: ids of the `waiting` jobs that wait for this job to end (`farm.deps`)."""
+        return f"{self.prefix}deps:{job_id}"
+
 
 # Storage keys: relative to the store's root (bucket prefix or folder).
 
@@ -63,6 +67,11 @@ class RedisKeys:
 def input_key(sha256: str) -> str:
     """A content-addressed input image or mask."""
     return f"inputs/{sha256}.png"
+
+
+def adapter_input_key(sha256: str) -> str:
+    """A content-addressed LoRA adapter uploaded with a render (`farm.adapters`)."""
+    return f"inputs/{sha256}.safetensors"
 
 
 def output_key(job_id: str, index: int) -> str:

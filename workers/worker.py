@@ -180,30 +180,33 @@ def _render_and_store(
     lead = jobs[0].spec
     ids = [job.id for job in jobs]
     t_start = time.perf_counter()
-    # 4. The warm pipeline (loaded once per process, shared across kinds).
+    # 4. The warm pipeline (loaded once per process, shared across kinds), with the batch's
+    #    LoRA adapters (the same for all: they are in the batch signature) loaded for this
+    #    call only: the pipeline is the base model again after it.
     pipe = rt.cache.get(lead.model, lead.kind)
-    t_load = time.perf_counter()
-    # 5. Render: one call, progress for every job; between steps, a cancel, a shutdown or
-    #    the time limit stops it.
-    inject(rt.settings.fault_injection, [job.spec for job in jobs])
-    watch = hb.watch(ids)
-    deadline = time.monotonic() + rt.settings.time_limit
-    stop: list[str] = []
+    with rt.adapters.applied(pipe, lead.loras):
+        t_load = time.perf_counter()
+        # 5. Render: one call, progress for every job; between steps, a cancel, a shutdown or
+        #    the time limit stops it.
+        inject(rt.settings.fault_injection, [job.spec for job in jobs])
+        watch = hb.watch(ids)
+        deadline = time.monotonic() + rt.settings.time_limit
+        stop: list[str] = []
 
-    def on_step(step: int, total: int) -> bool:
-        if rt.stopping:
-            stop.append("shutdown")
-        elif time.monotonic() > deadline:
-            stop.append("time limit")
-        return watch(step, total) or bool(stop)
+        def on_step(step: int, total: int) -> bool:
+            if rt.stopping:
+                stop.append("shutdown")
+            elif time.monotonic() > deadline:
+                stop.append("time limit")
+            return watch(step, total) or bool(stop)
 
-    results = render_batch(
-        pipe,
-        [job.spec for job in jobs],
-        [job.image for job in jobs],
-        [job.mask for job in jobs],
-        on_step=on_step,
-    )
+        results = render_batch(
+            pipe,
+            [job.spec for job in jobs],
+            [job.image for job in jobs],
+            [job.mask for job in jobs],
+            on_step=on_step,
+        )
     t_render = time.perf_counter()
     hb.beat()  # a cancel or takeover that came during the last step counts too
     if stop:
