@@ -164,6 +164,8 @@ def _print_record(rec: JobRecord, as_json: bool) -> None:
     line = f"{rec.id}  {rec.kind}  {rec.state.value}"
     if rec.state.value == "running" and p.total:
         line += f"  step {p.step}/{p.total}"
+    if rec.state.value == "waiting":
+        line += "  for " + ", ".join(f"job:{job_id}" for job_id in rec.depends_on)
     if rec.error:
         line += f"  error: {rec.error}"
     print(line)

@@ -172,6 +172,8 @@ def test_cli_lora_flags(settings, lora_file, monkeypatch, capsys):
             {"ref": f"job:{parent}", "scale": 1.0},
         ]
         assert rec.state == JobState.WAITING and rec.depends_on == [parent]
+        assert farm_cli.main(["status", rec.id]) == 0
+        assert f"waiting  for job:{parent}" in capsys.readouterr().out
         bad = farm_cli.main(
             ["submit", "txt2img", "--model", "tiny", "--prompt", "x"] + ["--lora", "job:nope"]
         )
@@ -333,3 +335,34 @@ def test_a_waiting_render_can_be_cancelled(farm, trainer, lora_file, farm_settin
     time.sleep(0.5)
     assert job.status().state == JobState.CANCELLED
     assert open_store(farm_settings).list(f"jobs/{job.id}/") == []
+
+
+def test_manifest_rows_take_loras_too(farm, trainer, lora_file, tmp_path):
+    """A batch row's local adapter is uploaded with the chunk's inputs, and a row naming an
+    unfinished fine-tune waits for it like any render."""
+    import json
+
+    from farm.batch import Batch
+    from farm.batch_submit import submit_batch
+
+    parent = finetune_record(farm.tracker)
+    manifest = tmp_path / "rows.jsonl"
+    rows = [
+        {"defaults": {"kind": "txt2img", "model": "tiny", "num_inference_steps": STEPS}},
+        {"prompt": "a fox", "loras": [{"ref": str(lora_file), "scale": 0.5}]},
+        {"prompt": "a cat", "loras": [f"job:{parent}"]},
+    ]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = submit_batch(farm, manifest, "styled", seed=0)
+    assert result.new == 2
+    batch = Batch(farm, "styled")
+    slots = batch.slots()
+    first, second = (farm.get(s.job) for s in slots)
+    key = adapter_input_key(hashlib.sha256(lora_file.read_bytes()).hexdigest())
+    assert first.spec["loras"] == [{"ref": farm.store.uri(key), "scale": 0.5}]
+    assert farm.store.exists(key)
+    assert second.state == JobState.WAITING and second.depends_on == [parent]
+    assert batch.status().counts.get("waiting") == 1
+    run_parent(trainer, parent, lora_file.read_bytes())
+    records = farm.wait([first.id, second.id], timeout=120)
+    assert [r.state for r in records] == [JobState.SUCCEEDED, JobState.SUCCEEDED]

@@ -63,7 +63,8 @@ class AdapterCache:
                 self._immutable[ref] = sha
         self._by_hash.move_to_end(sha)
         while len(self._by_hash) > self.max_adapters:
-            self._by_hash.popitem(last=False)
+            evicted, _ = self._by_hash.popitem(last=False)
+            self._immutable = {r: h for r, h in self._immutable.items() if h != evicted}
         return self._by_hash[sha]
 
     @contextmanager
