@@ -60,7 +60,7 @@ def register(tracker: Tracker, records: Sequence[dict[str, Any]]) -> None:
 def job_ended(tracker: Tracker, celery: Any, job_id: str) -> Released:
     """Release the jobs waiting for `job_id`, which has just ended."""
     key = tracker.keys.dependents(job_id)
-    ids = sorted(tracker.r.smembers(key))
+    ids: list[str] = sorted(tracker.r.smembers(key))  # type: ignore[arg-type]  # decoded
     if not ids:
         return Released()
     done = release(tracker, celery, ids)

@@ -272,7 +272,7 @@ def test_chained_render_waits_for_its_finetune_then_runs_with_its_adapter(
     assert np.abs(got - want).max() <= 1
     # A render naming the finished fine-tune now is queued at once.
     later = farm.submit(styled(f"job:{parent}", 0.8, seed=10)).status()
-    assert later.state == JobState.QUEUED and later.depends_on == []
+    assert later.state != JobState.WAITING and later.depends_on == []  # queued, or taken
     assert farm.wait([later.id], timeout=120)[0].state == JobState.SUCCEEDED
 
 
