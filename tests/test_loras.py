@@ -366,3 +366,16 @@ def test_manifest_rows_take_loras_too(farm, trainer, lora_file, tmp_path):
     run_parent(trainer, parent, lora_file.read_bytes())
     records = farm.wait([first.id, second.id], timeout=120)
     assert [r.state for r in records] == [JobState.SUCCEEDED, JobState.SUCCEEDED]
+
+
+def test_a_render_whose_adapter_cannot_be_read_fails_alone(farm, trainer, lora_file):
+    """A fine-tune that stored a broken adapter: the render naming it fails with a clear
+    reason, and the worker's next job (same pipeline) is unaffected."""
+    parent = finetune_record(farm.tracker)
+    run_parent(trainer, parent, lora_file.read_bytes()[:1000])  # truncated
+    doomed = farm.submit(styled(f"job:{parent}", seed=15))
+    plain = farm.submit(Txt2Img(model="tiny", prompt="a fox", seed=15, num_inference_steps=STEPS))
+    failed, fine = farm.wait([doomed.id, plain.id], timeout=120)
+    assert failed.state == JobState.FAILED
+    assert failed.error.startswith(f"loras: lora job:{parent}: not a readable safetensors file")
+    assert fine.state == JobState.SUCCEEDED
