@@ -38,7 +38,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 READ_CHUNK = 1000
 """Slots or job records read per pipelined round trip."""
 
-PENDING = ("unsubmitted", "queued", "running")
+PENDING = ("unsubmitted", "waiting", "queued", "running")
 """Slot states that may still change (unsubmitted: indexed, but its job was never written)."""
 
 
@@ -214,7 +214,7 @@ class Batch:
         """Cancel every queued job (at once) and running job (within a step); how many."""
         n = 0
         for s in self.slots():
-            if s.state in ("queued", "running"):
+            if s.state in ("waiting", "queued", "running"):
                 self.farm.cancel(s.job or "")
                 n += 1
         return n

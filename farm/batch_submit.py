@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from farm import images
+from farm import deps, images
 from farm.batch import check_name, slot_key
 from farm.errors import InvalidJob
 from farm.inputs import URI_SCHEMES, InputCatalog, InputInfo
@@ -326,7 +326,7 @@ def _prepare_chunk(
                 )
             elif p.row.mask_gen:  # drawn by the worker, with the slot's seed
                 spec["mask_image"] = _seeded(p.row.mask_gen, p.mask_seed)
-            out.records.append(farm._prepare(parse_spec(spec), {}))
+            out.records.append(farm._prepare(parse_spec(spec), out.uploads))  # + LoRA files
     finally:
         farm.known_inputs.clear()
     return out
@@ -342,6 +342,7 @@ def _commit_chunk(farm: Farm, name: str, chunk: _Chunk, result: SubmitResult) ->
     from farm.queue import RENDER_QUEUE, enqueue
 
     tracker = farm.tracker
+    deps.register(tracker, chunk.records)  # rows whose LoRA is an unfinished fine-tune
     created = tracker.create(chunk.records)
     again = [rec["id"] for rec, new in zip(chunk.records, created, strict=True) if not new]
     states = tracker.states(again)
@@ -349,10 +350,17 @@ def _commit_chunk(farm: Farm, name: str, chunk: _Chunk, result: SubmitResult) ->
     resend = [
         (rec["id"], rec["queue"], rec["priority"])
         for rec, new in zip(chunk.records, created, strict=True)
-        if new or rec["id"] in queued
+        if (new and not rec.get("depends_on")) or rec["id"] in queued
     ]
     resend += [(job_id, RENDER_QUEUE, priority) for job_id, priority in chunk.lost]
     enqueue(farm.celery, resend)
+    waiting = [
+        r["id"]
+        for r, new in zip(chunk.records, created, strict=True)
+        if new and r.get("depends_on")
+    ]
+    if waiting:
+        deps.release(tracker, farm.celery, waiting)
     result.new += sum(created)
     result.requeued += len(queued) + len(chunk.lost)
     result.present += len(again)

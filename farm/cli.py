@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from farm import cli_batch, cli_finetune, cli_models
+from farm.adapters import parse_lora_flag
 from farm.errors import FarmError, InvalidJob
 from farm.jobs import SCHEDULERS, JobRecord, flag_field
 from farm.masks import parse_generator
@@ -100,6 +101,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--num-images", type=int, help="num_images_per_prompt")
     s.add_argument("--priority", type=int, help="0..9, higher runs sooner")
     s.add_argument("--key", help="idempotency key: the same key submits once")
+    s.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="REF[:SCALE]",
+        help="LoRA adapter (repeatable): job:<finetune id>, s3:// or file:// URI, or a local "
+        ".safetensors path; SCALE defaults to 1",
+    )
     s.add_argument("--wait", action="store_true", help="wait; exit 1 unless it succeeds")
     s.add_argument("--timeout", type=float, help="with --wait: give up after S seconds")
     s.add_argument("--json", action="store_true", help="print the job record as JSON")
@@ -165,6 +174,8 @@ def _print_record(rec: JobRecord, as_json: bool) -> None:
         line += f"  step {p.step}/{p.total}"
     if p.loss is not None:
         line += f"  loss {p.loss:.4f}"
+    if rec.state.value == "waiting":
+        line += "  for " + ", ".join(f"job:{job_id}" for job_id in rec.depends_on)
     if rec.error:
         line += f"  error: {rec.error}"
     print(line)
@@ -186,6 +197,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             spec[field] = value
     if args.mask is not None:
         spec["mask_image"] = parse_generator(args.mask, "mask_image") or args.mask
+    if args.lora:
+        spec["loras"] = [parse_lora_flag(text) for text in args.lora]
     farm = _farm()
     job = farm.submit(spec)
     if args.wait:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from farm import images
+from farm import adapters, deps, images
 from farm.errors import InvalidJob, JobCancelled, JobFailed, WaitTimeout
 from farm.jobs import (
     Inpaint,
@@ -184,19 +184,28 @@ class Farm:
         records = [self._prepare(spec, uploads) for spec in parsed]
         # 2. Upload the inputs not yet stored (content-addressed: each once).
         self.upload_inputs(uploads)
-        # 3. Write the records; 4. enqueue those that are new.
+        self._write(records)
+        return [JobHandle(self, rec["id"]) for rec in records]
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        """3. Write the records; 4. enqueue those that are new (a `waiting` one when the jobs
+        it waits for have ended: `farm.deps`)."""
+        deps.register(self.tracker, records)
         created = self.tracker.create(records)
         from farm.queue import enqueue
 
+        new = [rec for rec, fresh in zip(records, created, strict=True) if fresh]
         enqueue(
             self.celery,
             (
                 (rec["id"], rec["queue"], rec["priority"])
-                for rec, new in zip(records, created, strict=True)
-                if new
+                for rec in new
+                if not rec.get("depends_on")
             ),
         )
-        return [JobHandle(self, rec["id"]) for rec in records]
+        waiting = [rec["id"] for rec in new if rec.get("depends_on")]
+        if waiting:  # a job it waits for may have ended before it was registered
+            deps.release(self.tracker, self.celery, waiting)
 
     def _prepare(self, spec: Any, uploads: dict[str, bytes]) -> dict[str, Any]:
         """The record of a validated spec; its input images checked and queued for upload."""
@@ -207,6 +216,11 @@ class Farm:
         if spec.seed is None:
             updates["seed"] = secrets.randbits(32)
         image = None
+        depends_on: list[str] = []
+        if getattr(spec, "loras", None):
+            updates["loras"], depends_on = adapters.prepare_loras(
+                spec.loras, uploads, tracker=self.tracker, store=self.store
+            )
         if spec.kind == "finetune":  # training images and captions, resolved to store URIs
             from farm.training_data import training_set
 
@@ -234,7 +248,8 @@ class Farm:
         return {
             "id": job_id,
             "kind": spec.kind,
-            "state": JobState.QUEUED.value,
+            "state": (JobState.WAITING if depends_on else JobState.QUEUED).value,
+            "depends_on": depends_on or None,
             "spec": spec.model_dump(mode="json", exclude_none=True),
             "priority": spec.priority,
             "created_at": repr(time.time()),
@@ -284,8 +299,11 @@ class Farm:
         return self.tracker.get(job_id)
 
     def cancel(self, job_id: str) -> JobState:
-        """Cancel a queued job now, or a running one within one denoising step."""
-        return self.tracker.request_cancel(job_id)
+        """Cancel a queued or waiting job now, or a running one within one denoising step."""
+        state = self.tracker.request_cancel(job_id)
+        if state == JobState.CANCELLED:  # jobs waiting for this one fail now
+            deps.job_ended(self.tracker, self.celery, job_id)
+        return state
 
     def wait(
         self,

@@ -67,6 +67,10 @@ class RedisKeys:
         name = f"{queue}{BROKER_PRIORITY_SEP}{step}" if step else queue
         return f"{self.prefix}celery:{name}"
 
+    def dependents(self, job_id: str) -> str:
+        """Set: ids of the `waiting` jobs that wait for this job to end (`farm.deps`)."""
+        return f"{self.prefix}deps:{job_id}"
+
 
 # Storage keys: relative to the store's root (bucket prefix or folder).
 
@@ -74,6 +78,11 @@ class RedisKeys:
 def input_key(sha256: str) -> str:
     """A content-addressed input image or mask."""
     return f"inputs/{sha256}.png"
+
+
+def adapter_input_key(sha256: str) -> str:
+    """A content-addressed LoRA adapter uploaded with a render (`farm.adapters`)."""
+    return f"inputs/{sha256}.safetensors"
 
 
 def output_key(job_id: str, index: int) -> str:

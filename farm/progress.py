@@ -43,9 +43,10 @@ class JobsBar:
         done = sum(s in ENDED for _, s, _, _ in states)
         frac = sum(1.0 if s in ENDED else (a / b if b else 0.0) for _, s, a, b in states)
         frac /= len(states)
+        waiting = sum(s == "waiting" for _, s, _, _ in states)
         self.line.show(
             f"[{'#' * int(frac * 30):<30}] {done}/{len(states)} jobs  {frac:4.0%}  "
-            f"{time.monotonic() - self.started:5.1f}s"
+            f"{time.monotonic() - self.started:5.1f}s" + (f"  {waiting} waiting" if waiting else "")
         )
         if done == len(states):
             self.line.end()

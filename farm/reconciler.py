@@ -7,7 +7,9 @@ process (workers take turns through a Redis lock) looks for:
 - `running` jobs whose lease ran out (their worker died): handed back to `queued` and
   enqueued again;
 - `queued` jobs enqueued longer ago than `requeue_after` without being claimed (a message
-  lost between fetch and unacked, or a crash between record and enqueue): enqueued again.
+  lost between fetch and unacked, or a crash between record and enqueue): enqueued again;
+- `waiting` jobs whose dependencies have all ended or expired (a crash between a job's end and
+  the release of its dependents): queued or failed (`farm.deps.release`).
 
 A duplicate message is harmless: it finds its job claimed or done and is acknowledged.
 """
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from farm import deps
 from farm.jobs import JobState
 from farm.queue import RENDER_QUEUE, enqueue
 from farm.tracker import Tracker
@@ -36,6 +39,10 @@ class Report:
     requeued: list[str] = field(default_factory=list)
     forgotten: int = 0
     """Ids in the live index whose records expired, removed from it."""
+    released: list[str] = field(default_factory=list)
+    """Waiting jobs queued because what they waited for had succeeded."""
+    failed: list[str] = field(default_factory=list)
+    """Waiting jobs failed because what they waited for failed, was cancelled or expired."""
 
 
 def _live_ids(tracker: Tracker) -> Iterator[list[str]]:
@@ -69,6 +76,7 @@ def reconcile(
             )
         resend: list[tuple[str, str, int]] = []
         gone: list[str] = []
+        waiting: list[str] = []
         for job_id, (state, token, lease, enqueued, created, prio, queue) in zip(
             ids, pipe.execute(), strict=True
         ):
@@ -90,11 +98,17 @@ def reconcile(
                 tracker.r.hset(tracker.keys.job(job_id), "enqueued_at", repr(now))
                 report.requeued.append(job_id)
                 resend.append((job_id, queue or RENDER_QUEUE, int(prio or 0)))
+            elif state == JobState.WAITING:
+                waiting.append(job_id)
         if gone:
             tracker.r.zrem(tracker.keys.jobs, *gone)
             report.forgotten += len(gone)
         if resend:
             enqueue(celery, resend)
+        if waiting:
+            done = deps.release(tracker, celery, waiting)
+            report.released += done.queued
+            report.failed += done.failed
     if report.handed_back or report.requeued:
         log.warning(
             "reconciler: handed back %d job(s) with expired leases, re-enqueued %d queued",

@@ -298,8 +298,8 @@ class Tracker:
         return out
 
     def request_cancel(self, job_id: str) -> JobState:
-        """Cancel a queued job at once; ask a running one to stop at its next step."""
-        t = self.transition(job_id, JobState.CANCELLED, expect=[JobState.QUEUED])
+        """Cancel a queued (or waiting) job at once; ask a running one to stop at its next step."""
+        t = self.transition(job_id, JobState.CANCELLED, expect=[JobState.QUEUED, JobState.WAITING])
         if t.ok or t.state != JobState.RUNNING:
             return t.state
         pipe = self.r.pipeline(transaction=False)

@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any
 
-from farm import images
+from farm import deps, images
 from farm.errors import InvalidJob, StaleAttempt, TransientError
 from farm.jobs import JobState
 from farm.keys import mask_key, meta_key, output_key
@@ -129,7 +129,18 @@ def end(rt: Runtime, job_id: str, token: str, state: JobState, **fields: Any) ->
             "job %s: attempt %s superseded; its %s is not recorded", job_id, token, state.value
         )
         return "stale"
+    if state.terminal:
+        release_dependents(rt, job_id)
     return state.value
+
+
+def release_dependents(rt: Runtime, job_id: str) -> None:
+    """Queue or fail the jobs waiting for this one (`farm.deps`). Never fails the job that
+    ended: whatever is left undone here, the reconciler's next pass does."""
+    try:
+        deps.job_ended(rt.tracker, rt.celery, job_id)
+    except Exception as e:
+        log.warning("job %s: its waiting jobs are left to the reconciler: %s", job_id, e)
 
 
 def hand_back(

@@ -63,6 +63,10 @@ class Runtime:
             max_gb=settings.model_cache_gb,
         )
         self.celery = make_celery(settings)
+        from workers.adapters import AdapterCache
+
+        self.adapters = AdapterCache(self.store)
+        """LoRA adapters, loaded on the warm pipelines per job (`workers.adapters`)."""
         self.versions = versions()
         self.jobs_done = 0
         self.stopping = False

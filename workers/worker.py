@@ -188,33 +188,36 @@ def _render_and_store(
     ids = [job.id for job in jobs]
     t_start = time.perf_counter()
     # 4. The warm pipeline (loaded once per process, shared across kinds); for style jobs,
-    #    their IP-Adapter's, loaded once beside it and attached for the call only.
+    #    their IP-Adapter's, loaded once beside it and attached for the call only. The batch's
+    #    LoRA adapters (the same for all: they are in the batch signature) are loaded for this
+    #    call only: the pipeline is the base model again after it.
     ip_adapter = load_for(rt.cache, lead) if lead.kind == "style" else None
     pipe = ip_adapter.pipe if ip_adapter else rt.cache.get(lead.model, lead.kind)
-    t_load = time.perf_counter()
-    # 5. Render: one call, progress for every job; between steps, a cancel, a shutdown or
-    #    the time limit stops it.
-    inject(rt.settings.fault_injection, [job.spec for job in jobs])
-    watch = hb.watch(ids)
-    deadline = time.monotonic() + rt.settings.time_limit
-    stop: list[str] = []
+    with rt.adapters.applied(pipe, lead.loras):
+        t_load = time.perf_counter()
+        # 5. Render: one call, progress for every job; between steps, a cancel, a shutdown or
+        #    the time limit stops it.
+        inject(rt.settings.fault_injection, [job.spec for job in jobs])
+        watch = hb.watch(ids)
+        deadline = time.monotonic() + rt.settings.time_limit
+        stop: list[str] = []
 
-    def on_step(step: int, total: int) -> bool:
-        if rt.stopping:
-            stop.append("shutdown")
-        elif time.monotonic() > deadline:
-            stop.append("time limit")
-        return watch(step, total) or bool(stop)
+        def on_step(step: int, total: int) -> bool:
+            if rt.stopping:
+                stop.append("shutdown")
+            elif time.monotonic() > deadline:
+                stop.append("time limit")
+            return watch(step, total) or bool(stop)
 
-    results = render_batch(
-        pipe,
-        [job.spec for job in jobs],
-        [job.image for job in jobs],
-        [job.mask for job in jobs],
-        on_step=on_step,
-        ip_adapter=ip_adapter,
-        ip_adapter_image=jobs[0].style_image,
-    )
+        results = render_batch(
+            pipe,
+            [job.spec for job in jobs],
+            [job.image for job in jobs],
+            [job.mask for job in jobs],
+            on_step=on_step,
+            ip_adapter=ip_adapter,
+            ip_adapter_image=jobs[0].style_image,
+        )
     t_render = time.perf_counter()
     hb.beat()  # a cancel or takeover that came during the last step counts too
     if stop:
