@@ -11,6 +11,7 @@ process per store would double this module's time.) The adapter is checked with 
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from farm import Farm, JobCancelled, JobState, Txt2Img
+from farm import Farm, JobCancelled, JobFailed, JobState, Txt2Img
 from farm.errors import InvalidJob
 from farm.jobs import FINETUNE_QUEUE, Finetune
 from farm.keys import ADAPTER_FILE, adapter_file_key, checkpoints_prefix
@@ -239,6 +240,58 @@ def test_cancel_a_running_finetune(farm, photos):
     with pytest.raises(JobCancelled):
         job.wait(timeout=60)
     assert farm.get(job.id).progress.step < 5000
+
+
+def test_a_render_chained_to_an_unfinished_finetune_waits_then_uses_its_adapter(
+    farm, photos, exported, tmp_path
+):
+    tune = farm.submit(
+        Finetune(
+            model="tiny",
+            images=str(photos),
+            instance_prompt="sks disc",
+            max_train_steps=30,
+            **TRAIN,
+        )
+    )
+    render = farm.submit(
+        Txt2Img(
+            model="tiny",
+            prompt="sks disc",
+            seed=0,
+            num_inference_steps=3,
+            loras=[{"ref": f"job:{tune.id}", "scale": 1.0}],
+        )
+    )
+    held = farm.get(render.id)
+    assert held.state == JobState.WAITING and held.depends_on == [tune.id]
+    rec = render.wait(timeout=300)
+    tuned = farm.get(tune.id)
+    assert tuned.state == JobState.SUCCEEDED and rec.started_at >= tuned.finished_at
+    # The farm's render with the adapter the fine-tune stored equals diffusers' own
+    # `load_lora_weights` of that file, with the same seed.
+    adapter = tmp_path / ADAPTER_FILE
+    adapter.write_bytes(farm.store.get_uri(tune.adapter()))
+    direct = np.round(render_direct(exported, adapter) * 255)
+    ours = np.asarray(Image.open(io.BytesIO(farm.store.get_uri(rec.outputs[0]))), dtype=float)
+    assert np.abs(ours - direct).max() <= 1
+    assert np.abs(ours - np.round(render_direct(exported) * 255)).max() > 2  # the adapter acted
+
+
+def test_a_render_chained_to_a_finetune_that_is_cancelled_fails_with_the_reason(farm, photos):
+    tune = farm.submit(
+        Finetune(
+            model="tiny", images=str(photos), instance_prompt="x", max_train_steps=5000, **TRAIN
+        )
+    )
+    render = farm.submit(
+        Txt2Img(model="tiny", prompt="x", num_inference_steps=3, loras=[f"job:{tune.id}"])
+    )
+    assert farm.get(render.id).state == JobState.WAITING
+    tune.cancel()
+    with pytest.raises(JobFailed, match=f"job:{tune.id}"):
+        render.wait(timeout=60)
+    assert farm.get(render.id).started_at is None  # it never ran
 
 
 @pytest.mark.parametrize(
