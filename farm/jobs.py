@@ -85,6 +85,16 @@ def queue_for(spec: Any) -> str:
     return FINETUNE_QUEUE if spec.kind == "finetune" else RENDER_QUEUE
 
 
+def model_queue(ref: str) -> str:
+    """The affinity queue of renders for model `ref`: `render.<slug>`, consumed first by the
+    workers that hold `ref` warm (see `farm.affinity`). A ref that is not already a plain
+    slug gets a short hash, so two refs never share a queue."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", ref.lower()).strip("-.")[:64]
+    if slug != ref:
+        slug = f"{slug}-{hashlib.sha256(ref.encode()).hexdigest()[:8]}"
+    return f"{RENDER_QUEUE}.{slug}"
+
+
 # --------------------------------------------------------------------------- schedulers
 
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
