@@ -85,5 +85,12 @@ class FarmSettings(BaseSettings):
     models_dir: Path | None = None
     """Relative local model refs resolve under this folder, and may not leave it."""
 
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    """A worker serves Prometheus metrics on this port (0: no endpoint). `farm worker --gpus`
+    and `--workers` give child i the port + i."""
+
+    events: bool = True
+    """Celery task events and worker heartbeats on, so Flower can list workers and tasks."""
+
     def storage_url(self) -> str:
         return self.storage or (self.home / "storage").resolve().as_uri()

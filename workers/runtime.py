@@ -67,6 +67,13 @@ class Runtime:
         self.jobs_done = 0
         self.stopping = False
         """Set on SIGTERM/SIGINT: running jobs stop at the next step and are handed back."""
+        from farm.jobs import RENDER_QUEUE
+        from workers.metrics import WorkerMetrics
+        from workers.presence import Presence
+
+        self.metrics = WorkerMetrics(self)
+        self.presence = Presence(self, [RENDER_QUEUE])
+        """Its registry entry and its affinity queues (`run_worker` sets the base queues)."""
 
 
 def load_input(rt: Runtime, uri: str, field: str) -> Any:

@@ -52,6 +52,7 @@ def run_job(rt: Runtime, job_id: str) -> str:
     # 3-7. Read, render, store, finish.
     outcomes = _run_held(rt, held)
     rt.jobs_done += len(held)
+    rt.metrics.ended(held, outcomes)
     for job in held:
         log.info(
             "job %s (%s, %s, batch of %d): %s in %.2fs",
@@ -181,8 +182,11 @@ def _render_and_store(
     ids = [job.id for job in jobs]
     t_start = time.perf_counter()
     # 4. The warm pipeline (loaded once per process, shared across kinds).
+    loads = rt.cache.loads
     pipe = rt.cache.get(lead.model, lead.kind)
     t_load = time.perf_counter()
+    if rt.cache.loads > loads:
+        rt.metrics.loaded(t_load - t_start)
     # 5. Render: one call, progress for every job; between steps, a cancel, a shutdown or
     #    the time limit stops it.
     inject(rt.settings.fault_injection, [job.spec for job in jobs])
@@ -205,6 +209,7 @@ def _render_and_store(
         on_step=on_step,
     )
     t_render = time.perf_counter()
+    rt.metrics.rendered(lead.kind, len(jobs), t_render - t_load)
     hb.beat()  # a cancel or takeover that came during the last step counts too
     if stop:
         stopped(rt, jobs, hb, outcomes, stop[0])
@@ -263,7 +268,8 @@ def register(rt: Runtime) -> None:
 
     @rt.celery.task(name=RUN_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def run(job_id: str) -> str:
-        return run_job(rt, job_id)
+        with rt.presence.running(job_id):  # the registry shows it; then queues follow models
+            return run_job(rt, job_id)
 
 
 def run_worker(
@@ -287,6 +293,13 @@ def run_worker(
     rt = Runtime(settings, device, threads, name)
     for ref in preload or []:
         rt.cache.get(ref, "inpaint" if "inpaint" in ref else "txt2img")
+    for seconds in rt.cache.load_seconds.values():
+        rt.metrics.loaded(seconds)
+    if settings.metrics_port:
+        rt.metrics.serve(settings.metrics_port)
+    # Warm models' queues first, then the ones asked for (`farm.affinity`).
+    rt.presence.base_queues = queues or [RENDER_QUEUE]
+    queues = rt.presence.current = rt.presence.queues()
     register(rt)
     # Everything loaded so far lives as long as the process: keep the collector off it, so
     # the objects a render allocates are all a collection has to scan.
@@ -296,11 +309,14 @@ def run_worker(
         hostname=rt.name,
         pool_cls="solo",
         concurrency=1,
-        queues=queues or [RENDER_QUEUE],
+        queues=queues,
         loglevel=loglevel,
+        # Gossip (every worker hears every other's events) and mingle (a start-up sync of
+        # revoked ids we never use) stay off; the heartbeat event, one PUBLISH per worker
+        # every 2 s, is what Flower lists workers by.
         without_gossip=True,
         without_mingle=True,
-        without_heartbeat=True,
+        without_heartbeat=not settings.events,
         optimization="fair",
         quiet=True,
     )
@@ -311,8 +327,13 @@ def run_worker(
 
     worker_shutting_down.connect(on_shutdown, weak=False)
     Reconciler(rt).start()
-    log.info("worker %s serving %s on %s", rt.name, ",".join(queues or [RENDER_QUEUE]), rt.device)
-    worker.start()
+    rt.presence.consumer = worker.consumer
+    rt.presence.start()
+    log.info("worker %s serving %s on %s", rt.name, ",".join(queues), rt.device)
+    try:
+        worker.start()
+    finally:
+        rt.presence.stop()
 
 
 class Reconciler(threading.Thread):
