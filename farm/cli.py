@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from farm import cli_batch
+from farm import cli_batch, cli_workers
 from farm.errors import FarmError, InvalidJob
 from farm.jobs import BUILTIN_MODELS, SCHEDULERS, JobRecord, flag_field
 from farm.masks import parse_generator
@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     up.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
     up.add_argument("--threads", type=int, help="torch threads per worker")
+    up.add_argument("--gpus", help="all, or GPU indices 0,1,3: one worker per GPU")
 
     w = sub.add_parser("worker", help="serve jobs on one device")
     w.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
@@ -62,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="REF",
         help="load this model before taking jobs (repeatable)",
     )
+    w.add_argument("--gpus", help="all, or GPU indices 0,1,3: one worker process per GPU")
+    w.add_argument("--workers", type=int, help="N worker processes on --device (1 thread each)")
 
     s = sub.add_parser("submit", help="submit one job")
     s.add_argument("kind", choices=["txt2img", "img2img", "inpaint"])
@@ -124,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--variations", type=int, default=2)
 
     cli_batch.add_parser(sub)
+    cli_workers.add_parser(sub)
     return p
 
 
@@ -225,6 +229,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    if args.gpus or args.workers:
+        return cli_workers.run_many(args)
     from farm.client import resolve_settings
     from workers.worker import run_worker
 
@@ -242,16 +248,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # SIGTERM stops `farm up` the way Ctrl-C does
 
+    from farm.launcher import parse_gpus
+
     settings = FarmSettings()
+    gpus = parse_gpus(args.gpus) if args.gpus else None
     signal.signal(signal.SIGTERM, interrupt)
     with LocalFarm(
-        settings, workers=args.workers, device=args.device, threads=args.threads, write_state=True
+        settings,
+        workers=args.workers,
+        device=args.device,
+        threads=args.threads,
+        write_state=True,
+        gpus=gpus,
+        metrics_port=settings.metrics_port,
     ) as lf:
         print(f"farm up: redis {lf.settings.redis_url}", flush=True)
         print(f"farm up: storage {lf.settings.storage_url()}", flush=True)
-        print(
-            f"farm up: {args.workers} worker(s) on {args.device}; logs in {lf.log_dir}", flush=True
-        )
+        where = f"GPUs {','.join(map(str, gpus))}" if gpus else f"{args.workers} on {args.device}"
+        print(f"farm up: worker(s): {where}; logs in {lf.log_dir}", flush=True)
         print("farm up: submit from another terminal (`farm submit ...`); Ctrl-C stops", flush=True)
         try:
             while True:
@@ -280,4 +294,5 @@ COMMANDS = {
     "models": cmd_models,
     "demo": cmd_demo,
     "batch": cli_batch.run,
+    "workers": cli_workers.run,
 }
