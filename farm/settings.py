@@ -89,6 +89,12 @@ class FarmSettings(BaseSettings):
     """A worker serves Prometheus metrics on this port (0: no endpoint). `farm worker --gpus`
     and `--workers` give child i the port + i."""
 
+    channels_last: bool = False
+    """Workers put each model's UNet and VAE in channels_last memory format (`workers.optimize`)."""
+
+    compile: bool = False
+    """Workers `torch.compile` each model's UNet (compiles on first use and on each new shape)."""
+
     events: bool = True
     """Celery task events and worker heartbeats on, so Flower can list workers and tasks."""
 

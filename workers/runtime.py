@@ -62,6 +62,9 @@ class Runtime:
             models_dir=settings.models_dir,
             max_gb=settings.model_cache_gb,
         )
+        from workers.optimize import from_settings
+
+        self.cache.prepare = from_settings(settings)
         self.celery = make_celery(settings)
         self.versions = versions()
         self.jobs_done = 0
