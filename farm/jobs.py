@@ -13,6 +13,7 @@ along `TRANSITIONS`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -85,6 +86,7 @@ def queue_for(spec: Any) -> str:
     return FINETUNE_QUEUE if spec.kind == "finetune" else RENDER_QUEUE
 
 
+@functools.lru_cache(maxsize=4096)
 def model_queue(ref: str) -> str:
     """The affinity queue of renders for model `ref`: `render.<slug>`, consumed first by the
     workers that hold `ref` warm (see `farm.affinity`). A ref that is not already a plain

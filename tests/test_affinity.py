@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import threading
 import time
 import urllib.request
 
@@ -129,6 +130,9 @@ def test_jobs_go_to_the_worker_holding_their_model_and_run_without_it(settings, 
         with Farm(settings) as farm:
             rec = farm.submit(job(11)).wait(timeout=120)
             assert (rec.queue, rec.worker) == (model_queue("tiny"), "cold@test")
+            # Every message was acknowledged, the one whose job changed the queues included.
+            unacked = f"{settings.key_prefix}celery:unacked"
+            wait_for(lambda: farm.tracker.r.hlen(unacked) == 0, 10, what="no unacked message")
     finally:
         sup.stop()
     with Farm(settings) as farm:
@@ -139,9 +143,11 @@ def test_higher_priority_runs_first_behind_a_busy_worker(settings, tmp_path):
     settings = settings.model_copy(update={"max_batch": 1})  # one job per call: pure order
     sup = Supervisor([child("one@test", settings, tmp_path, ["tiny"])], settings_env(settings))
     sup.start()
+    events = Events(make_celery(settings))
     try:
         with Farm(settings) as farm:
             wait_for(lambda: entries(farm), what="the worker")
+            events.start()
             busy = farm.submit(job(0, steps=60))
             wait_for(lambda: busy.status().state.value == "running", what="the busy job")
             low = [farm.submit(job(100 + i, priority=0)).id for i in range(3)]
@@ -151,8 +157,34 @@ def test_higher_priority_runs_first_behind_a_busy_worker(settings, tmp_path):
             order = [r.id for r in sorted(records, key=lambda r: r.started_at)]
             assert order[0] == busy.id
             assert set(order[1:4]) == set(high) and set(order[4:]) == set(low)
+            # Flower's view: the worker's heartbeats and its tasks' events reach the broker.
+            wait_for(lambda: events.seen("worker-heartbeat", "one@test"), 10, what="heartbeat")
+            wait_for(lambda: len(events.of("task-succeeded")) >= 7, 10, what="task events")
+            assert events.seen("task-received", "one@test")
     finally:
         sup.stop()
+
+
+class Events(threading.Thread):
+    """Celery's event stream, as Flower reads it (`app.events.Receiver`)."""
+
+    def __init__(self, app) -> None:
+        super().__init__(daemon=True)
+        self.app, self.got = app, []
+
+    def run(self) -> None:
+        try:
+            with self.app.connection() as conn:
+                receiver = self.app.events.Receiver(conn, handlers={"*": self.got.append})
+                receiver.capture(limit=None, timeout=60, wakeup=False)
+        except Exception:  # the test is over (timeout, or its Redis flushed away)
+            pass
+
+    def of(self, kind: str) -> list[dict]:
+        return [e for e in list(self.got) if e.get("type") == kind]
+
+    def seen(self, kind: str, hostname: str) -> bool:
+        return any(e.get("hostname") == hostname for e in self.of(kind))
 
 
 def test_reconciler_moves_jobs_stranded_in_a_model_queue(settings):
