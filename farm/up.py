@@ -56,6 +56,7 @@ class LocalFarm:
         self.n_workers = workers
         self.device = device
         self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+        self.threads_asked = threads
         self.preload = preload or []
         self.log_dir = log_dir or settings.home / "logs"
         self.write_state = write_state
@@ -103,7 +104,7 @@ class LocalFarm:
             gpus=self.gpus,
             workers=self.n_workers,
             device=self.device,
-            threads=self.threads,
+            threads=self.threads_asked if self.gpus else self.threads,
             preload=self.preload,
             metrics_port=self.metrics_port,
             log_dir=self.log_dir,

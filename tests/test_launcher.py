@@ -93,3 +93,15 @@ def test_worker_many_starts_restarts_and_stops_its_children(redis_url, tmp_path)
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_a_pinned_child_reports_the_gpu_the_machine_knows(monkeypatch):
+    import torch
+
+    from workers.presence import physical_device
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # torch calls it cuda:0
+    assert physical_device(torch.device("cuda", 0)) == "cuda:3"
+    assert physical_device(torch.device("cpu")) == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5f1c")  # a UUID: torch's name stays
+    assert physical_device(torch.device("cuda", 0)) == "cuda:0"

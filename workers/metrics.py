@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from farm.affinity import consumed_queues
 from farm.jobs import FINETUNE_QUEUE, RENDER_QUEUE
 from farm.queue import PRIORITY_STEPS
+from workers.presence import physical_device
 
 log = logging.getLogger("farm.metrics")
 
@@ -90,7 +91,7 @@ class _LiveCollector(Collector):
         memory = GaugeMetricFamily(
             "farm_device_memory_bytes", "Bytes held on the device", labels=["device"]
         )
-        memory.add_metric([str(self.rt.device)], device_memory(self.rt.device))
+        memory.add_metric([physical_device(self.rt.device)], device_memory(self.rt.device))
         yield memory
         warm = GaugeMetricFamily("farm_models_warm", "Models this worker holds warm")
         warm.add_metric([], len(self.rt.cache.held))

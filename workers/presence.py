@@ -32,6 +32,18 @@ PUBLISH_INTERVAL = 2.0
 """Seconds between two refreshes of a worker's entry (well under `registry.STALE_AFTER`)."""
 
 
+def physical_device(device: Any) -> str:
+    """The device as the machine numbers it: `cuda:3` for a child pinned with
+    `CUDA_VISIBLE_DEVICES=3` (where torch calls it `cuda:0`), else torch's own name."""
+    if getattr(device, "type", None) != "cuda":
+        return str(device)
+    visible = [p.strip() for p in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    index = device.index or 0
+    if index < len(visible) and visible[index].isdigit():
+        return f"cuda:{visible[index]}"
+    return str(device)
+
+
 class Presence:
     """Publishes one worker's entry and keeps its model queues in step with its warm models."""
 
@@ -87,7 +99,7 @@ class Presence:
             name=self.rt.name,
             host=socket.gethostname(),
             pid=os.getpid(),
-            device=str(self.rt.device),
+            device=physical_device(self.rt.device),
             queues=list(self.current),
             models=list(self.rt.cache.held),
             job=self.job,
