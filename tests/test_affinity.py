@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -288,3 +290,21 @@ def parse_metrics(text: str) -> dict[str, float]:
             key, _, value = line.rpartition(" ")
             out[key] = float(value)
     return out
+
+
+def test_celery_tools_get_the_farms_app(settings):
+    env = settings_env(settings.model_copy(update={"key_prefix": "blue:"}))
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from farm.flower import app; o = app.conf.broker_transport_options; "
+            "print(app.conf.broker_url, o['global_keyprefix'], app.conf.worker_send_task_events)",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [settings.redis_url, "blue:celery:", "True"]

@@ -1,0 +1,14 @@
+"""The farm's Celery app, for Celery's own tools: `celery -A farm.flower flower`.
+
+Flower (and `celery -A farm.flower events`, `inspect`) must see the broker exactly as the
+workers do: the farm's Redis, and its key prefix (`farm:celery:`), which kombu also puts on the
+event channels. Settings come from `FARM_*` as everywhere else (or the running `farm up`).
+"""
+
+from __future__ import annotations
+
+from farm.client import resolve_settings
+from farm.queue import make_celery
+from farm.settings import FarmSettings
+
+app = make_celery(resolve_settings(FarmSettings()))
