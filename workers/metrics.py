@@ -21,6 +21,7 @@ Each process has its own `CollectorRegistry`, so tests can build several in one 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -94,7 +95,8 @@ class _LiveCollector(Collector):
         memory.add_metric([physical_device(self.rt.device)], device_memory(self.rt.device))
         yield memory
         warm = GaugeMetricFamily("farm_models_warm", "Models this worker holds warm")
-        warm.add_metric([], len(self.rt.cache.held))
+        with contextlib.suppress(RuntimeError):  # the cache changing this instant: skip it
+            warm.add_metric([], len(self.rt.cache.held))
         yield warm
 
 
