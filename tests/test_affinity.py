@@ -189,6 +189,46 @@ class Events(threading.Thread):
         return any(e.get("hostname") == hostname for e in self.of(kind))
 
 
+def test_an_evicted_models_queue_is_dropped_and_its_jobs_rerouted(settings, tmp_path):
+    from PIL import Image
+
+    from farm import Inpaint
+    from farm.queue import enqueue
+
+    # A cache budget this small keeps one model: loading another evicts the first.
+    one = child("one@test", settings, tmp_path, ["tiny"], FARM_MODEL_CACHE_GB="0.000001")
+    sup = Supervisor([one], settings_env(settings))
+    sup.start()
+    try:
+        with Farm(settings) as farm:
+            wait_for(lambda: entries(farm), what="the worker")
+            assert entries(farm)["one@test"].queues == [model_queue("tiny"), "render"]
+            image, mask = Image.new("RGB", (32, 32), "red"), Image.new("L", (32, 32), 255)
+            spec = Inpaint(model="tiny-inpaint", prompt="x", image=image, mask_image=mask, seed=1)
+            farm.submit(spec.model_copy(update={"num_inference_steps": 2})).wait(timeout=120)
+            e = wait_for(lambda: (e := entries(farm)["one@test"]).models == ["tiny-inpaint"] and e)
+            assert e.queues == [model_queue("tiny-inpaint"), "render"]  # render.tiny dropped
+            # A job whose only message sits in the dropped queue: nobody takes it, until the
+            # worker's reconciler (every second here) re-sends it to `render`.
+            rec = farm._prepare(job(6), {}) | {"queue": model_queue("tiny")}
+            farm.tracker.create([rec])
+            enqueue(farm.celery, [(rec["id"], model_queue("tiny"), 0)])
+            done = farm.wait([rec["id"]], timeout=120)[0]
+            assert (done.state.value, done.queue, done.worker) == (
+                "succeeded",
+                "render",
+                "one@test",
+            )
+            # Having loaded `tiny` for it (evicting tiny-inpaint), the worker takes its queue back.
+            tiny_first = [model_queue("tiny"), "render"]
+            wait_for(lambda: entries(farm)["one@test"].queues == tiny_first, 10, what="queues")
+            with Farm(settings) as fresh:  # a client whose view of the registry is new
+                late = fresh.submit(job(7)).wait(timeout=120)
+                assert (late.queue, late.worker) == (model_queue("tiny"), "one@test")
+    finally:
+        sup.stop()
+
+
 def test_reconciler_moves_jobs_stranded_in_a_model_queue(settings):
     keys = RedisKeys(settings.key_prefix)
     with Farm(settings) as farm:
