@@ -7,7 +7,7 @@
 Each child is an ordinary `python -m farm worker --device ...` process. A GPU child sees only
 its own device (`CUDA_VISIBLE_DEVICES=<i>`, so it renders on `cuda:0`), which keeps one
 process's allocations and NCCL/driver state off the other GPUs. The parent never imports torch:
-it counts GPUs with `nvidia-smi -L` (or believes the list it is given), and a child that cannot
+it counts GPUs with `nvidia-smi -L` (and checks a given list against it; without it, believes the list), and a child that cannot
 open its device fails loudly in its own log and is restarted with backoff.
 
 `Supervisor` is the one piece that starts, restarts and stops children; `farm up`
@@ -77,28 +77,32 @@ def worker_command(
     return cmd
 
 
-def visible_gpus() -> list[int]:
-    """Indices of this machine's NVIDIA GPUs, from `nvidia-smi -L` (no torch in this process).
-
-    `CUDA_VISIBLE_DEVICES`, when set to plain indices, narrows the list the way CUDA would.
-    """
+def machine_gpus() -> list[int] | None:
+    """Indices of this machine's NVIDIA GPUs as `nvidia-smi -L` lists them (no torch in this
+    process); None when there is no `nvidia-smi` to ask."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        return []
+        return None
     try:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
-    found = [i for i, line in enumerate(ln for ln in out.splitlines() if ln.startswith("GPU "))]
+        return None
+    return list(range(sum(1 for line in out.splitlines() if line.startswith("GPU "))))
+
+
+def visible_gpus() -> list[int]:
+    """The GPUs `--gpus all` means: the machine's, narrowed by `CUDA_VISIBLE_DEVICES` when it
+    holds plain indices (as CUDA would narrow them)."""
+    found = machine_gpus() or []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and all(p.strip().isdigit() for p in visible.split(",") if p.strip()):
-        allowed = [int(p) for p in visible.split(",") if p.strip()]
-        found = [i for i in allowed if i in found]
+        found = [i for i in (int(p) for p in visible.split(",") if p.strip()) if i in found]
     return found
 
 
 def parse_gpus(spec: str) -> list[int]:
-    """`all` → every GPU `visible_gpus` finds; `0,1,3` → those indices. InvalidJob otherwise."""
+    """`all` → every GPU `visible_gpus` finds; `0,1,3` → those indices, each checked against
+    `nvidia-smi -L` where there is one. InvalidJob naming the value otherwise."""
     spec = spec.strip()
     if spec == "all":
         gpus = visible_gpus()
@@ -118,6 +122,14 @@ def parse_gpus(spec: str) -> list[int]:
     gpus = [int(p) for p in parts]
     if len(set(gpus)) != len(gpus):
         raise InvalidJob(f"gpus: an index appears twice in {spec!r}", field="gpus")
+    known = machine_gpus()
+    missing = [g for g in gpus if known is not None and g not in known]
+    if missing:
+        raise InvalidJob(
+            f"gpus: no GPU {missing[0]} on this machine (`nvidia-smi -L` lists "
+            f"{len(known or [])}), got {spec!r}",
+            field="gpus",
+        )
     return gpus
 
 
