@@ -7,8 +7,9 @@
 Each child is an ordinary `python -m farm worker --device ...` process. A GPU child sees only
 its own device (`CUDA_VISIBLE_DEVICES=<i>`, so it renders on `cuda:0`), which keeps one
 process's allocations and NCCL/driver state off the other GPUs. The parent never imports torch:
-it counts GPUs with `nvidia-smi -L` (and checks a given list against it; without it, believes the list), and a child that cannot
-open its device fails loudly in its own log and is restarted with backoff.
+it counts GPUs with `nvidia-smi -L` and checks a given list against it (without `nvidia-smi` it
+believes the list), and a child that cannot open its device fails loudly in its own log and is
+restarted with backoff.
 
 `Supervisor` is the one piece that starts, restarts and stops children; `farm up`
 (`farm.up.LocalFarm`) and `farm worker --gpus/--workers` both use it. SIGTERM or SIGINT to the
