@@ -1,9 +1,15 @@
 """Full-size SD 1.5 inpainting on one GPU: images/s of diffusers called directly vs the farm's
 worker path, at batch 1 and at FARM_MAX_BATCH, with and without channels_last and torch.compile.
 
-On a GPU machine (one prepared command, about 5-8 minutes on an H100, compiles included):
+On a GPU machine (one prepared command; an estimate, not yet run: about 6-8 minutes on an
+H100, of which the four torch.compile compilations take about half):
 
     python bench/gpu.py --json gpu.json
+
+Where one command may run 10 minutes at most, the halves fit safely on their own:
+
+    python bench/gpu.py --compile off --json gpu-eager.json       # about 3 minutes
+    python bench/gpu.py --compile on --json gpu-compiled.json     # about 5 minutes
 
 On CPU, tiny shapes, seconds (what the test runs):
 
