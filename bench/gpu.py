@@ -303,14 +303,9 @@ def main() -> None:
             del pipe
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    base = next(
-        (
-            r["direct_images_per_s"]
-            for r in rows
-            if r["batch"] == 1 and not r["channels_last"] and not r["compile"]
-        ),
-        rows[0]["direct_images_per_s"],
-    )
+    plain = [r for r in rows if r["batch"] == 1 and not r["channels_last"] and not r["compile"]]
+    base_row = (plain or rows)[0]
+    base = base_row["direct_images_per_s"]
     for row in rows:
         row["direct_over_base"] = row["direct_images_per_s"] / base
     print()
@@ -322,8 +317,8 @@ def main() -> None:
             f"{r['farm_over_direct']:>11.3f}  {r['direct_over_base']:>11.2f}"
         )
     print(
-        f"medians of {args.rounds} alternating rounds; base = direct, batch 1, no options; "
-        f"device {name}"
+        f"medians of {args.rounds} alternating rounds; base = direct, batch 1, "
+        f"channels_last={base_row['channels_last']}, compile={base_row['compile']}; device {name}"
     )
     if args.json:
         meta = {"device": name, "dtype": str(dtype), "size": size, "steps": steps}
