@@ -5,6 +5,7 @@
     NAME          STATE    DEVICE  MODELS        JOB           DONE  HEARTBEAT
     cpu0@box      online   cpu     tiny          -             12    1s ago
     cuda1@gpu7    offline  cuda:0  sd15-inpaint  9f1c…         340   2m ago
+    waiting: finetune 0  render 3  render.tiny 0
 """
 
 from __future__ import annotations
@@ -53,21 +54,27 @@ def table(workers: list[WorkerInfo], now: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from farm.client import Farm
+    from farm.depth import queue_depths
+    from farm.jobs import FINETUNE_QUEUE, RENDER_QUEUE
     from farm.registry import read_workers
 
     with Farm() as farm:
-        workers = read_workers(farm.tracker.r, farm.tracker.keys)
-    now = time.time()
+        r, keys = farm.tracker.r, farm.tracker.keys
+        workers = read_workers(r, keys)
+        now = time.time()
+        queues = {RENDER_QUEUE, FINETUNE_QUEUE} | {
+            q for w in workers if w.online(now) for q in w.queues
+        }
+        depths = queue_depths(r, keys, queues)
     if args.json:
         print(
             json.dumps(
                 [w.model_dump(mode="json") | {"online": w.online(now)} for w in workers], indent=2
             )
         )
-    elif workers:
-        print(table(workers, now))
-    else:
-        print("no workers")
+        return 0
+    print(table(workers, now) if workers else "no workers")
+    print("waiting: " + "  ".join(f"{q} {n}" for q, n in depths.items()))
     return 0
 
 

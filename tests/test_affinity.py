@@ -17,6 +17,7 @@ import pytest
 from farm import Farm, Txt2Img
 from farm.affinity import Router
 from farm.cli import main as farm_main
+from farm.depth import queue_depths
 from farm.jobs import model_queue
 from farm.keys import RedisKeys
 from farm.launcher import Child, Supervisor, worker_command
@@ -25,7 +26,6 @@ from farm.reconciler import reconcile
 from farm.registry import WorkerInfo, publish, read_workers
 from farm.settings import FarmSettings
 from farm.up import settings_env
-from workers.metrics import queue_depths
 
 
 def free_port() -> int:
@@ -301,6 +301,7 @@ def test_farm_workers_lists_the_registry(settings, capsys, monkeypatch):
                 heartbeat=now - 300,
             ),
         )
+        farm.submit(job(1, priority=7))  # waits in `render` (at a priority sub-list)
     assert farm_main(["workers"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["NAME", "STATE", "DEVICE", "MODELS", "JOB", "DONE", "HEARTBEAT"]
@@ -314,6 +315,7 @@ def test_farm_workers_lists_the_registry(settings, capsys, monkeypatch):
         "42",
     ]
     assert lines[2].split()[6:] in (["3s", "ago"], ["4s", "ago"])
+    assert lines[3] == "waiting: finetune 0  render 1"
     assert farm_main(["workers", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(w["name"], w["online"], w["jobs_done"]) for w in listed] == [

@@ -32,27 +32,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from farm.affinity import consumed_queues
+from farm.depth import queue_depths
 from farm.jobs import FINETUNE_QUEUE, RENDER_QUEUE
-from farm.queue import PRIORITY_STEPS
 from workers.presence import physical_device
 
 log = logging.getLogger("farm.metrics")
 
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
-
-
-def queue_depths(r: Any, keys: Any, queues: Iterable[str]) -> dict[str, int]:
-    """Messages waiting in each Celery queue: the queue's list plus kombu's one list per
-    priority step above 0 (`RedisKeys.celery_queue`), in one pipelined round trip."""
-    names = sorted(set(queues))
-    pipe = r.pipeline(transaction=False)
-    for queue in names:
-        for step in PRIORITY_STEPS:
-            pipe.llen(keys.celery_queue(queue, step))
-    sizes = pipe.execute()
-    n = len(PRIORITY_STEPS)
-    return {q: sum(sizes[i * n : (i + 1) * n]) for i, q in enumerate(names)}
 
 
 def device_memory(device: Any) -> int:
