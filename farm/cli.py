@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from farm import cli_batch, cli_finetune, cli_models
+from farm import cli_batch, cli_finetune, cli_models, cli_workers
 from farm.adapters import parse_lora_flag
 from farm.errors import FarmError, InvalidJob
 from farm.jobs import SCHEDULERS, JobRecord, flag_field
@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--queues", default=LOCAL_QUEUES, help=f"queues the workers serve (default {LOCAL_QUEUES})"
     )
+    up.add_argument("--gpus", help="all, or GPU indices 0,1,3: one worker per GPU")
 
     w = sub.add_parser("worker", help="serve jobs on one device")
     w.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
@@ -73,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="REF",
         help="load this model before taking jobs (repeatable)",
     )
+    w.add_argument("--gpus", help="all, or GPU indices 0,1,3: one worker process per GPU")
+    w.add_argument("--workers", type=int, help="N worker processes on --device (1 thread each)")
 
     s = sub.add_parser("submit", help="submit one job")
     s.add_argument("kind", choices=["txt2img", "img2img", "inpaint", "style", "finetune"])
@@ -141,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_batch.add_parser(sub)
     cli_models.add_parser(sub)
+    cli_workers.add_parser(sub)
     return p
 
 
@@ -237,6 +241,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    if args.gpus or args.workers:
+        return cli_workers.run_many(args)
     from farm.client import resolve_settings
     from workers.worker import run_worker
 
@@ -254,7 +260,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # SIGTERM stops `farm up` the way Ctrl-C does
 
+    from farm.launcher import parse_gpus
+
     settings = FarmSettings()
+    gpus = parse_gpus(args.gpus) if args.gpus else None
     signal.signal(signal.SIGTERM, interrupt)
     with LocalFarm(
         settings,
@@ -263,12 +272,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         threads=args.threads,
         write_state=True,
         queues=args.queues,
+        gpus=gpus,
+        metrics_port=settings.metrics_port,
     ) as lf:
         print(f"farm up: redis {lf.settings.redis_url}", flush=True)
         print(f"farm up: storage {lf.settings.storage_url()}", flush=True)
-        print(
-            f"farm up: {args.workers} worker(s) on {args.device}; logs in {lf.log_dir}", flush=True
-        )
+        where = f"GPUs {','.join(map(str, gpus))}" if gpus else f"{args.workers} on {args.device}"
+        print(f"farm up: worker(s): {where}; logs in {lf.log_dir}", flush=True)
         print("farm up: submit from another terminal (`farm submit ...`); Ctrl-C stops", flush=True)
         try:
             while True:
@@ -307,4 +317,5 @@ COMMANDS = {
     "demo": cmd_demo,
     "batch": cli_batch.run,
     "dashboard": cmd_dashboard,
+    "workers": cli_workers.run,
 }

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from farm import adapters, deps, images
+from farm.affinity import Router
 from farm.errors import InvalidJob, JobCancelled, JobFailed, WaitTimeout
 from farm.jobs import (
     Inpaint,
@@ -31,7 +32,6 @@ from farm.jobs import (
     Txt2Img,
     batch_signature,
     parse_spec,
-    queue_for,
 )
 from farm.keys import ADAPTER_FILE, input_key
 from farm.masks import MaskGenerator
@@ -134,6 +134,8 @@ class Farm:
         base = settings or FarmSettings(**overrides)
         self.settings = resolve_settings(base)
         self.tracker = Tracker.from_settings(self.settings)
+        self.router = Router(self.tracker)
+        """Chooses each job's queue: its model's, when a worker holding it warm is online."""
         self._store: ObjectStore | None = None
         self._checked_models: set[str] = set()
         self._celery: Any = None
@@ -255,7 +257,7 @@ class Farm:
             "created_at": repr(time.time()),
             "attempt": 0,
             "signature": batch_signature(spec, image.size if image is not None else None),
-            "queue": queue_for(spec),
+            "queue": self.router.queue_for(spec),
         }
 
     def upload_inputs(self, items: dict[str, bytes]) -> int:

@@ -1,10 +1,11 @@
-"""The farm's Celery app for Flower: `celery -A farm.flower flower --port=5555`.
+"""The farm's Celery app, for Celery's own tools: `celery -A farm.flower flower --port=5555`.
 
-Flower must talk to the broker exactly as the farm does: its Redis, its `farm:celery:` key
-prefix (`broker_transport_options["global_keyprefix"]`), JSON only. A bare
-`celery --broker=redis://... flower` would look for queues without the prefix and see none, so
-Flower loads this module, which builds the app from the same `FARM_*` settings as the workers.
-Needs the `flower` extra (`pip install 'render-farm[flower]'`); the client image has it.
+Flower (and `celery -A farm.flower events`, `inspect`) must see the broker exactly as the
+workers do: the farm's Redis, its key prefix (`farm:celery:`, which kombu also puts on the
+event channels), JSON only. A bare `celery --broker=redis://... flower` would look for queues
+without the prefix and see none. Settings come from `FARM_*` as everywhere else (or the running
+`farm up`). Needs the `flower` extra (`pip install 'render-farm[flower]'`); the client image
+has it.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ along `TRANSITIONS`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -83,6 +84,17 @@ FINETUNE_QUEUE = "finetune"
 def queue_for(spec: Any) -> str:
     """The queue a job of this spec is sent to."""
     return FINETUNE_QUEUE if spec.kind == "finetune" else RENDER_QUEUE
+
+
+@functools.lru_cache(maxsize=4096)
+def model_queue(ref: str) -> str:
+    """The affinity queue of renders for model `ref`: `render.<slug>`, consumed first by the
+    workers that hold `ref` warm (see `farm.affinity`). A ref that is not already a plain
+    slug gets a short hash, so two refs never share a queue."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", ref.lower()).strip("-.")[:64]
+    if slug != ref:
+        slug = f"{slug}-{hashlib.sha256(ref.encode()).hexdigest()[:8]}"
+    return f"{RENDER_QUEUE}.{slug}"
 
 
 # --------------------------------------------------------------------------- schedulers

@@ -69,6 +69,10 @@ def make_celery(settings: FarmSettings, broker_url: str | None = None) -> Celery
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         broker_heartbeat=0,
+        # Flower: task events from workers (a few PUBLISHes per job). `enqueue` bypasses
+        # send_task, so the sent event is only there for `send_task` callers.
+        worker_send_task_events=settings.events,
+        task_send_sent_event=settings.events,
     )
     return app
 

@@ -9,7 +9,11 @@ process (workers take turns through a Redis lock) looks for:
 - `queued` jobs enqueued longer ago than `requeue_after` without being claimed (a message
   lost between fetch and unacked, or a crash between record and enqueue): enqueued again;
 - `waiting` jobs whose dependencies have all ended or expired (a crash between a job's end and
-  the release of its dependents): queued or failed (`farm.deps.release`).
+  the release of its dependents): queued or failed (`farm.deps.release`);
+- `queued` jobs waiting in a model's affinity queue that no online worker consumes any more
+  (`farm.affinity.stranded`): re-sent to `render` at once, and their record's `queue` says so.
+
+Re-sends go to the job's own queue, or to `render` when that queue is a stranded model queue.
 
 A duplicate message is harmless: it finds its job claimed or done and is acknowledged.
 """
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from farm import deps
+from farm.affinity import consumed_queues, stranded
 from farm.jobs import JobState
 from farm.queue import RENDER_QUEUE, enqueue
 from farm.tracker import Tracker
@@ -37,6 +42,8 @@ SCAN_CHUNK = 1000
 class Report:
     handed_back: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
+    rerouted: list[str] = field(default_factory=list)
+    """Queued jobs moved from a stranded model queue to `render`."""
     forgotten: int = 0
     """Ids in the live index whose records expired, removed from it."""
     released: list[str] = field(default_factory=list)
@@ -61,6 +68,11 @@ def reconcile(
     """One pass over the live jobs; what it handed back and re-enqueued."""
     now = time.time() if now is None else now
     report = Report()
+    consumed = consumed_queues(tracker.r, tracker.keys, now)
+
+    def target(queue: str | None) -> str:
+        return RENDER_QUEUE if not queue or stranded(queue, consumed) else queue
+
     for ids in _live_ids(tracker):
         pipe = tracker.r.pipeline(transaction=False)
         for job_id in ids:
@@ -91,13 +103,17 @@ def reconcile(
                 )
                 if t.ok:
                     report.handed_back.append(job_id)
-                    resend.append((job_id, queue or RENDER_QUEUE, int(prio or 0)))
+                    resend.append((job_id, target(queue), int(prio or 0)))
             elif (
                 state == JobState.QUEUED and float(enqueued or created or now) < now - requeue_after
             ):
                 tracker.r.hset(tracker.keys.job(job_id), "enqueued_at", repr(now))
                 report.requeued.append(job_id)
-                resend.append((job_id, queue or RENDER_QUEUE, int(prio or 0)))
+                resend.append((job_id, target(queue), int(prio or 0)))
+            elif state == JobState.QUEUED and queue and stranded(queue, consumed):
+                tracker.r.hset(tracker.keys.job(job_id), "queue", RENDER_QUEUE)
+                report.rerouted.append(job_id)
+                resend.append((job_id, RENDER_QUEUE, int(prio or 0)))
             elif state == JobState.WAITING:
                 waiting.append(job_id)
         if gone:
@@ -109,10 +125,12 @@ def reconcile(
             done = deps.release(tracker, celery, waiting)
             report.released += done.queued
             report.failed += done.failed
-    if report.handed_back or report.requeued:
+    if report.handed_back or report.requeued or report.rerouted:
         log.warning(
-            "reconciler: handed back %d job(s) with expired leases, re-enqueued %d queued",
+            "reconciler: handed back %d job(s) with expired leases, re-enqueued %d queued, "
+            "moved %d from model queues no online worker consumes",
             len(report.handed_back),
             len(report.requeued),
+            len(report.rerouted),
         )
     return report

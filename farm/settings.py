@@ -94,6 +94,18 @@ class FarmSettings(BaseSettings):
     """Refuse at submit a repo id missing from the local Hugging Face cache, when there is one.
     Off (`FARM_MODEL_CHECK=0`) on a submit-only box whose cache is not the workers': the first
     worker that cannot resolve the ref fails the job with the reason."""
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    """A worker serves Prometheus metrics on this port (0: no endpoint). `farm worker --gpus`
+    and `--workers` give child i the port + i."""
+
+    channels_last: bool = False
+    """Workers put each model's UNet and VAE in channels_last memory format (`workers.optimize`)."""
+
+    compile: bool = False
+    """Workers `torch.compile` each model's UNet (compiles on first use and on each new shape)."""
+
+    events: bool = True
+    """Celery task events and worker heartbeats on, so Flower can list workers and tasks."""
 
     def storage_url(self) -> str:
         return self.storage or (self.home / "storage").resolve().as_uri()

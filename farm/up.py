@@ -11,40 +11,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
-import sys
-import threading
-import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from farm.embedded import RedisServer
 from farm.jobs import FINETUNE_QUEUE, RENDER_QUEUE
+from farm.launcher import Supervisor, plan, worker_command
 from farm.settings import FarmSettings
+
+__all__ = ["LocalFarm", "settings_env", "worker_command"]
 
 log = logging.getLogger("farm.up")
 
 LOCAL_QUEUES = f"{RENDER_QUEUE},{FINETUNE_QUEUE}"
 """An embedded farm's workers serve renders and fine-tunes alike (`farm up --queues` narrows it)."""
-
-
-def worker_command(
-    device: str = "cpu",
-    threads: int | None = None,
-    queues: str | None = None,
-    name: str | None = None,
-    preload: list[str] | None = None,
-) -> list[str]:
-    cmd = [sys.executable, "-m", "farm", "worker", "--device", device]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    if queues:
-        cmd += ["--queues", queues]
-    if name:
-        cmd += ["--name", name]
-    for ref in preload or []:
-        cmd += ["--preload", ref]
-    return cmd
 
 
 def settings_env(settings: FarmSettings) -> dict[str, str]:
@@ -71,6 +52,8 @@ class LocalFarm:
         write_state: bool = False,
         restart: bool = True,
         queues: str = LOCAL_QUEUES,
+        gpus: Sequence[int] | None = None,
+        metrics_port: int = 0,
     ) -> None:
         self.base = settings
         self.queues = queues
@@ -80,14 +63,21 @@ class LocalFarm:
         self.n_workers = workers
         self.device = device
         self.threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+        self.threads_asked = threads
         self.preload = preload or []
         self.log_dir = log_dir or settings.home / "logs"
         self.write_state = write_state
+        self.gpus = list(gpus or [])
+        """One worker per GPU index (`farm up --gpus`), instead of `workers` on `device`."""
+        self.metrics_port = metrics_port
         self.redis: RedisServer | None = None
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self._stopping = threading.Event()
-        self._lock = threading.Lock()
+        self.supervisor: Supervisor | None = None
         self.settings = settings
+
+    @property
+    def procs(self) -> list[subprocess.Popen[bytes]]:
+        """The worker processes now running, one per child (the supervisor replaces the dead)."""
+        return self.supervisor.procs if self.supervisor else []
 
     def __enter__(self) -> LocalFarm:
         self.start()
@@ -117,54 +107,27 @@ class LocalFarm:
                 )
             )
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(self.n_workers):
-            self.procs.append(self._spawn(i))
-        if self.restart:
-            threading.Thread(target=self._supervise, name="supervisor", daemon=True).start()
-
-    def _supervise(self) -> None:
-        """Restart workers that die (a crash, an out-of-memory kill, a poison job)."""
-        while not self._stopping.wait(0.5):
-            with self._lock:
-                if not self._stopping.is_set():
-                    self.restart_dead()
-
-    def _spawn(self, i: int) -> subprocess.Popen[bytes]:
-        name = f"{self.device}-{i}@{os.uname().nodename}"
-        logfile = open(self.log_dir / f"worker-{i}.log", "ab")  # noqa: SIM115 - owned by the child
-        return subprocess.Popen(
-            worker_command(self.device, self.threads, self.queues, name=name, preload=self.preload),
-            env=settings_env(self.settings),
-            stdout=logfile,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        children = plan(
+            gpus=self.gpus,
+            workers=self.n_workers,
+            device=self.device,
+            threads=self.threads_asked if self.gpus else self.threads,
+            queues=self.queues,
+            preload=self.preload,
+            metrics_port=self.metrics_port,
+            log_dir=self.log_dir,
         )
+        self.supervisor = Supervisor(children, settings_env(self.settings), restart=self.restart)
+        self.supervisor.start()
 
     def restart_dead(self) -> int:
         """Restart workers that exited; how many were restarted."""
-        n = 0
-        for i, p in enumerate(self.procs):
-            if p.poll() is not None:
-                log.warning("worker %d exited with %s; restarting it", i, p.returncode)
-                self.procs[i] = self._spawn(i)
-                n += 1
-        return n
+        return self.supervisor.restart_dead() if self.supervisor else 0
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._stopping.set()
-        with self._lock:
-            procs = list(self.procs)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)  # warm shutdown: finish the job in hand
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.procs = []
+        if self.supervisor:
+            self.supervisor.stop(timeout)  # SIGTERM: each worker finishes the job in hand
+            self.supervisor = None
         if self.redis:
             self.redis.stop()
             self.redis = None

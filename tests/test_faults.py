@@ -93,7 +93,7 @@ def wait_running(job, min_step=2, timeout=60):
 
 
 def worker_proc(farm, name):
-    index = int(name.split("@")[0].rsplit("-", 1)[1])
+    index = int(name.split("@")[0].removeprefix("cpu"))  # cpu<i>@host: farm.launcher.plan
     return farm.local.procs[index]
 
 

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from farm import deps, images
+from farm.affinity import is_model_queue
 from farm.errors import InvalidJob, StaleAttempt, TransientError
 from farm.jobs import JobState
 from farm.keys import mask_key, meta_key, output_key
@@ -157,5 +158,7 @@ def hand_back(
     if outcome == JobState.QUEUED.value:
         record = rt.tracker.get(job_id)
         queue = record.queue or RENDER_QUEUE
+        if rt.stopping and is_model_queue(queue):  # this worker may be its model's last
+            queue = RENDER_QUEUE
         enqueue(rt.celery, [(job_id, queue, int(record.spec.get("priority", 0)))])
     return outcome

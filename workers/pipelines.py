@@ -267,6 +267,8 @@ class PipelineCache:
         self.max_gb = max_gb
         self.loads = 0
         self.load_seconds: dict[str, float] = {}
+        self.prepare: Any = None
+        """Called on each freshly loaded pipeline (`workers.optimize`: channels_last, compile)."""
         self._entries: OrderedDict[ModelSource, _Entry] = OrderedDict()
         self._lock = threading.RLock()
 
@@ -321,6 +323,8 @@ class PipelineCache:
         ) as e:
             raise _invalid(ref, f"could not be loaded: {e}") from e
         base.set_progress_bar_config(disable=True)
+        if self.prepare is not None:
+            base = self.prepare(base)
         self.loads += 1
         self.load_seconds[ref] = time.perf_counter() - start
         nbytes = sum(

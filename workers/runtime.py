@@ -62,6 +62,9 @@ class Runtime:
             models_dir=settings.models_dir,
             max_gb=settings.model_cache_gb,
         )
+        from workers.optimize import from_settings
+
+        self.cache.prepare = from_settings(settings)
         self.celery = make_celery(settings)
         from workers.adapters import AdapterCache
 
@@ -71,6 +74,13 @@ class Runtime:
         self.jobs_done = 0
         self.stopping = False
         """Set on SIGTERM/SIGINT: running jobs stop at the next step and are handed back."""
+        from farm.jobs import RENDER_QUEUE
+        from workers.metrics import WorkerMetrics
+        from workers.presence import Presence
+
+        self.metrics = WorkerMetrics(self)
+        self.presence = Presence(self, [RENDER_QUEUE])
+        """Its registry entry and its affinity queues (`run_worker` sets the base queues)."""
 
 
 def load_input(rt: Runtime, uri: str, field: str) -> Any:

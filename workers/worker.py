@@ -56,6 +56,7 @@ def run_job(rt: Runtime, job_id: str) -> str:
     # 3-7. Read, render, store, finish.
     outcomes = _run_held(rt, held)
     rt.jobs_done += len(held)
+    rt.metrics.ended(held, outcomes)
     for job in held:
         log.info(
             "job %s (%s, %s, batch of %d): %s in %.2fs",
@@ -191,10 +192,13 @@ def _render_and_store(
     #    their IP-Adapter's, loaded once beside it and attached for the call only. The batch's
     #    LoRA adapters (the same for all: they are in the batch signature) are loaded for this
     #    call only: the pipeline is the base model again after it.
+    loads = rt.cache.loads
     ip_adapter = load_for(rt.cache, lead) if lead.kind == "style" else None
     pipe = ip_adapter.pipe if ip_adapter else rt.cache.get(lead.model, lead.kind)
     with rt.adapters.applied(pipe, lead.loras):
         t_load = time.perf_counter()
+        if rt.cache.loads > loads:
+            rt.metrics.loaded(t_load - t_start)
         # 5. Render: one call, progress for every job; between steps, a cancel, a shutdown or
         #    the time limit stops it.
         inject(rt.settings.fault_injection, [job.spec for job in jobs])
@@ -219,6 +223,7 @@ def _render_and_store(
             ip_adapter_image=jobs[0].style_image,
         )
     t_render = time.perf_counter()
+    rt.metrics.rendered(lead.kind, len(jobs), t_render - t_load)
     hb.beat()  # a cancel or takeover that came during the last step counts too
     if stop:
         stopped(rt, jobs, hb, outcomes, stop[0])
@@ -277,7 +282,8 @@ def register(rt: Runtime) -> None:
 
     @rt.celery.task(name=RUN_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def run(job_id: str) -> str:
-        return run_job(rt, job_id)
+        with rt.presence.running(job_id):  # the registry shows it; then queues follow models
+            return run_job(rt, job_id)
 
 
 def run_worker(
@@ -301,6 +307,13 @@ def run_worker(
     rt = Runtime(settings, device, threads, name)
     for ref in preload or []:
         rt.cache.get(ref, "inpaint" if "inpaint" in ref else "txt2img")
+    for seconds in rt.cache.load_seconds.values():
+        rt.metrics.loaded(seconds)
+    if settings.metrics_port:
+        rt.metrics.serve(settings.metrics_port)
+    # Warm models' queues first, then the ones asked for (`farm.affinity`).
+    rt.presence.base_queues = queues or [RENDER_QUEUE]
+    queues = rt.presence.current = rt.presence.queues()
     register(rt)
     # Everything loaded so far lives as long as the process: keep the collector off it, so
     # the objects a render allocates are all a collection has to scan.
@@ -310,11 +323,14 @@ def run_worker(
         hostname=rt.name,
         pool_cls="solo",
         concurrency=1,
-        queues=queues or [RENDER_QUEUE],
+        queues=queues,
         loglevel=loglevel,
+        # Gossip (every worker hears every other's events) and mingle (a start-up sync of
+        # revoked ids we never use) stay off; the heartbeat event, one PUBLISH per worker
+        # every 2 s, is what Flower lists workers by.
         without_gossip=True,
         without_mingle=True,
-        without_heartbeat=True,
+        without_heartbeat=not settings.events,
         optimization="fair",
         quiet=True,
     )
@@ -325,8 +341,13 @@ def run_worker(
 
     worker_shutting_down.connect(on_shutdown, weak=False)
     Reconciler(rt).start()
-    log.info("worker %s serving %s on %s", rt.name, ",".join(queues or [RENDER_QUEUE]), rt.device)
-    worker.start()
+    rt.presence.consumer = worker.consumer
+    rt.presence.start()
+    log.info("worker %s serving %s on %s", rt.name, ",".join(queues), rt.device)
+    try:
+        worker.start()
+    finally:
+        rt.presence.stop()
 
 
 class Reconciler(threading.Thread):

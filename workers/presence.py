@@ -1,0 +1,147 @@
+"""A worker's presence: its registry entry, and the queues it consumes for its warm models.
+
+The entry (`farm.registry.WorkerInfo`) is written at start, when a job starts and ends, and
+every `interval` seconds from a thread of its own (so a render of minutes still shows the
+worker alive), and withdrawn on a clean exit. `farm workers`, the dashboard, the client's
+`farm.affinity.Router` and the reconciler read it.
+
+Affinity: after each job the worker compares the models its `PipelineCache` holds with the
+queues it consumes, and consumes `render.<model>` for each warm model, ahead of `render`; a
+model evicted from the cache has its queue cancelled. Queue changes run in the worker's main
+thread (the solo pool runs tasks in the consumer's thread), through Celery's own
+`add_task_queue` / `cancel_task_queue`, the calls behind `celery control add_consumer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any
+
+from farm.affinity import is_model_queue
+from farm.jobs import RENDER_QUEUE, model_queue
+from farm.registry import WorkerInfo, publish, withdraw
+
+log = logging.getLogger("farm.worker")
+
+PUBLISH_INTERVAL = 2.0
+"""Seconds between two refreshes of a worker's entry (well under `registry.STALE_AFTER`)."""
+
+
+def physical_device(device: Any) -> str:
+    """The device as the machine numbers it: `cuda:3` for a child pinned with
+    `CUDA_VISIBLE_DEVICES=3` (where torch calls it `cuda:0`), else torch's own name."""
+    if getattr(device, "type", None) != "cuda":
+        return str(device)
+    visible = [p.strip() for p in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    index = device.index or 0
+    if index < len(visible) and visible[index].isdigit():
+        return f"cuda:{visible[index]}"
+    return str(device)
+
+
+class Presence:
+    """Publishes one worker's entry and keeps its model queues in step with its warm models."""
+
+    def __init__(self, rt: Any, base_queues: list[str], interval: float = PUBLISH_INTERVAL) -> None:
+        self.rt = rt
+        self.base_queues = list(base_queues)
+        """The queues asked for on the command line (`render` by default), consumed last."""
+        self.interval = interval
+        self.consumer: Any = None
+        """Celery's consumer, once the worker is built; until then queues are not changed."""
+        self.current: list[str] = self.queues()
+        """The queues consumed now, in order (written by the main thread only)."""
+        self.job: str | None = None
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ queues
+
+    def queues(self) -> list[str]:
+        """What this worker should consume, in order: warm models' queues (most recently
+        used first), then the base queues."""
+        warm = [model_queue(ref) for ref in reversed(self.rt.cache.held)]
+        if not any(q == RENDER_QUEUE or is_model_queue(q) for q in self.base_queues):
+            warm = []  # a fine-tune-only worker takes no renders
+        return list(dict.fromkeys([*warm, *self.base_queues]))
+
+    def sync_queues(self) -> bool:
+        """Consume exactly `queues()`, in that order; whether anything changed. Main thread."""
+        if self.consumer is None or self.consumer.task_consumer is None:
+            return False
+        want, have = self.queues(), [q.name for q in self.consumer.task_consumer.queues]
+        if want == have:
+            return False
+        # Keep the longest common head; cancel the rest and add them back in order (kombu
+        # polls queues in the order they were consumed).
+        keep = 0
+        while keep < min(len(want), len(have)) and want[keep] == have[keep]:
+            keep += 1
+        for queue in have[keep:]:
+            self.consumer.cancel_task_queue(queue)
+        for queue in want[keep:]:
+            self.consumer.add_task_queue(queue)
+        self.current = want
+        log.info("worker %s now consumes %s", self.rt.name, ",".join(want))
+        self.publish()
+        return True
+
+    # ------------------------------------------------------------------ registry
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            name=self.rt.name,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            device=physical_device(self.rt.device),
+            queues=list(self.current),
+            models=list(self.rt.cache.held),
+            job=self.job,
+            jobs_done=self.rt.jobs_done,
+            started_at=self.started_at,
+            heartbeat=time.time(),
+        )
+
+    def publish(self) -> None:
+        try:
+            publish(self.rt.tracker.r, self.rt.tracker.keys, self.info())
+        except Exception as e:  # Redis away: the next beat writes it again
+            log.warning("worker entry not published: %s", e)
+
+    @contextmanager
+    def running(self, job_id: str) -> Any:
+        """Around one task: the entry shows the job while it runs; afterwards the queues follow
+        the warm models (a job may have loaded or evicted one)."""
+        self.job = job_id
+        self.publish()
+        try:
+            yield
+        finally:
+            self.job = None
+            if not self.sync_queues():
+                self.publish()
+
+    def start(self) -> None:
+        self.publish()
+        self._thread = threading.Thread(target=self._run, name="presence", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.publish()
+
+    def stop(self) -> None:
+        """Stop beating and remove the entry (a clean exit: `farm workers` forgets it)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            withdraw(self.rt.tracker.r, self.rt.tracker.keys, self.rt.name)
+        except Exception as e:
+            log.warning("worker entry not withdrawn: %s", e)
