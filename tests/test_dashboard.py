@@ -32,7 +32,7 @@ from farm.dashboard_data import DashboardData
 from farm.demo import box_mask, sample_image
 from farm.jobs import JobRecord
 from farm.queue import RENDER_QUEUE, enqueue
-from farm.registry import WorkerInfo, publish
+from farm.registry import read_workers
 from farm.settings import FarmSettings
 from farm.up import LocalFarm, settings_env
 
@@ -102,20 +102,14 @@ def worked(farm_settings, tmp_path_factory):
         deadline = time.monotonic() + 60
         while any(r.llen(k) for k in r.keys(lists)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        # Part A's workers publish their own entries; until then, publish the real worker's.
-        now = time.time()
-        worker = WorkerInfo(
-            name=f"cpu-0@{os.uname().nodename}",
-            host=os.uname().nodename,
-            pid=pid,
-            device="cpu",
-            queues=[RENDER_QUEUE],
-            models=["tiny-inpaint"],
-            jobs_done=4,
-            started_at=now - 60,
-            heartbeat=now,
-        )
-        publish(farm.tracker.r, farm.tracker.keys, worker)
+        # The worker's own registry entry, once it counts the four jobs.
+        while time.monotonic() < deadline:
+            entries = read_workers(farm.tracker.r, farm.tracker.keys)
+            if entries and entries[0].jobs_done >= 4 and entries[0].job is None:
+                break
+            time.sleep(0.1)
+        worker = entries[0]
+        assert worker.pid == pid and "tiny-inpaint" in worker.models, entries
         yield [j.id for j in jobs], worker
 
 
@@ -151,7 +145,8 @@ def test_overview_lists_queues_workers_batches_and_jobs(api, worked):
     status, body, headers = get(server, "/api/overview")
     assert status == 200 and headers["Content-Type"] == "application/json"
     data = json.loads(body)
-    assert {q["name"]: q["depth"] for q in data["queues"]} == {"render": 0, "finetune": 0}
+    queues = {"render", "finetune", *worker.queues}  # its model's affinity queue too
+    assert {q["name"]: q["depth"] for q in data["queues"]} == dict.fromkeys(queues, 0)
     assert [w["name"] for w in data["workers"]] == [worker.name]
     assert data["workers"][0]["online"] is True and data["workers"][0]["pid"] == worker.pid
     (batch,) = data["batches"]
