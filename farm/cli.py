@@ -15,15 +15,12 @@ from typing import Any
 
 from farm import cli_batch, cli_finetune, cli_models, cli_workers
 from farm.adapters import parse_lora_flag
-from farm.errors import FarmError, InvalidJob
+from farm.errors import EXIT_FAILED, EXIT_INVALID, FarmError, InvalidJob
 from farm.jobs import SCHEDULERS, JobRecord, flag_field
 from farm.masks import parse_generator
 from farm.progress import JobsBar
 from farm.settings import FarmSettings
 from farm.up import LOCAL_QUEUES
-
-EXIT_FAILED = 1
-EXIT_INVALID = 2
 
 SUBMIT_FLAGS = (
     "negative_prompt",

@@ -24,12 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from farm.errors import InvalidJob, TransientError
+from farm.errors import EXIT_FAILED, EXIT_INVALID, InvalidJob, TransientError
 from farm.jobs import flag_field
 from farm.progress import LiveLine
-
-EXIT_FAILED = 1
-EXIT_INVALID = 2
 
 DEFAULT_FLAGS = (
     "kind",

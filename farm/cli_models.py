@@ -14,9 +14,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from farm.errors import EXIT_FAILED
 from farm.jobs import BUILTIN_IP_ADAPTERS, BUILTIN_MODELS
-
-EXIT_FAILED = 1
 
 
 def add_parser(sub: Any) -> None:

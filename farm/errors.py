@@ -57,3 +57,10 @@ class JobCancelled(FarmError):
 
 class WaitTimeout(FarmError, TimeoutError):
     """`wait` ran out of time before the job ended."""
+
+
+EXIT_FAILED = 1
+"""`farm` exits with this when a job it waited for did not succeed, or a check failed."""
+
+EXIT_INVALID = 2
+"""`farm` exits with this on bad input (`InvalidJob`): nothing was stored or enqueued."""
