@@ -247,14 +247,18 @@ class Batch:
                 info = {**s.info, "job": fresh[-1]["id"], "generation": generation}
                 info["history"] = [*s.info.get("history", []), s.job]
                 updates[s.id] = json.dumps(info)
-            created = self.farm.tracker.create(fresh)
-            states = self.farm.tracker.states([rec["id"] for rec in fresh])
+            # New jobs are written and sent as any submit's (a row chained to an unfinished
+            # fine-tune waits for it); one written by a retry that died before sending its
+            # message is sent now.
+            created = self.farm._write(fresh)
+            again = [rec for rec, new in zip(fresh, created, strict=True) if not new]
+            states = self.farm.tracker.states([rec["id"] for rec in again])
             enqueue(
                 self.farm.celery,
                 (
                     (rec["id"], rec["queue"], rec["priority"])
-                    for rec, new, (state, _, _) in zip(fresh, created, states, strict=True)
-                    if new or state == JobState.QUEUED
+                    for rec, (state, _, _) in zip(again, states, strict=True)
+                    if state == JobState.QUEUED
                 ),
             )
             if updates:

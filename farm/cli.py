@@ -18,7 +18,7 @@ from farm.adapters import parse_lora_flag
 from farm.errors import EXIT_FAILED, EXIT_INVALID, FarmError, InvalidJob
 from farm.jobs import SCHEDULERS, JobRecord, flag_field
 from farm.masks import parse_generator
-from farm.progress import JobsBar
+from farm.progress import JobsBar, TrainingBar
 from farm.settings import FarmSettings
 from farm.up import LOCAL_QUEUES
 
@@ -219,7 +219,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    records = _farm().wait(args.jobs, timeout=args.timeout, on_progress=JobsBar(sys.stderr))
+    farm = _farm()
+    bar: Any = JobsBar(sys.stderr)
+    if len(args.jobs) == 1 and farm.get(args.jobs[0]).kind == "finetune":  # steps and loss
+        bar = TrainingBar(sys.stderr, lambda job_id: farm.get(job_id).progress.loss)
+    records = farm.wait(args.jobs, timeout=args.timeout, on_progress=bar)
     for rec in records:
         _print_record(rec, False)
     return 0 if all(r.state.value == "succeeded" for r in records) else EXIT_FAILED

@@ -27,6 +27,7 @@ FLAGS = {
     "train_batch_size": int,
     "gradient_accumulation_steps": int,
     "checkpointing_steps": int,
+    "checkpoints_total_limit": int,
     "mixed_precision": str,
 }
 """Fine-tune flags that fill the spec field of the same name (`--learning-rate` → learning_rate)."""
@@ -59,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gradient-accumulation-steps", type=int)
     group.add_argument(
         "--checkpointing-steps", type=int, help="checkpoint every N steps (default 500)"
+    )
+    group.add_argument(
+        "--checkpoints-total-limit", type=int, help="keep only the newest N checkpoints"
     )
     group.add_argument("--mixed-precision", help="no, fp16, bf16 (GPU workers only)")
     group.add_argument(

@@ -189,9 +189,9 @@ class Farm:
         self._write(records)
         return [JobHandle(self, rec["id"]) for rec in records]
 
-    def _write(self, records: list[dict[str, Any]]) -> None:
+    def _write(self, records: list[dict[str, Any]]) -> list[bool]:
         """3. Write the records; 4. enqueue those that are new (a `waiting` one when the jobs
-        it waits for have ended: `farm.deps`)."""
+        it waits for have ended: `farm.deps`). True where a record was new."""
         deps.register(self.tracker, records)
         created = self.tracker.create(records)
         from farm.queue import enqueue
@@ -208,6 +208,7 @@ class Farm:
         waiting = [rec["id"] for rec in new if rec.get("depends_on")]
         if waiting:  # a job it waits for may have ended before it was registered
             deps.release(self.tracker, self.celery, waiting)
+        return created
 
     def _prepare(self, spec: Any, uploads: dict[str, bytes]) -> dict[str, Any]:
         """The record of a validated spec; its input images checked and queued for upload."""

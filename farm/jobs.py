@@ -376,6 +376,8 @@ class Finetune(BaseModel):
     train_batch_size: int = Field(default=1, ge=1, le=64)
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
     checkpointing_steps: int = Field(default=500, ge=1, le=1_000_000)
+    checkpoints_total_limit: int | None = Field(default=None, ge=1, le=10_000)
+    """Keep only the newest this many checkpoints in storage; None: keep them all."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """On a GPU worker; a CPU worker trains in float32 whatever this says."""
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)

@@ -191,6 +191,16 @@ def _resolve(value: str, base: Path, field: str) -> str:
     return str((base / Path(value).expanduser()).resolve())
 
 
+def _local_lora(lora: Any, folder: Path) -> Any:
+    """A row's adapter with a relative path resolved against the manifest's folder, as images
+    are; `job:<id>` refs and URIs as they are."""
+    ref = lora.get("ref") if isinstance(lora, dict) else lora
+    if not isinstance(ref, str) or ref.startswith("job:") or "://" in ref:
+        return lora
+    path = str((folder / Path(ref.strip()).expanduser()).resolve())
+    return {**lora, "ref": path} if isinstance(lora, dict) else path
+
+
 def _prompt(merged: dict[str, Any], row: dict[str, Any], labels: dict[str, Any]) -> None:
     template = merged.pop("prompt_template", None)
     if template is None or "prompt" in row:
@@ -206,6 +216,10 @@ def _prompt(merged: dict[str, Any], row: dict[str, Any], labels: dict[str, Any])
         ) from None
     except (ValueError, IndexError, AttributeError) as e:
         raise InvalidJob(f"prompt_template: {e} in {template!r}", field="prompt_template") from None
+
+
+MANIFEST_KINDS = ("txt2img", "img2img", "inpaint")
+"""What a batch row may be; fine-tunes and style jobs are submitted one by one."""
 
 
 def resolve_row(
@@ -230,8 +244,12 @@ def resolve_row(
     kind = merged.pop("kind", None) or (
         "inpaint" if mask_given is not None else "img2img" if image_given is not None else "txt2img"
     )
-    if kind not in SPECS:
-        raise InvalidJob(f"kind: must be one of {', '.join(SPECS)}, got {kind!r}", field="kind")
+    if kind not in MANIFEST_KINDS:
+        raise InvalidJob(
+            f"kind: batch rows are {', '.join(MANIFEST_KINDS)}, got {kind!r}"
+            + (" (submit it with `farm submit`)" if kind in SPECS else ""),
+            field="kind",
+        )
     if kind == "txt2img" and image_given is not None:
         raise InvalidJob("image: txt2img jobs take no image", field="image")
     if kind != "inpaint" and mask_given is not None:
@@ -246,6 +264,8 @@ def resolve_row(
         raise InvalidJob(
             "model: is required (--model, the defaults block, or a column)", field="model"
         )
+    if isinstance(merged.get("loras"), list):  # local adapter files: next to the manifest
+        merged["loras"] = [_local_lora(lora, folder) for lora in merged["loras"]]
     # 3. The job fields, checked by the spec itself (inputs stand in as placeholders).
     spec = {**merged, "kind": kind, "seed": seed}
     if kind != "txt2img":

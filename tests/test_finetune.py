@@ -28,6 +28,7 @@ from farm import Farm, JobCancelled, JobFailed, JobState, Txt2Img
 from farm.errors import InvalidJob
 from farm.jobs import FINETUNE_QUEUE, Finetune
 from farm.keys import ADAPTER_FILE, adapter_file_key, checkpoints_prefix
+from farm.registry import read_workers
 from farm.s3 import S3Store
 from farm.settings import FarmSettings
 from farm.storage import open_store
@@ -122,7 +123,12 @@ def wait_step(farm, job_id, at_least, timeout=120):
     return rec
 
 
+def done_by_workers(farm) -> int:
+    return sum(w.jobs_done for w in read_workers(farm.tracker.r, farm.tracker.keys))
+
+
 def test_finetune_from_a_folder_stores_an_adapter_diffusers_loads(farm, photos, exported, tmp_path):
+    done_before = done_by_workers(farm)
     job = farm.submit(
         Finetune(
             model="tiny",
@@ -134,6 +140,10 @@ def test_finetune_from_a_folder_stores_an_adapter_diffusers_loads(farm, photos, 
     )
     rec = job.wait(timeout=300)
     assert rec.queue == FINETUNE_QUEUE and rec.kind == "finetune"
+    deadline = time.monotonic() + 10  # the worker counts it in its registry entry
+    while done_by_workers(farm) != done_before + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert done_by_workers(farm) == done_before + 1
     assert rec.progress.step == rec.progress.total == 40 and rec.progress.loss is not None
     # The stored spec is explicit: content-addressed image URIs and one caption per image.
     assert all("/inputs/" in uri for uri in rec.spec["images"])
@@ -181,6 +191,7 @@ def test_sigkilled_training_worker_resumes_from_its_last_checkpoint(farm, local_
             instance_prompt="sks disc",
             max_train_steps=total,
             checkpointing_steps=every,
+            checkpoints_total_limit=2,
             **TRAIN,
         )
     )
@@ -199,7 +210,9 @@ def test_sigkilled_training_worker_resumes_from_its_last_checkpoint(farm, local_
     log = json.loads(farm.store.get(adapter_file_key(job.id, "loss.json")))
     assert len(log["loss"]) == total
     stored = farm.store.list(checkpoints_prefix(job.id))
-    assert any(key.endswith(f"{resumed:08d}/complete.json") for key in stored)
+    complete = sorted(int(key.split("/")[-2]) for key in stored if key.endswith("/complete.json"))
+    assert len(complete) == 2 and complete[-1] >= total - every  # the newest two are kept
+    assert len(stored) == 2 * 5  # the older ones are gone, every file of them
 
 
 def test_sigterm_checkpoints_hands_back_and_the_next_attempt_resumes_there(

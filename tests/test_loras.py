@@ -346,10 +346,13 @@ def test_manifest_rows_take_loras_too(farm, trainer, lora_file, tmp_path):
     from farm.batch_submit import submit_batch
 
     parent = finetune_record(farm.tracker)
-    manifest = tmp_path / "rows.jsonl"
+    manifest = tmp_path / "rows" / "rows.jsonl"
+    manifest.parent.mkdir()
+    (manifest.parent / "fox.safetensors").write_bytes(lora_file.read_bytes())
     rows = [
         {"defaults": {"kind": "txt2img", "model": "tiny", "num_inference_steps": STEPS}},
-        {"prompt": "a fox", "loras": [{"ref": str(lora_file), "scale": 0.5}]},
+        # A relative adapter path is read next to the manifest, as images are.
+        {"prompt": "a fox", "loras": [{"ref": "fox.safetensors", "scale": 0.5}]},
         {"prompt": "a cat", "loras": [f"job:{parent}"]},
     ]
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")

@@ -78,6 +78,22 @@ def latest_step(store: ObjectStore, job_id: str) -> int | None:
     return max(steps, default=None)
 
 
+def prune(store: ObjectStore, job_id: str, keep: int) -> list[int]:
+    """Delete all but the newest `keep` complete checkpoints (diffusers'
+    `checkpoints_total_limit`); the steps deleted. Each goes marker first, so a prune cut
+    short leaves a folder without a marker, which is never resumed."""
+    keys = store.list(checkpoints_prefix(job_id))
+    complete = sorted(int(k.split("/")[-2]) for k in keys if k.endswith("/" + MARKER))
+    old = complete[:-keep] if keep > 0 else complete
+    for step in old:
+        store.delete(checkpoint_key(job_id, step, MARKER))
+        folder = checkpoint_key(job_id, step, "")
+        for key in keys:
+            if key.startswith(folder) and not key.endswith("/" + MARKER):
+                store.delete(key)
+    return old
+
+
 def load_state(store: ObjectStore, job_id: str, step: int) -> dict[str, Any]:
     """Only `state.json` of the checkpoint at `step`: step, losses, and the extra fields."""
     return json.loads(store.get(checkpoint_key(job_id, step, "state.json")))

@@ -16,7 +16,8 @@ Storage, under `adapters/<job_id>/`:
     loss.json                          the loss per optimizer step, and where attempts resumed
     loss.png                           the loss curve
     meta.json                          spec, model, seed, worker, versions, timings; written last
-    checkpoints/<step>/                the checkpoints (kept, for inspection and re-runs)
+    checkpoints/<step>/                the checkpoints (all kept, or the newest
+                                       `checkpoints_total_limit`)
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> str:
         ckpt.extra["attempt"] = job.attempt
         checkpoints.save(rt.store, job.id, ckpt)
         log.info("fine-tune %s: checkpoint at step %d", job.id, ckpt.step)
+        if spec.checkpoints_total_limit:
+            checkpoints.prune(rt.store, job.id, spec.checkpoints_total_limit)
 
     with LoraTrainer(pipe, spec, images, spec.captions) as trainer:
         # 4. Resume from the newest complete checkpoint an earlier attempt left, if any.

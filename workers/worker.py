@@ -48,7 +48,10 @@ def run_job(rt: Runtime, job_id: str) -> str:
     if held[0].record.kind == "finetune":  # trains alone, on its own path
         from workers.finetune import run_finetune
 
-        return run_finetune(rt, held[0])
+        ended = run_finetune(rt, held[0])
+        rt.jobs_done += 1
+        rt.metrics.ended(held, {job_id: ended})
+        return ended
     held += _gather(rt, held[0])
     held = [job for job in held if not dead_letter(rt, job)]
     if not held:

@@ -170,3 +170,22 @@ def test_only_attempts_without_a_new_checkpoint_count_toward_dead_lettering(tmp_
     assert attempts_without_progress(store, "job2", 5) == 1
     assert attempts_without_progress(store, "job2", 7) == 3
     assert checkpoints.load(store, "job2", 10).losses == [1.0] * 10
+
+
+def test_checkpoints_total_limit_keeps_the_newest_whole_checkpoints(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    for step in (5, 10, 15, 20):
+        ckpt = checkpoints.Checkpoint(
+            step=step,
+            losses=[1.0] * step,
+            lora={"unet.w": torch.full((2,), float(step))},
+            optimizer={"state": {}, "param_groups": []},
+            rng={"torch_cpu": torch.get_rng_state()},
+        )
+        checkpoints.save(store, "job3", ckpt)
+    assert checkpoints.prune(store, "job3", 2) == [5, 10]
+    left = store.list("adapters/job3/checkpoints/")
+    assert {int(key.split("/")[-2]) for key in left} == {15, 20} and len(left) == 10
+    assert checkpoints.latest_step(store, "job3") == 20
+    assert checkpoints.load(store, "job3", 15).lora["unet.w"].tolist() == [15.0, 15.0]
+    assert checkpoints.prune(store, "job3", 2) == []  # nothing more to do
