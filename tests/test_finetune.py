@@ -385,6 +385,8 @@ def test_cli_submit_finetune_wait_json(farm_settings, photos):
     assert rec["spec"]["checkpointing_steps"] == 4 and rec["outputs"][0].endswith(ADAPTER_FILE)
     status = run_cli(farm_settings, "status", rec["id"])
     assert "succeeded" in status.stdout and "loss" in status.stdout
+    waited = run_cli(farm_settings, "wait", rec["id"])  # a fine-tune's own progress line
+    assert waited.returncode == 0 and f"{rec['id']}  finetune  succeeded" in waited.stdout
 
 
 def test_cli_refuses_flags_of_the_other_kind(farm_settings, photos):
