@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from farm.batch import Batch
+from farm.depth import queue_lengths
 from farm.errors import InvalidJob, JobNotFound
 from farm.jobs import FINETUNE_QUEUE, RENDER_QUEUE, JobRecord
-from farm.queue import PRIORITY_STEPS
 from farm.registry import read_workers
 
 if TYPE_CHECKING:
@@ -75,14 +75,10 @@ class DashboardData:
 
     def queue_depths(self, queues: list[str]) -> list[dict[str, Any]]:
         """Messages waiting per queue, summed over kombu's priority lists (one round trip)."""
-        pipe = self.farm.tracker.r.pipeline(transaction=False)
-        for q in queues:
-            for step in PRIORITY_STEPS:
-                pipe.llen(self.keys.broker_queue(q, step))
-        lengths = iter(pipe.execute())
+        lengths = queue_lengths(self.farm.tracker.r, self.keys, queues)
         out = []
-        for q in queues:
-            by_step = {str(step): n for step in PRIORITY_STEPS if (n := next(lengths))}
+        for q, steps in lengths.items():
+            by_step = {str(step): n for step, n in steps.items() if n}
             out.append({"name": q, "depth": sum(by_step.values()), "by_step": by_step})
         return out
 

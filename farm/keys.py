@@ -38,15 +38,14 @@ class RedisKeys:
         return f"{self.prefix}sig:{signature}"
 
     @property
+    def reconciler_lock(self) -> str:
+        """String with a TTL: the worker that runs this interval's reconciler pass."""
+        return f"{self.prefix}reconciler"
+
+    @property
     def workers(self) -> str:
         """Hash: worker name → JSON (device, models, current job, heartbeat)."""
         return f"{self.prefix}workers"
-
-    def celery_queue(self, queue: str, step: int = 0) -> str:
-        """List: one Celery queue's messages at one kombu priority step (0: the queue's own
-        name; step > 0: kombu's sub-list, the name + '\\x06\\x16' + step)."""
-        name = queue if step == 0 else f"{queue}\x06\x16{step}"
-        return f"{self.prefix}celery:{name}"
 
     @property
     def batches(self) -> str:

@@ -250,7 +250,7 @@ def test_reconciler_moves_jobs_stranded_in_a_model_queue(settings):
             "render": 0,
             model_queue("tiny"): 2,  # its priority sub-lists counted too
         }
-        assert r.llen(keys.celery_queue(model_queue("tiny"))) == 1  # priority 9: kombu step 0
+        assert r.llen(keys.broker_queue(model_queue("tiny"))) == 1  # priority 9: kombu step 0
         # While the worker holding it is online, the jobs stay where they are.
         celery = make_celery(farm.settings)
         assert reconcile(farm.tracker, celery, requeue_after=600).rerouted == []

@@ -364,7 +364,7 @@ class Reconciler(threading.Thread):
         from farm.reconciler import reconcile
 
         rt, interval = self.rt, self.rt.settings.reconcile_interval
-        lock = f"{rt.settings.key_prefix}reconciler"
+        lock = rt.tracker.keys.reconciler_lock
         while not rt.stopping:
             time.sleep(interval)
             try:
