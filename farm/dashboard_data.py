@@ -32,7 +32,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 """Outputs shown as pictures; others (a fine-tune's adapter, its loss log) are links."""
 
 RECENT_JOBS = 24
-"""Jobs listed on the front page, newest first."""
+"""Jobs listed on the front page, the last changed first."""
+
+EVENTS_PER_JOB = 8
+"""State changes read per recent job shown (a job has a few: queued, running, its end)."""
 
 RECENT_BATCHES = 10
 """Batches listed on the front page, newest first."""
@@ -105,7 +108,16 @@ class DashboardData:
         return out
 
     def recent_jobs(self, limit: int = RECENT_JOBS) -> list[dict[str, Any]]:
-        ids = self.farm.tracker.r.zrevrange(self.keys.jobs, 0, limit - 1)
+        """The jobs whose state changed last, newest first. Read from the events stream, not
+        the live index: the reconciler drops ended jobs from that one."""
+        ids: list[str] = []
+        events = self.farm.tracker.r.xrevrange(self.keys.events, count=limit * EVENTS_PER_JOB)
+        for _, entry in events:
+            job_id = entry.get("job")
+            if job_id and job_id not in ids:
+                ids.append(job_id)
+                if len(ids) == limit:
+                    break
         records = self.farm.tracker.get_many(ids)
         return [self._summary(rec) for rec in records if rec is not None]
 
@@ -116,7 +128,7 @@ class DashboardData:
             "kind": rec.kind,
             "state": rec.state.value,
             "model": spec.get("model"),
-            "prompt": spec.get("prompt"),
+            "prompt": spec.get("prompt") or spec.get("instance_prompt"),
             "queue": rec.queue,
             "worker": rec.worker,
             "created_at": rec.created_at,

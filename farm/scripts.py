@@ -159,7 +159,8 @@ if KEYS[4] and redis.call('HGET', KEYS[1], 'state') == 'queued' then
   local p = redis.call('HMGET', KEYS[1], 'priority', 'created_at')
   redis.call('ZADD', KEYS[4], index_score(p[1], p[2]), ARGV[2])
 end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', 'job', ARGV[2], 'state', 'queued')
+local created = redis.call('HGET', KEYS[1], 'state')
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', 'job', ARGV[2], 'state', created)
 return 1
 """
 )

@@ -32,6 +32,7 @@ from farm.dashboard_data import DashboardData
 from farm.demo import box_mask, sample_image
 from farm.jobs import JobRecord
 from farm.queue import RENDER_QUEUE, enqueue
+from farm.reconciler import reconcile
 from farm.registry import read_workers
 from farm.settings import FarmSettings
 from farm.up import LocalFarm, settings_env
@@ -154,6 +155,11 @@ def test_overview_lists_queues_workers_batches_and_jobs(api, worked):
     assert batch["ended"] == batch["total"] == 2 and batch["images_done"] == 2
     listed = {j["id"]: j for j in data["jobs"]}
     assert set(job_ids) <= set(listed) and len(listed) == 4
+    # A reconciler pass drops ended jobs from the live index; the page still lists them.
+    reconcile(farm.tracker, farm.celery, requeue_after=60)
+    assert farm.tracker.r.zcard(farm.tracker.keys.jobs) == 0
+    again = json.loads(get(server, "/api/overview")[1])
+    assert [j["id"] for j in again["jobs"]] == [j["id"] for j in data["jobs"]]
     for j in listed.values():
         assert j["state"] == "succeeded"
         status, png, headers = get(server, j["thumb"])
