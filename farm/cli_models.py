@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.errors import EXIT_FAILED
-from farm.jobs import BUILTIN_IP_ADAPTERS, BUILTIN_MODELS
+from farm.jobs import BUILTIN_IP_ADAPTERS, BUILTIN_MODELS, BUILTIN_SIZES
 
 
 def add_parser(sub: Any) -> None:
@@ -47,7 +47,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from farm.models import hf_cache_dir
 
     for name, what in (BUILTIN_MODELS | BUILTIN_IP_ADAPTERS).items():
-        print(f"{name:16} built-in  {what}")
+        print(f"{name:16} built-in {human_size(BUILTIN_SIZES[name]):>9}  {what}")
     models = cached_models()
     print(f"# {hf_cache_dir()}: {len(models)} cached model(s)")
     for model in models:

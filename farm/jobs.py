@@ -126,6 +126,10 @@ BUILTIN_IP_ADAPTERS = {
 }
 """Built-in IP-Adapters (`ip_adapter` of a style job); the default for the built-in `tiny`."""
 
+BUILTIN_SIZES = {"tiny": 8_511_760, "tiny-inpaint": 8_517_520, "tiny-ip-adapter": 188_968}
+"""Bytes of each built-in's float32 weights once built (they have no files), for `farm models
+list` without importing torch; tests/workers/test_tiny.py checks them against the builders."""
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}(@[\w./-]{1,128})?$")
 _PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 

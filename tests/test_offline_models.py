@@ -21,6 +21,7 @@ from PIL import Image
 
 from farm import Farm, JobState, Txt2Img
 from farm.hub import PULL_PATTERNS
+from farm.jobs import BUILTIN_SIZES
 from farm.settings import FarmSettings
 from farm.up import LocalFarm, settings_env
 from tests.hub_server import HubServer
@@ -146,6 +147,8 @@ def test_models_list_shows_builtins_and_the_cache_with_sizes(hub, exported):
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert {"tiny", "tiny-inpaint", "tiny-ip-adapter"} <= {line.split()[0] for line in lines}
+    (tiny,) = [line for line in lines if line.startswith("tiny ")]
+    assert "built-in" in tiny and f"{BUILTIN_SIZES['tiny'] / 1e6:.1f} MB" in tiny
     (row,) = [line for line in lines if line.startswith("org/tiny ")]
     size = sum(p.stat().st_size for p in exported["tiny"].rglob("*") if p.is_file())
     assert f"{size / 1e6:.1f} MB" in row and "1 revision(s)" in row

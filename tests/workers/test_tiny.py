@@ -148,3 +148,23 @@ def test_building_is_fast_once_warm():
     start = time.perf_counter()
     build_tiny("tiny")
     assert time.perf_counter() - start < 0.5
+
+
+def test_builtin_sizes_are_what_the_builders_build():
+    from farm.jobs import BUILTIN_SIZES
+    from workers.tiny_ip_adapter import build_tiny_ip_adapter
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    built = {
+        name: sum(
+            nbytes(part.state_dict())
+            for part in build_tiny(name).components.values()
+            if isinstance(part, torch.nn.Module)
+        )
+        for name in ("tiny", "tiny-inpaint")
+    }
+    weights, encoder = build_tiny_ip_adapter()
+    built["tiny-ip-adapter"] = sum(map(nbytes, weights.values())) + nbytes(encoder.state_dict())
+    assert built == BUILTIN_SIZES
