@@ -66,6 +66,10 @@ def run_direct(pipe, jobs: list[Inpaint]) -> float:
             num_inference_steps=job.num_inference_steps,
             guidance_scale=job.guidance_scale,
             strength=job.strength,
+            # What the farm renders at: the input's size (diffusers' own default for an inpaint
+            # call without a size is the model's sample size, a quarter of the pixels here).
+            height=image.height,
+            width=image.width,
             generator=[torch.Generator("cpu").manual_seed(job.seed)],
         )
     return len(jobs) / (time.perf_counter() - t0)
