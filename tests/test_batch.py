@@ -29,7 +29,8 @@ from farm.demo import box_mask, sample_image
 from farm.manifest import InvalidManifest
 from farm.masks import Box, Strokes, generate, parse_generator
 from farm.settings import FarmSettings
-from farm.up import LocalFarm, settings_env
+from farm.up import LocalFarm
+from tests.cli import run_cli
 
 MODEL = {"model": "tiny-inpaint", "num_inference_steps": 2}
 
@@ -79,16 +80,6 @@ def cats(data: Path, n: int = 3) -> list[dict]:
 
 
 TEMPLATE = {**MODEL, "prompt_template": "a photo of a {label}"}
-
-
-def run_cli(settings: FarmSettings, *args, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "farm", *map(str, args)],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def queued_messages(settings: FarmSettings) -> int:

@@ -8,8 +8,6 @@ directly on the exported tiny models: the oracle.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
 
@@ -24,7 +22,8 @@ from farm.queue import RENDER_QUEUE, enqueue
 from farm.s3 import S3Store
 from farm.settings import FarmSettings
 from farm.storage import open_store
-from farm.up import LocalFarm, settings_env
+from farm.up import LocalFarm
+from tests.cli import run_cli
 
 STEPS = 4
 
@@ -184,16 +183,6 @@ def test_sdk_job_matches_diffusers(farm, inputs, exported, tmp_path, index):
         used = np.asarray(Image.open(tmp_path / "mask.png"))
         assert set(np.unique(used)) <= {0, 255}
         assert (used == np.asarray(mask.point(lambda v: 255 if v >= 128 else 0))).all()
-
-
-def run_cli(settings, *args, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "farm", *map(str, args)],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.mark.parametrize("kind", ["txt2img", "img2img", "inpaint"])

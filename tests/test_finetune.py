@@ -14,8 +14,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -32,7 +30,8 @@ from farm.registry import read_workers
 from farm.s3 import S3Store
 from farm.settings import FarmSettings
 from farm.storage import open_store
-from farm.up import LocalFarm, settings_env
+from farm.up import LocalFarm
+from tests.cli import run_cli
 
 TRAIN = {"resolution": 32, "rank": 8, "learning_rate": 3e-2, "train_batch_size": 2, "seed": 1}
 """Fast and reliable on the tiny model: 32 px, a learning rate that moves the loss in tens of
@@ -348,16 +347,6 @@ def test_invalid_finetune_fails_at_submit_with_nothing_stored(farm, photos, tmp_
     assert farm.store.list("inputs/") == inputs_before
 
 
-def run_cli(settings, *args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "farm", *map(str, args)],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def test_cli_submit_finetune_wait_json(farm_settings, photos):
     flags = ["--resolution", 32, "--rank", 4, "--learning-rate", 1e-2, "--seed", 3]
     proc = run_cli(
@@ -377,6 +366,7 @@ def test_cli_submit_finetune_wait_json(farm_settings, photos):
         4,
         "--wait",
         "--json",
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     rec = json.loads(proc.stdout)

@@ -10,8 +10,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -23,7 +21,8 @@ from farm import Farm, JobState, Txt2Img
 from farm.hub import PULL_PATTERNS
 from farm.jobs import BUILTIN_SIZES
 from farm.settings import FarmSettings
-from farm.up import LocalFarm, settings_env
+from farm.up import LocalFarm
+from tests.cli import run_cli
 from tests.hub_server import HubServer
 
 COMMIT = "a1b2c3d4" * 5
@@ -85,16 +84,6 @@ def farm(hub, redis_server, tmp_path_factory):
         yield f
     for log in (tmp / "logs").glob("*.log"):
         print(log.read_text()[-3000:])
-
-
-def run_cli(settings, *args, **env):
-    return subprocess.run(
-        [sys.executable, "-m", "farm", *map(str, args)],
-        env=settings_env(settings) | env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def submit_txt2img(farm, model, **env):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import time
 import uuid
 
@@ -19,7 +17,8 @@ from farm.errors import InvalidJob
 from farm.jobs import batch_signature
 from farm.settings import FarmSettings
 from farm.storage import open_store
-from farm.up import LocalFarm, settings_env
+from farm.up import LocalFarm
+from tests.cli import run_cli
 
 STEPS = 3
 
@@ -55,16 +54,6 @@ def images(tmp_path_factory):
         image.save(folder / f"{name}.png")
         paths[name] = str(folder / f"{name}.png")
     return paths
-
-
-def run_cli(settings, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "farm", *map(str, args)],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def output(farm: Farm, uri: str) -> np.ndarray:
