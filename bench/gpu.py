@@ -19,7 +19,7 @@ The model is SD 1.5 inpainting's architecture built from its config with seeded 
 (nothing is downloaded): UNet in_channels 9, block_out_channels (320, 640, 1280, 1280),
 layers_per_block 2, cross_attention_dim 768, attention_head_dim 8; VAE (128, 256, 512, 512),
 latent 4; CLIP text model hidden 768, 12 layers, 12 heads, 77 positions; the offline tokenizer
-of `workers.tiny`; SD 1.5's PNDM scheduler. fp16 on CUDA (fp32 on CPU), 512×512, 30 steps.
+of `workers.builtin.tiny`; SD 1.5's PNDM scheduler. fp16 on CUDA (fp32 on CPU), 512×512, 30 steps.
 Random weights give noise, not pictures, but the same FLOPs as the real model: the UNet has
 859,535,364 parameters, the VAE 83,653,863, the text encoder 123,060,480, as SD 1.5 inpainting.
 `--size 64 --steps 2` runs the full-size model on CPU in about a minute (a check of the build).
@@ -49,7 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from farm.jobs import Inpaint  # noqa: E402
+from farm.jobs.specs import Inpaint
 from farm.settings import FarmSettings  # noqa: E402
 
 FULL = {
@@ -98,7 +98,7 @@ def build_pipeline(shapes: dict[str, Any], device: str, dtype: Any) -> Any:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from workers.tiny import _tokenizer
+    from workers.builtin.tiny import _tokenizer
 
     torch.manual_seed(0)
     with torch.device(device):  # weights created where they run: no 4 GB copy
@@ -180,7 +180,7 @@ def direct(pipe: Any, batch: int, size: int, steps: int, images: list, masks: li
 
 
 def farm_path(pipe: Any, batch: int, size: int, steps: int, images: list, masks: list) -> None:
-    from workers.render import render_batch
+    from workers.render.render import render_batch
 
     specs = [
         Inpaint(
@@ -268,7 +268,7 @@ def main() -> None:
 
     import torch
 
-    from workers.optimize import optimize
+    from workers.models.optimize import optimize
 
     warnings.filterwarnings("ignore")  # random weights in fp16 decode to NaN: no matter here
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

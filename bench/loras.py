@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from farm.jobs import LoraRef, Txt2Img  # noqa: E402
+from farm.jobs.specs import LoraRef, Txt2Img
 from farm.keys import adapter_input_key  # noqa: E402
-from farm.storage import LocalStore  # noqa: E402
-from workers.adapters import AdapterCache  # noqa: E402
-from workers.pipelines import PipelineCache  # noqa: E402
-from workers.render import render  # noqa: E402
-from workers.tiny_lora import save_tiny_lora  # noqa: E402
+from farm.storage.local import LocalStore
+from workers.builtin.tiny_lora import save_tiny_lora
+from workers.models.pipelines import PipelineCache
+from workers.render.loras import AdapterCache
+from workers.render.render import render
 
 
 def main() -> None:

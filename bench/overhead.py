@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from farm.cli.demo import write_samples
 from farm.client import Farm  # noqa: E402
-from farm.demo import write_samples  # noqa: E402
-from farm.jobs import Inpaint  # noqa: E402
+from farm.jobs.specs import Inpaint
+from farm.local.up import LocalFarm
 from farm.settings import FarmSettings  # noqa: E402
-from farm.up import LocalFarm  # noqa: E402
 
 
 def specs(pairs, steps: int, round_: int) -> list[Inpaint]:
@@ -85,7 +85,7 @@ def main() -> None:
 
     import torch
 
-    from workers.tiny import build_tiny
+    from workers.builtin.tiny import build_tiny
 
     torch.set_num_threads(1)
     pipe = build_tiny("tiny-inpaint")

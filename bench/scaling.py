@@ -27,10 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from farm.client import Farm  # noqa: E402
-from farm.embedded import RedisServer  # noqa: E402
-from farm.jobs import Txt2Img  # noqa: E402
+from farm.jobs.specs import Txt2Img
+from farm.local.embedded import RedisServer
+from farm.local.up import LocalFarm
 from farm.settings import FarmSettings  # noqa: E402
-from farm.up import LocalFarm  # noqa: E402
 
 
 def specs(args: argparse.Namespace, round_: int, n: int | None = None) -> list[Txt2Img]:

@@ -24,11 +24,12 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "soak")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 from farm import Farm, Txt2Img  # noqa: E402
-from farm.embedded import RedisServer, S3Server  # noqa: E402
-from farm.s3 import S3Store  # noqa: E402
+from farm.local.embedded import RedisServer
+from farm.local.up import LocalFarm
 from farm.settings import FarmSettings  # noqa: E402
-from farm.up import LocalFarm  # noqa: E402
-from tests.checker import check, enable_versioning  # noqa: E402
+from farm.storage.s3 import S3Store
+from tests.support.checker import check, enable_versioning
+from tests.support.s3_server import S3Server
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     python bench/style_swap.py [--model tiny] [--size 64] [--steps 10] [--rounds 9]
 
 Workers keep one UNet per model and put a style job's IP-Adapter into it for the call only
-(`workers/ip_adapter.py`). The alternative is a style pipeline with a UNet of its own, the
+(`workers/render/ip_adapter.py`). The alternative is a style pipeline with a UNet of its own, the
 adapter attached for good: no swap, but every model's UNet held twice. Side by side in one run,
 alternated round by round on the same warm model: a style render with the swap (attach, call,
 detach), the same render on a pipeline whose UNet keeps the adapter attached, and the swap
@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from farm.jobs import Style  # noqa: E402
-from workers.ip_adapter import load_for  # noqa: E402
-from workers.pipelines import PipelineCache  # noqa: E402
-from workers.render import render_batch  # noqa: E402
+from farm.jobs.specs import Style
+from workers.models.pipelines import PipelineCache
+from workers.render.ip_adapter import load_for
+from workers.render.render import render_batch
 
 
 def main() -> None:

@@ -30,10 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from farm.batch_submit import submit_batch  # noqa: E402
+from farm.batches.submit import submit_batch
+from farm.cli.demo import box_mask, sample_image
 from farm.client import Farm  # noqa: E402
-from farm.demo import box_mask, sample_image  # noqa: E402
-from farm.embedded import RedisServer  # noqa: E402
+from farm.local.embedded import RedisServer
 from farm.settings import FarmSettings  # noqa: E402
 
 

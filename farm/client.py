@@ -13,82 +13,31 @@ fails validation leaves nothing in Redis or storage.
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from farm import adapters, deps, images
-from farm.affinity import Router
 from farm.errors import InvalidJob, JobCancelled, JobFailed, WaitTimeout
-from farm.jobs import (
-    Inpaint,
-    JobRecord,
-    JobState,
-    Style,
-    Txt2Img,
-    batch_signature,
-    parse_spec,
-)
+from farm.inputs import images
+from farm.inputs import loras as adapters
+from farm.inputs.models import check_resolvable, check_visible_model
+from farm.jobs.masks import MaskGenerator
+from farm.jobs.record import JobRecord
+from farm.jobs.signature import batch_signature
+from farm.jobs.specs import Inpaint, Style, Txt2Img, parse_spec
+from farm.jobs.state import JobState
 from farm.keys import ADAPTER_FILE, input_key
-from farm.masks import MaskGenerator
-from farm.models import check_resolvable, check_visible_model
-from farm.settings import FarmSettings
+from farm.queue.routing import Router
+from farm.settings import FarmSettings, resolve_settings
+from farm.state import dependencies as deps
+from farm.state.tracker import Tracker, new_job_id
 from farm.storage import ObjectStore, open_store
-from farm.tracker import Tracker, new_job_id
 
 ProgressFn = Callable[[Sequence[JobRecord | tuple[str, str | None, int, int]]], None]
 
 _URI_SCHEMES = ("s3://", "file://")
-
-UPLOAD_THREADS = 16
-"""Parallel existence checks before uploading inputs (kept below the S3 connection pool)."""
-
-
-def put_missing(store: ObjectStore, items: dict[str, bytes]) -> int:
-    """Store the content-addressed `items` not stored yet; how many were uploaded.
-
-    The existence checks (a HEAD each on S3) run in parallel, then the uploads do
-    (`put_many`): an input that a thousand jobs share is stored once.
-    """
-    keys = list(items)
-    if len(keys) > 1:
-        with ThreadPoolExecutor(min(len(keys), UPLOAD_THREADS), "farm-exists") as pool:
-            stored = list(pool.map(store.exists, keys))
-    else:
-        stored = [store.exists(k) for k in keys]
-    missing = {k: items[k] for k, there in zip(keys, stored, strict=True) if not there}
-    if missing:
-        store.put_many(missing)
-    return len(missing)
-
-
-def embedded_state_file(settings: FarmSettings) -> Path:
-    """Where `farm up` writes the Redis URL and storage of the farm it runs."""
-    return settings.home / "up.json"
-
-
-def resolve_settings(settings: FarmSettings | None = None) -> FarmSettings:
-    """FARM_* settings; where no Redis URL is set, those of the farm `farm up` is running."""
-    settings = settings or FarmSettings()
-    if settings.redis_url:
-        return settings
-    state_file = embedded_state_file(settings)
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
-        return settings.model_copy(
-            update={
-                "redis_url": state["redis_url"],
-                "storage": settings.storage or state["storage"],
-            }
-        )
-    raise InvalidJob(
-        "FARM_REDIS_URL is not set and no embedded farm is running: start one with `farm up`",
-        field="FARM_REDIS_URL",
-    )
 
 
 class JobHandle:
@@ -152,7 +101,7 @@ class Farm:
     @property
     def celery(self) -> Any:
         if self._celery is None:
-            from farm.queue import make_celery
+            from farm.queue.app import make_celery
 
             self._celery = make_celery(self.settings)
         return self._celery
@@ -191,10 +140,10 @@ class Farm:
 
     def _write(self, records: list[dict[str, Any]]) -> list[bool]:
         """3. Write the records; 4. enqueue those that are new (a `waiting` one when the jobs
-        it waits for have ended: `farm.deps`). True where a record was new."""
+        it waits for have ended: `farm.state.dependencies`). True where a record was new."""
         deps.register(self.tracker, records)
         created = self.tracker.create(records)
-        from farm.queue import enqueue
+        from farm.queue.app import enqueue
 
         new = [rec for rec, fresh in zip(records, created, strict=True) if fresh]
         enqueue(
@@ -225,7 +174,7 @@ class Farm:
                 spec.loras, uploads, tracker=self.tracker, store=self.store
             )
         if spec.kind == "finetune":  # training images and captions, resolved to store URIs
-            from farm.training_data import training_set
+            from farm.inputs.training_data import training_set
 
             updates.update(training_set(spec, self.store, uploads))
         elif not isinstance(spec, Txt2Img):
@@ -263,7 +212,7 @@ class Farm:
 
     def upload_inputs(self, items: dict[str, bytes]) -> int:
         """Store the content-addressed inputs not stored yet; how many were uploaded."""
-        return put_missing(self.store, items)
+        return self.store.put_missing(items)
 
     def _input(
         self,

@@ -73,7 +73,7 @@ class RedisKeys:
         return f"{self.prefix}celery:{name}"
 
     def dependents(self, job_id: str) -> str:
-        """Set: ids of the `waiting` jobs that wait for this job to end (`farm.deps`)."""
+        """Set: ids of the `waiting` jobs that wait for this job to end (`farm.state.dependencies`)."""
         return f"{self.prefix}deps:{job_id}"
 
 
@@ -86,7 +86,7 @@ def input_key(sha256: str) -> str:
 
 
 def adapter_input_key(sha256: str) -> str:
-    """A content-addressed LoRA adapter uploaded with a render (`farm.adapters`)."""
+    """A content-addressed LoRA adapter uploaded with a render (`farm.inputs.loras`)."""
     return f"inputs/{sha256}.safetensors"
 
 

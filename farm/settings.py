@@ -10,10 +10,14 @@ environment behind its back. AWS credentials come from the standard AWS chain, n
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from farm.errors import InvalidJob
 
 
 def default_home() -> Path:
@@ -99,7 +103,7 @@ class FarmSettings(BaseSettings):
     and `--workers` give child i the port + i."""
 
     channels_last: bool = False
-    """Workers put each model's UNet and VAE in channels_last memory format (`workers.optimize`)."""
+    """Workers put each model's UNet and VAE in channels_last memory format (`workers.models.optimize`)."""
 
     compile: bool = False
     """Workers `torch.compile` each model's UNet (compiles on first use and on each new shape)."""
@@ -109,3 +113,38 @@ class FarmSettings(BaseSettings):
 
     def storage_url(self) -> str:
         return self.storage or (self.home / "storage").resolve().as_uri()
+
+
+def settings_env(settings: FarmSettings) -> dict[str, str]:
+    """The environment that hands these settings to a child process."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None:
+            env[f"FARM_{name.upper()}"] = str(value)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def embedded_state_file(settings: FarmSettings) -> Path:
+    """Where `farm up` writes the Redis URL and storage of the farm it runs."""
+    return settings.home / "up.json"
+
+
+def resolve_settings(settings: FarmSettings | None = None) -> FarmSettings:
+    """FARM_* settings; where no Redis URL is set, those of the farm `farm up` is running."""
+    settings = settings or FarmSettings()
+    if settings.redis_url:
+        return settings
+    state_file = embedded_state_file(settings)
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        return settings.model_copy(
+            update={
+                "redis_url": state["redis_url"],
+                "storage": settings.storage or state["storage"],
+            }
+        )
+    raise InvalidJob(
+        "FARM_REDIS_URL is not set and no embedded farm is running: start one with `farm up`",
+        field="FARM_REDIS_URL",
+    )

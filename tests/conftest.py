@@ -23,10 +23,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 for _name in [n for n in os.environ if n.startswith("FARM_")]:
     del os.environ[_name]
 
-from farm.embedded import RedisServer, S3Server  # noqa: E402
-from farm.s3 import S3Store  # noqa: E402
+from farm.local.embedded import RedisServer  # noqa: E402
 from farm.settings import FarmSettings  # noqa: E402
 from farm.storage import ObjectStore, open_store  # noqa: E402
+from farm.storage.s3 import S3Store  # noqa: E402
+from tests.support.s3_server import S3Server  # noqa: E402
 
 AWS_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

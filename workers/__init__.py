@@ -1,7 +1,16 @@
 """The heavy side of the farm: the only package that imports torch and diffusers.
 
-tiny.py       built-in tiny models (`tiny`, `tiny-inpaint`), built offline and deterministically
-pipelines.py  model refs → `ModelSource` → warm pipelines (`PipelineCache`)
-render.py     one render job → images, as a diffusers call reads
-device.py     one process per device: which device, how many threads
+worker.py     one process per device, one Celery task: claim → run → store → finish
+runtime.py    what a worker process loads once (`Runtime`) and the jobs it holds (`Held`)
+outcomes.py   how a held job ends: one classifier, one `Outcome`
+heartbeat.py  leases and progress of held jobs, from one thread; the cancel channel
+presence.py   the worker's registry entry and its model queues
+metrics.py    Prometheus metrics of one worker
+faults.py     fault injection for the fault tests (off unless asked)
+models/       model refs → warm pipelines, verify, device, speed options
+render/       render_batch (pure compute), LoRA per call, IP-Adapter
+train/        LoRA fine-tunes, checkpoints, loss curves
+builtin/      tiny random-weight models, built offline
+
+May import every wing of `farm` but `farm.cli`; nothing in `farm` imports this package.
 """

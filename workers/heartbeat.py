@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from farm.tracker import Tracker
+from farm.state.tracker import Tracker
 
 log = logging.getLogger("farm.worker")
 

@@ -31,9 +31,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from farm.affinity import consumed_queues
-from farm.depth import queue_depths
-from farm.jobs import FINETUNE_QUEUE, RENDER_QUEUE
+from farm.queue.depth import queue_depths
+from farm.queue.routing import FINETUNE_QUEUE, RENDER_QUEUE, consumed_queues
 from workers.presence import physical_device
 
 log = logging.getLogger("farm.metrics")

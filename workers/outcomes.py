@@ -8,12 +8,13 @@ import logging
 import time
 from typing import Any
 
-from farm import deps, images
-from farm.affinity import is_model_queue
 from farm.errors import InvalidJob, StaleAttempt, TransientError
-from farm.jobs import JobState
+from farm.inputs import images
+from farm.jobs.state import JobState
 from farm.keys import mask_key, meta_key, output_key
-from farm.queue import RENDER_QUEUE, enqueue
+from farm.queue.app import enqueue
+from farm.queue.routing import RENDER_QUEUE, is_model_queue
+from farm.state import dependencies as deps
 from workers.heartbeat import Heartbeat
 from workers.runtime import Held, Runtime
 
@@ -136,7 +137,7 @@ def end(rt: Runtime, job_id: str, token: str, state: JobState, **fields: Any) ->
 
 
 def release_dependents(rt: Runtime, job_id: str) -> None:
-    """Queue or fail the jobs waiting for this one (`farm.deps`). Never fails the job that
+    """Queue or fail the jobs waiting for this one (`farm.state.dependencies`). Never fails the job that
     ended: whatever is left undone here, the reconciler's next pass does."""
     try:
         deps.job_ended(rt.tracker, rt.celery, job_id)

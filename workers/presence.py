@@ -1,9 +1,9 @@
 """A worker's presence: its registry entry, and the queues it consumes for its warm models.
 
-The entry (`farm.registry.WorkerInfo`) is written at start, when a job starts and ends, and
+The entry (`farm.queue.registry.WorkerInfo`) is written at start, when a job starts and ends, and
 every `interval` seconds from a thread of its own (so a render of minutes still shows the
 worker alive), and withdrawn on a clean exit. `farm workers`, the dashboard, the client's
-`farm.affinity.Router` and the reconciler read it.
+`farm.queue.routing.Router` and the reconciler read it.
 
 Affinity: after each job the worker compares the models its `PipelineCache` holds with the
 queues it consumes, and consumes `render.<model>` for each warm model, ahead of `render`; a
@@ -22,9 +22,8 @@ import time
 from contextlib import contextmanager
 from typing import Any
 
-from farm.affinity import is_model_queue
-from farm.jobs import RENDER_QUEUE, model_queue
-from farm.registry import WorkerInfo, publish, withdraw
+from farm.queue.registry import WorkerInfo, publish, withdraw
+from farm.queue.routing import RENDER_QUEUE, is_model_queue, model_queue
 
 log = logging.getLogger("farm.worker")
 

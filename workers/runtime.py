@@ -7,12 +7,12 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from farm import images
-from farm.jobs import JobRecord
-from farm.queue import make_celery
+from farm.inputs import images
+from farm.jobs.record import JobRecord
+from farm.queue.app import make_celery
 from farm.settings import FarmSettings
+from farm.state.tracker import Tracker
 from farm.storage import open_store
-from farm.tracker import Tracker
 from workers.heartbeat import CancelListener
 
 
@@ -42,8 +42,8 @@ class Runtime:
         threads: int | None = None,
         name: str | None = None,
     ) -> None:
-        from workers.device import pin_device
-        from workers.pipelines import PipelineCache
+        from workers.models.device import pin_device
+        from workers.models.pipelines import PipelineCache
 
         self.settings = settings
         self.device = pin_device(device, threads)
@@ -62,19 +62,19 @@ class Runtime:
             models_dir=settings.models_dir,
             max_gb=settings.model_cache_gb,
         )
-        from workers.optimize import from_settings
+        from workers.models.optimize import from_settings
 
         self.cache.prepare = from_settings(settings)
         self.celery = make_celery(settings)
-        from workers.adapters import AdapterCache
+        from workers.render.loras import AdapterCache
 
         self.adapters = AdapterCache(self.store)
-        """LoRA adapters, loaded on the warm pipelines per job (`workers.adapters`)."""
+        """LoRA adapters, loaded on the warm pipelines per job (`workers.render.loras`)."""
         self.versions = versions()
         self.jobs_done = 0
         self.stopping = False
         """Set on SIGTERM/SIGINT: running jobs stop at the next step and are handed back."""
-        from farm.jobs import RENDER_QUEUE
+        from farm.queue.routing import RENDER_QUEUE
         from workers.metrics import WorkerMetrics
         from workers.presence import Presence
 

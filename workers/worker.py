@@ -17,11 +17,14 @@ import threading
 import time
 from typing import Any
 
-from farm import images, masks
 from farm.errors import InvalidJob, TransientError
-from farm.jobs import Img2Img, Inpaint, JobState, Style, parse_spec
+from farm.inputs import images
+from farm.jobs import masks
+from farm.jobs.specs import Img2Img, Inpaint, Style, parse_spec
+from farm.jobs.state import JobState
 from farm.keys import job_prefix, mask_key, meta_key, output_key
-from farm.queue import RENDER_QUEUE, RUN_TASK
+from farm.queue.app import RUN_TASK
+from farm.queue.routing import RENDER_QUEUE
 from farm.settings import FarmSettings
 from workers.faults import inject
 from workers.heartbeat import Heartbeat
@@ -46,7 +49,7 @@ def run_job(rt: Runtime, job_id: str) -> str:
     #    A job that has used up its attempts (it kills its worker every time) is dead-lettered.
     held = [Held(rt.tracker.get(job_id), claim.token, claim.attempt)]
     if held[0].record.kind == "finetune":  # trains alone, on its own path
-        from workers.finetune import run_finetune
+        from workers.train.finetune import run_finetune
 
         ended = run_finetune(rt, held[0])
         rt.jobs_done += 1
@@ -185,8 +188,8 @@ def _render_and_store(
     rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, str]
 ) -> None:
     """Render `jobs` (one batch signature) as one call, store and finish each; into `outcomes`."""
-    from workers.ip_adapter import load_for
-    from workers.render import render_batch
+    from workers.render.ip_adapter import load_for
+    from workers.render.render import render_batch
 
     lead = jobs[0].spec
     ids = [job.id for job in jobs]
@@ -314,7 +317,7 @@ def run_worker(
         rt.metrics.loaded(seconds)
     if settings.metrics_port:
         rt.metrics.serve(settings.metrics_port)
-    # Warm models' queues first, then the ones asked for (`farm.affinity`).
+    # Warm models' queues first, then the ones asked for (`farm.queue.routing`).
     rt.presence.base_queues = queues or [RENDER_QUEUE]
     queues = rt.presence.current = rt.presence.queues()
     register(rt)
@@ -361,7 +364,7 @@ class Reconciler(threading.Thread):
         self.rt = rt
 
     def run(self) -> None:
-        from farm.reconciler import reconcile
+        from farm.state.reconciler import reconcile
 
         rt, interval = self.rt, self.rt.settings.reconcile_interval
         lock = rt.tracker.keys.reconciler_lock

@@ -24,8 +24,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from workers.pipelines import PipelineCache  # noqa: E402
-from workers.tiny import TINY_MODELS, export_tiny  # noqa: E402
+from workers.builtin.tiny import TINY_MODELS, export_tiny
+from workers.models.pipelines import PipelineCache
 
 
 @pytest.fixture(scope="module", autouse=True)

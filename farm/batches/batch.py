@@ -1,0 +1,288 @@
+"""Batches by name: the index in Redis, and status, wait, retry and cancel over it.
+
+    >>> from farm.batch_submit import submit_batch
+    >>> submit_batch(farm, "cats.csv", name="cats", defaults={"model": "tiny-inpaint"})
+    >>> batch = Batch(farm, "cats")
+    >>> batch.wait(timeout=3600).counts        # {'succeeded': 2000, ...}
+
+A batch is rows × variations of jobs; each (row, variation) is a *slot*. The index
+(`RedisKeys.batch*`) holds the batch's metadata, its slot ids in manifest order, and per slot
+its current job id and what the fetched dataset needs (row, variation, source, mask, labels).
+
+Retry never changes a terminal state. A failed job stays failed; `retry` gives its slot a new
+job, a new attempt of the same spec whose key is the slot's key plus `#retry<generation>`
+(so its id is as deterministic as the first one's, and two concurrent retries collide on one
+job), and points the slot at it; the old id is kept in the slot's `history`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from farm.errors import InvalidJob, JobNotFound, WaitTimeout
+from farm.inputs import images
+from farm.jobs.specs import parse_spec
+from farm.jobs.state import JobState
+
+if TYPE_CHECKING:
+    from farm.client import Farm
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""Batch names: safe in Redis keys, idempotency keys and folder names."""
+
+READ_CHUNK = 1000
+"""Slots or job records read per pipelined round trip."""
+
+PENDING = ("unsubmitted", "waiting", "queued", "running")
+"""Slot states that may still change (unsubmitted: indexed, but its job was never written)."""
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise InvalidJob(
+            f"name: {name!r} is not a batch name (letters, digits, '.', '_', '-'; up to 128)",
+            field="name",
+        )
+    return name
+
+
+def slot_key(name: str, slot: str, generation: int = 0) -> str:
+    """The idempotency key of a slot's job in one retry generation (0: the first job)."""
+    base = f"batch:{name}:{slot}"
+    return base if generation == 0 else f"{base}#retry{generation}"
+
+
+@dataclass(slots=True)
+class Slot:
+    """One (row, variation) of a batch, as the index holds it."""
+
+    id: str
+    job: str | None = None
+    """Current job id; None while the slot is indexed but its job not yet written."""
+    info: dict[str, Any] = field(default_factory=dict)
+    state: str = "unsubmitted"
+    """The job's state; `expired` when its record is gone (`FARM_RECORD_TTL` after it ended)."""
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+@dataclass
+class BatchStatus:
+    name: str
+    total: int
+    counts: dict[str, int]
+    images_done: int
+    images_total: int
+    rate: float | None
+    """Images per second so far (first start to last finish), None before the first result."""
+    eta: float | None
+    """Seconds to go at that rate, None when unknown or nothing is left."""
+
+    @property
+    def pending(self) -> int:
+        return sum(self.counts.get(s, 0) for s in PENDING)
+
+    @property
+    def all_succeeded(self) -> bool:
+        return self.counts.get("succeeded", 0) == self.total
+
+    def line(self, width: int = 30) -> str:
+        """`[####      ] 40/100 jobs  succeeded 40 queued 60  2.1 img/s  ETA 28s`"""
+        ended = self.total - self.pending
+        bar = "#" * (width * ended // max(1, self.total))
+        counts = "  ".join(f"{s} {n}" for s, n in sorted(self.counts.items()) if n)
+        rate = f"  {self.rate:.2f} img/s" if self.rate else ""
+        eta = f"  ETA {_duration(self.eta)}" if self.eta is not None else ""
+        return f"[{bar:<{width}}] {ended}/{self.total} jobs  {counts}{rate}{eta}"
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Batch:
+    """A handle on one batch: its id is its name; everything else is read from Redis."""
+
+    __slots__ = ("farm", "keys", "name")
+
+    def __init__(self, farm: Farm, name: str) -> None:
+        self.farm = farm
+        self.name = check_name(name)
+        self.keys = farm.tracker.keys
+
+    def __repr__(self) -> str:
+        return f"Batch({self.name!r})"
+
+    # ------------------------------------------------------------------ the index
+
+    def meta(self) -> dict[str, Any]:
+        """The batch's metadata; `JobNotFound` if no batch has this name."""
+        raw = self.farm.tracker.r.hgetall(self.keys.batch(self.name))
+        if not raw:
+            raise JobNotFound(f"no batch named {self.name!r}")
+        return {k: json.loads(v) for k, v in raw.items()}
+
+    def slots(self, limit: int | None = None, *, states: bool = True) -> list[Slot]:
+        """The slots in manifest order (the first `limit`), with their jobs' states."""
+        self.meta()
+        r = self.farm.tracker.r
+        ids = r.lrange(self.keys.batch_order(self.name), 0, -1 if limit is None else limit - 1)
+        out: list[Slot] = []
+        for start in range(0, len(ids), READ_CHUNK):
+            chunk = ids[start : start + READ_CHUNK]
+            raw = r.hmget(self.keys.batch_slots(self.name), chunk)
+            for slot_id, value in zip(chunk, raw, strict=True):
+                info = json.loads(value) if value else {}
+                out.append(Slot(slot_id, info.get("job"), info))
+        if states:
+            self._read_states(out)
+        return out
+
+    def _read_states(self, slots: list[Slot]) -> None:
+        r = self.farm.tracker.r
+        with_job = [s for s in slots if s.job]
+        for start in range(0, len(with_job), READ_CHUNK):
+            chunk = with_job[start : start + READ_CHUNK]
+            pipe = r.pipeline(transaction=False)
+            for s in chunk:
+                pipe.hmget(self.keys.job(s.job or ""), "state", "started_at", "finished_at")
+            for s, (state, started, finished) in zip(chunk, pipe.execute(), strict=True):
+                s.state = state or "expired"
+                s.started_at = float(started) if started else None
+                s.finished_at = float(finished) if finished else None
+
+    def job_ids(self) -> list[str]:
+        """Current job ids, in manifest order (slots not yet written are left out)."""
+        return [s.job for s in self.slots(states=False) if s.job]
+
+    # ------------------------------------------------------------------ following
+
+    def status(self) -> BatchStatus:
+        slots = self.slots()
+        counts = Counter(s.state for s in slots)
+        per_job = [int(s.info.get("images", 1)) for s in slots]
+        done = sum(n for s, n in zip(slots, per_job, strict=True) if s.state == "succeeded")
+        total = sum(per_job)
+        started = [s.started_at for s in slots if s.started_at]
+        finished = [s.finished_at for s in slots if s.state == "succeeded" and s.finished_at]
+        rate = eta = None
+        if done and started and finished:
+            pending = sum(counts.get(s, 0) for s in PENDING)
+            until = max(finished) if not pending else time.time()
+            rate = done / max(1e-3, until - min(started))
+            left = sum(n for s, n in zip(slots, per_job, strict=True) if s.state in PENDING)
+            eta = left / rate if left else None
+        return BatchStatus(self.name, len(slots), dict(counts), done, total, rate, eta)
+
+    def wait(
+        self,
+        timeout: float | None = None,
+        *,
+        on_status: Callable[[BatchStatus], None] | None = None,
+        poll: float = 1.0,
+    ) -> BatchStatus:
+        """Block until no job of the batch is queued or running; its final status.
+
+        Slots that were never written (a submit that died half-way) do not progress by
+        themselves: waiting ends when only they are left (submit again to fill them).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cursor = self.farm.tracker.last_event_id()
+        while True:
+            status = self.status()
+            if on_status:
+                on_status(status)
+            if not status.counts.get("queued") and not status.counts.get("running"):
+                return status
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise WaitTimeout(
+                    f"batch {self.name}: {status.pending} of {status.total} jobs still not "
+                    f"done after {timeout}s"
+                )
+            cursor = self.farm.tracker.wait_event(cursor, min(poll, left) if left else poll)
+
+    # ------------------------------------------------------------------ acting
+
+    def cancel(self) -> int:
+        """Cancel every queued job (at once) and running job (within a step); how many."""
+        n = 0
+        for s in self.slots():
+            if s.state in ("waiting", "queued", "running"):
+                self.farm.cancel(s.job or "")
+                n += 1
+        return n
+
+    def retry(self, *, cancelled: bool = False) -> list[str]:
+        """Give each failed slot (and cancelled, if asked) a new job; the new ids.
+
+        The new job is a fresh record of the same spec (same inputs, seed and parameters)
+        under the key `slot_key(name, slot, generation + 1)`; the failed record is left as it
+        is. Safe to repeat after a crash: the new id is deterministic, so a retry that died
+        between writing the job and the index is completed, not doubled.
+        """
+        from farm.queue.app import enqueue
+
+        wanted = {"failed", "cancelled"} if cancelled else {"failed"}
+        todo = [s for s in self.slots() if s.state in wanted and s.job]
+        new_ids: list[str] = []
+        for start in range(0, len(todo), READ_CHUNK):
+            chunk = todo[start : start + READ_CHUNK]
+            records = self.farm.tracker.get_many(s.job or "" for s in chunk)
+            fresh, updates = [], {}
+            self.farm.known_inputs.clear()
+            for s, rec in zip(chunk, records, strict=True):
+                if rec is None:
+                    continue
+                self._remember_inputs(rec.spec)
+                generation = int(s.info.get("generation", 0)) + 1
+                spec = parse_spec({**rec.spec, "key": slot_key(self.name, s.id, generation)})
+                fresh.append(self.farm._prepare(spec, {}))
+                info = {**s.info, "job": fresh[-1]["id"], "generation": generation}
+                info["history"] = [*s.info.get("history", []), s.job]
+                updates[s.id] = json.dumps(info)
+            # New jobs are written and sent as any submit's (a row chained to an unfinished
+            # fine-tune waits for it); one written by a retry that died before sending its
+            # message is sent now.
+            created = self.farm._write(fresh)
+            again = [rec for rec, new in zip(fresh, created, strict=True) if not new]
+            states = self.farm.tracker.states([rec["id"] for rec in again])
+            enqueue(
+                self.farm.celery,
+                (
+                    (rec["id"], rec["queue"], rec["priority"])
+                    for rec, (state, _, _) in zip(again, states, strict=True)
+                    if state == JobState.QUEUED
+                ),
+            )
+            if updates:
+                self.farm.tracker.r.hset(self.keys.batch_slots(self.name), mapping=updates)
+            new_ids += [rec["id"] for rec in fresh]
+        self.farm.known_inputs.clear()
+        return new_ids
+
+    def _remember_inputs(self, spec: dict[str, Any]) -> None:
+        """Decode a spec's stored inputs once for all the retries that share them (a generated
+        mask is a generator, not an input: the worker draws it)."""
+        known = self.farm.known_inputs
+        for name, mask in (("image", False), ("mask_image", True)):
+            uri = spec.get(name)
+            if isinstance(uri, str) and uri not in known:
+                img = images.load_image_input(self.farm.store.get_uri(uri, field=name), field=name)
+                known[uri] = images.as_mask(img) if mask else img
+
+
+def list_batches(farm: Farm) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, metadata) of every batch, oldest first."""
+    r = farm.tracker.r
+    for name in r.zrange(farm.tracker.keys.batches, 0, -1):
+        raw = r.hgetall(farm.tracker.keys.batch(name))
+        if raw:
+            yield name, {k: json.loads(v) for k, v in raw.items()}

@@ -1,0 +1,411 @@
+"""Batch manifests: JSONL or CSV in, validated rows out, every problem named by its line.
+
+One row per source picture. JSONL (`.jsonl`, `.ndjson`): one JSON object per line; the first
+line may be a defaults block, `{"defaults": {...}}`. CSV (`.csv`): a header line, then one row
+per line; empty cells count as absent. Row fields:
+
+    image            path (relative to the manifest, or absolute) or an s3:// / file:// URI
+                     inside the farm's store; none for txt2img
+    mask             path/URI of a mask, or a generator: box | strokes | full, with parameters
+                     (`strokes:max_width=0.2`, or a JSON object; see `farm.jobs.masks`), drawn by
+                     the worker with a seed per job (or the row's: `strokes:seed=7`). `mask_image`
+                     is the same field under diffusers' name
+    prompt           the prompt; or `prompt_template`, filled from the row's fields:
+                     `"a photo of a {label}"`
+    seed             a fixed seed for this row (variation v gets seed + v); else one is derived
+    any job field    `model`, `kind`, `negative_prompt`, `num_inference_steps` (or `steps`),
+                     `guidance_scale`, `strength`, `scheduler`, `width`, `height`,
+                     `num_images_per_prompt` (or `num_images`), `priority`, ... (checked by the
+                     job specs in `farm.jobs.specs`)
+    anything else    a label: kept with the row and written into the fetched dataset's
+                     metadata.jsonl (a near miss of a job field is refused as a typo)
+
+Precedence, lowest first: the specs' own defaults, the defaults block (or `--defaults FILE`),
+the command line, the row. `variations` and `seed` in a defaults block or on the command line
+are batch-wide (how many jobs per row; the seed every job's seed is derived from).
+
+Rows are numbered by their line in the file (1-based), which is how problems are reported:
+
+    cats.csv:7: image: no such file '/data/cats/007.png'
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import functools
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from farm.errors import InvalidJob
+from farm.inputs.resolver import URI_SCHEMES, InputCatalog, InputInfo
+from farm.jobs.masks import MaskGenerator, parse_generator
+from farm.jobs.specs import SPECS, parse_spec
+
+if TYPE_CHECKING:
+    from farm.client import Farm
+
+MAX_PROBLEMS = 20
+"""Bad rows reported at once; validation stops after this many."""
+
+JOB_FIELDS = frozenset().union(*(cls.model_fields for cls in SPECS.values())) - {
+    "image",
+    "mask_image",
+    "key",
+}
+"""Spec fields a row, the defaults block or the command line may set."""
+
+ALIASES = {
+    "steps": "num_inference_steps",
+    "num_images": "num_images_per_prompt",
+    "mask_image": "mask",
+}
+"""Short names (the CLI's flags) and diffusers' `mask_image`, mapped onto canonical fields."""
+
+BATCH_FIELDS = frozenset({"variations"})
+"""Batch-wide settings: allowed in the defaults block and on the command line, not in rows."""
+
+METADATA_FIELDS = frozenset(
+    {
+        "file_name",
+        "mask_file_name",
+        "source_file_name",
+        "job_id",
+        "row",
+        "variation",
+        "image_index",
+        "source_image",
+        "mask_source",
+        "source",
+        "defaults",
+    }
+)
+"""Names the fetched dataset's metadata.jsonl uses for itself; labels may not take them."""
+
+_ROW_FIELDS = JOB_FIELDS | {"image", "mask", "prompt_template"}
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    line: int
+    message: str
+
+
+class InvalidManifest(InvalidJob):
+    """A manifest with bad rows; `problems` holds up to `MAX_PROBLEMS` of them, by line."""
+
+    def __init__(self, path: Path, problems: list[Problem]) -> None:
+        more = " (validation stopped there)" if len(problems) >= MAX_PROBLEMS else ""
+        noun = "row" if len(problems) == 1 else "rows"
+        super().__init__(
+            f"{path.name}: {len(problems)} bad {noun}{more}; nothing was submitted",
+            field="manifest",
+        )
+        self.path = path
+        self.problems = problems
+
+    def lines(self) -> list[str]:
+        """One line per bad row, `file:line: field: what is wrong`, then the summary."""
+        return [f"{self.path.name}:{p.line}: {p.message}" for p in self.problems] + [str(self)]
+
+
+@dataclass(slots=True)
+class Row:
+    """One validated manifest row: its job fields, inputs, labels and content identity."""
+
+    line: int
+    kind: str
+    fields: dict[str, Any]
+    """Spec fields (model, prompt, steps, ...); no image, mask, seed or key."""
+    image: InputInfo | None = None
+    image_given: str | None = None
+    mask: InputInfo | None = None
+    mask_given: str | None = None
+    mask_gen: MaskGenerator | None = None
+    seed: int | None = None
+    labels: dict[str, Any] = field(default_factory=dict)
+    identity: str = ""
+    """sha256 of what the row renders: spec fields, input contents, mask generator, seed."""
+
+    @property
+    def mask_desc(self) -> str | None:
+        """The mask as metadata shows it: a generator's canonical form, or the path given."""
+        return self.mask_gen.describe() if self.mask_gen else self.mask_given
+
+
+def normalize(layer: dict[str, Any], where: str, *, row: bool) -> dict[str, Any]:
+    """Keys stripped and aliases resolved; empty values dropped. `InvalidJob` on clashes and,
+    outside rows, on unknown fields."""
+    out: dict[str, Any] = {}
+    for raw_key, value in layer.items():
+        if raw_key is None:
+            raise InvalidJob(f"{where}: more cells than header columns", field="manifest")
+        key = ALIASES.get(raw_key.strip(), raw_key.strip())
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if key in out:
+            raise InvalidJob(f"{key}: given twice ({raw_key!r} is the same field)", field=key)
+        if not row and key not in _ROW_FIELDS | BATCH_FIELDS | {"seed"}:
+            raise InvalidJob(f"{key}: unknown job field in {where}", field=key)
+        out[key] = value
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_label(name: str) -> None:
+    if name == "key":
+        raise InvalidJob("key: set by the batch from the row's content; remove it", field="key")
+    if name in BATCH_FIELDS:
+        raise InvalidJob(
+            f"{name}: set per batch (command line or defaults block), not per row", field=name
+        )
+    if name in METADATA_FIELDS:
+        raise InvalidJob(f"{name}: reserved for the fetched dataset's metadata", field=name)
+    close = difflib.get_close_matches(name, sorted(_ROW_FIELDS | set(ALIASES)), 1, 0.85)
+    if close:
+        raise InvalidJob(
+            f"{name}: unknown field; did you mean {close[0]!r}? (other columns are labels)",
+            field=name,
+        )
+
+
+def _source(value: Any, base: Path, field: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidJob(f"{field}: expected a path or URI, got {value!r:.80}", field=field)
+    return _resolve(value.strip(), base, field)
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve(value: str, base: Path, field: str) -> str:
+    if value.startswith(URI_SCHEMES):
+        return value
+    if "://" in value:
+        raise InvalidJob(
+            f"{field}: only paths and s3:// / file:// URIs in the farm's store, got {value!r}",
+            field=field,
+        )
+    return str((base / Path(value).expanduser()).resolve())
+
+
+def _local_lora(lora: Any, folder: Path) -> Any:
+    """A row's adapter with a relative path resolved against the manifest's folder, as images
+    are; `job:<id>` refs and URIs as they are."""
+    ref = lora.get("ref") if isinstance(lora, dict) else lora
+    if not isinstance(ref, str) or ref.startswith("job:") or "://" in ref:
+        return lora
+    path = str((folder / Path(ref.strip()).expanduser()).resolve())
+    return {**lora, "ref": path} if isinstance(lora, dict) else path
+
+
+def _prompt(merged: dict[str, Any], row: dict[str, Any], labels: dict[str, Any]) -> None:
+    template = merged.pop("prompt_template", None)
+    if template is None or "prompt" in row:
+        return
+    values = {**merged, **labels}
+    try:
+        merged["prompt"] = str(template).format_map(values)
+    except KeyError as e:
+        have = ", ".join(sorted(values))
+        raise InvalidJob(
+            f"prompt_template: no field {e.args[0]!r} in this row (it has {have})",
+            field="prompt_template",
+        ) from None
+    except (ValueError, IndexError, AttributeError) as e:
+        raise InvalidJob(f"prompt_template: {e} in {template!r}", field="prompt_template") from None
+
+
+MANIFEST_KINDS = ("txt2img", "img2img", "inpaint")
+"""What a batch row may be; fine-tunes and style jobs are submitted one by one."""
+
+
+def resolve_row(
+    line: int,
+    raw: dict[str, Any],
+    base: dict[str, Any],
+    folder: Path,
+    catalog: InputCatalog,
+) -> Row:
+    """One row merged over the batch's defaults (`base`), checked, its inputs read once."""
+    # 1. Split the row into job fields and labels.
+    row = normalize(raw, f"line {line}", row=True)
+    labels = {k: v for k, v in row.items() if k not in _ROW_FIELDS}
+    for name in labels:
+        _check_label(name)
+    merged = {**base, **{k: v for k, v in row.items() if k not in labels}}
+    seed = merged.pop("seed", None)  # `base` holds no seed: the batch's is not a row's
+    _prompt(merged, row, labels)
+    # 2. Inputs: the image, and a mask file or generator.
+    image_given, mask_given = merged.pop("image", None), merged.pop("mask", None)
+    mask_gen = parse_generator(mask_given) if mask_given is not None else None
+    kind = merged.pop("kind", None) or (
+        "inpaint" if mask_given is not None else "img2img" if image_given is not None else "txt2img"
+    )
+    if kind not in MANIFEST_KINDS:
+        raise InvalidJob(
+            f"kind: batch rows are {', '.join(MANIFEST_KINDS)}, got {kind!r}"
+            + (" (submit it with `farm submit`)" if kind in SPECS else ""),
+            field="kind",
+        )
+    if kind == "txt2img" and image_given is not None:
+        raise InvalidJob("image: txt2img jobs take no image", field="image")
+    if kind != "inpaint" and mask_given is not None:
+        raise InvalidJob(f"mask: only inpaint jobs take a mask (kind is {kind})", field="mask")
+    if kind != "txt2img" and image_given is None:
+        raise InvalidJob(f"image: is required for {kind}", field="image")
+    if kind == "inpaint" and mask_given is None:
+        raise InvalidJob(
+            "mask: is required for inpaint (a path, or box | strokes | full)", field="mask"
+        )
+    if "model" not in merged:
+        raise InvalidJob(
+            "model: is required (--model, the defaults block, or a column)", field="model"
+        )
+    if isinstance(merged.get("loras"), list):  # local adapter files: next to the manifest
+        merged["loras"] = [_local_lora(lora, folder) for lora in merged["loras"]]
+    # 3. The job fields, checked by the spec itself (inputs stand in as placeholders).
+    spec = {**merged, "kind": kind, "seed": seed}
+    if kind != "txt2img":
+        spec["image"] = "file:///placeholder"
+    if kind == "inpaint":
+        spec["mask_image"] = "file:///placeholder"
+    checked = parse_spec(spec)
+    fields = checked.model_dump(mode="json", exclude={"image", "mask_image", "seed", "key"})
+    fields = {k: v for k, v in fields.items() if k in merged or k == "kind"}
+    out = Row(line, kind, fields, seed=checked.seed, labels=labels, mask_gen=mask_gen)
+    if kind != "txt2img":
+        out.image_given = str(image_given)
+        src = _source(image_given, folder, "image")
+        out.image = catalog.info(src, mask=False, field="image")
+    if kind == "inpaint" and mask_gen is None:
+        out.mask_given = mask_given if isinstance(mask_given, str) else None
+        out.mask = catalog.info(_source(mask_given, folder, "mask"), mask=True, field="mask")
+        if out.image and out.mask.size != out.image.size:
+            (iw, ih), (mw, mh) = out.image.size, out.mask.size
+            raise InvalidJob(f"mask: mask is {mw}x{mh} but the image is {iw}x{ih}", field="mask")
+    # 4. What the row renders, as one hash: the batch's keys and seeds derive from it.
+    content = {
+        "fields": fields,
+        "image": out.image.sha256 if out.image else None,
+        "mask": out.mask.sha256 if out.mask else out.mask_desc,
+        "seed": out.seed,
+    }
+    out.identity = hashlib.sha256(
+        json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    return out
+
+
+def read_rows(path: Path) -> tuple[dict[str, Any], Iterator[tuple[int, dict[str, Any] | str]]]:
+    """(the defaults block, (line, row) pairs). A row that cannot be parsed comes as a string:
+    what is wrong with it. `InvalidJob` if the file itself cannot be read."""
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".csv"):
+        raise InvalidJob(
+            f"manifest: expected a .jsonl or .csv file, got {path.name!r}", field="manifest"
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InvalidJob(f"manifest: no such file {str(path)!r}", field="manifest") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidJob(f"manifest: cannot read {str(path)!r} ({e})", field="manifest") from None
+    if suffix == ".csv":
+        return {}, _csv_rows(text)
+    lines = [(n, s) for n, s in enumerate(text.splitlines(), 1) if s.strip()]
+    defaults: dict[str, Any] = {}
+    if lines:
+        try:
+            first = json.loads(lines[0][1])
+        except json.JSONDecodeError:
+            first = None
+        if isinstance(first, dict) and set(first) == {"defaults"}:
+            if not isinstance(first["defaults"], dict):
+                raise InvalidJob(
+                    f"{path.name}:{lines[0][0]}: defaults: must be an object", field="defaults"
+                )
+            defaults = first["defaults"]
+            lines = lines[1:]
+    return defaults, _jsonl_rows(lines)
+
+
+def _jsonl_rows(lines: list[tuple[int, str]]) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    for n, text in lines:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield n, f"not valid JSON ({e.msg} at column {e.colno})"
+            continue
+        yield n, obj if isinstance(obj, dict) else f"expected a JSON object, got {text:.60}"
+
+
+def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    for row in reader:
+        yield reader.line_num, row
+
+
+def validate_rows(
+    farm: Farm,
+    path: Path,
+    raw_rows: Iterable[tuple[int, dict[str, Any] | str]],
+    base: dict[str, Any],
+    catalog: InputCatalog,
+) -> list[Row]:
+    """Every row resolved and checked as the client would check its job, nothing written;
+    `InvalidManifest` naming up to `MAX_PROBLEMS` bad rows by line."""
+    rows: list[Row] = []
+    problems: list[Problem] = []
+    tried: set[str] = set()
+    for line, raw in raw_rows:
+        try:
+            if isinstance(raw, str):
+                raise InvalidJob(raw)
+            row = resolve_row(line, raw, base, path.parent, catalog)
+            # The client's own checks see the fields and the inputs, not the prompts: rows
+            # that differ only in prompts pass or fail them alike.
+            alike = _dry_run_key(row)
+            if alike not in tried:
+                _dry_run(farm, row, catalog)
+                tried.add(alike)
+            rows.append(row)
+        except InvalidJob as e:
+            problems.append(Problem(line, str(e)))
+            if len(problems) >= MAX_PROBLEMS:
+                break
+    if problems:
+        raise InvalidManifest(path, problems)
+    if not rows:
+        raise InvalidJob(f"{path.name}: the manifest has no rows", field="manifest")
+    return rows
+
+
+def _dry_run_key(row: Row) -> str:
+    fields = {k: v for k, v in row.fields.items() if k not in ("prompt", "negative_prompt")}
+    inputs = [row.image, row.mask, row.mask_desc if row.mask_gen else None]
+    return json.dumps([fields, [i if isinstance(i, str | None) else i.sha256 for i in inputs]])
+
+
+def _dry_run(farm: Farm, row: Row, catalog: InputCatalog) -> None:
+    """Prepare the row's job as `submit` would (every check the client makes), write nothing."""
+    spec: dict[str, Any] = {**row.fields, "seed": 0}
+    try:
+        if row.image:
+            spec["image"] = _stand_in(row.image)
+            farm.known_inputs[spec["image"]] = catalog.image(row.image.source, mask=False)
+        if row.mask:
+            spec["mask_image"] = _stand_in(row.mask)
+            farm.known_inputs[spec["mask_image"]] = catalog.image(row.mask.source, mask=True)
+        elif row.mask_gen:
+            spec["mask_image"] = row.mask_gen  # checked as it is, never drawn here
+        farm._prepare(parse_spec(spec), {})
+    finally:
+        farm.known_inputs.clear()
+
+
+def _stand_in(info: InputInfo) -> str:
+    src = info.source
+    return src if src.startswith(URI_SCHEMES) else Path(src).as_uri()

@@ -1,0 +1,397 @@
+"""Submit a manifest as a batch: validate all of it, then write its jobs chunk by chunk.
+
+    >>> submit_batch(farm, "cats.csv", name="cats", variations=4, seed=0,
+    ...              defaults={"model": "tiny-inpaint", "mask": "strokes",
+    ...                        "prompt_template": "a photo of a {label}"})
+    SubmitResult(name='cats', rows=500, jobs=2000, new=2000, present=0, ...)
+
+Keys and seeds. A row's *identity* is the hash of what it renders (its job fields, the content
+of its image and mask files, its mask generator, its own seed; see `farm.batches.manifest`). Identical
+rows are told apart by their occurrence (0, 1, ...). A slot is (identity, occurrence,
+variation) under the batch seed; its id hashes those, its job's idempotency key is
+`batch:<name>:<slot>` and its job id derives from the key, so submitting the same manifest
+again finds every job it wrote before and writes only the missing ones. A job's seed (unless
+the row fixes one: row seed + variation) and a generated mask's seed (unless the row's
+generator fixes one: `strokes:seed=7`) derive from the slot the same way. Editing one row,
+adding rows or reordering them leaves the other rows' jobs alone.
+
+Generated masks travel as generators: the job's `mask_image` is the row's generator with the
+slot's seed (`{"generator": "strokes", "seed": ..., ...}`), which the worker draws at the
+source's size (`farm.jobs.masks`) and stores, as the model used it, with the job's results. No
+pixels are drawn, encoded or uploaded for them here.
+
+Speed: every distinct input is decoded and encoded once (content-addressed upload, existence
+checks in parallel), records go out in pipelines of `chunk_size`, messages in kombu batches.
+Memory stays flat: pixels are held for one chunk at a time (plus a bounded decode cache).
+
+Order of writes, per chunk: inputs, job records, messages, then the slots in the index. A
+submit that dies half-way leaves slots unwritten (`unsubmitted` in `farm batch status`); the
+next submit writes them, and re-sends the message of a job it finds written but still queued
+without a slot (the crash fell between the record and the index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from farm.batches.batch import check_name, slot_key
+from farm.batches.manifest import Row, normalize, read_rows, validate_rows
+from farm.errors import InvalidJob
+from farm.inputs import images
+from farm.inputs.resolver import URI_SCHEMES, InputCatalog, InputInfo
+from farm.inputs.uploader import UploadHelper
+from farm.jobs.masks import MaskGenerator
+from farm.jobs.specs import parse_spec
+from farm.jobs.state import JobState
+from farm.keys import input_key
+from farm.state import dependencies as deps
+
+if TYPE_CHECKING:
+    from farm.client import Farm
+
+CHUNK_JOBS = 1000
+"""Jobs written per chunk (one records pipeline, one messages batch, one index write)."""
+
+MAX_VARIATIONS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One slot to be: a row, a variation, and what derives from them."""
+
+    row: Row
+    variation: int
+    slot: str
+    seed: int
+    mask_seed: int
+    """Draws the row's generated mask for this slot, unless the row's generator fixes a seed."""
+
+
+@dataclass
+class SubmitResult:
+    name: str
+    rows: int
+    variations: int
+    jobs: int
+    new: int = 0
+    """Jobs written by this submit."""
+    present: int = 0
+    """Jobs that an earlier submit (or a concurrent one) had written already."""
+    requeued: int = 0
+    """Of the present jobs, those whose message was sent again: written but never indexed (an
+    earlier submit died between the two), or running on an expired lease (their worker died)."""
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        v = "variation" if self.variations == 1 else "variations"
+        extra = f" requeued={self.requeued}" if self.requeued else ""
+        return (
+            f"batch {self.name}: {self.jobs} jobs ({self.rows} rows x {self.variations} {v}): "
+            f"new={self.new} present={self.present}{extra} in {self.seconds:.1f}s"
+        )
+
+
+def _derive(*parts: Any) -> bytes:
+    return hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+
+
+def _setting(settings: dict[str, Any], name: str, given: int | None, lo: int, hi: int) -> int:
+    """A batch-wide whole number: the argument, else the defaults' value, else `lo`."""
+    value = given if given is not None else settings.get(name, lo)
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not lo <= number <= hi:
+        raise InvalidJob(f"{name}: must be a whole number {lo}..{hi}, got {value!r}", field=name)
+    return number
+
+
+def submit_batch(
+    farm: Farm,
+    manifest: str | Path,
+    name: str,
+    *,
+    defaults: dict[str, Any] | None = None,
+    variations: int | None = None,
+    seed: int | None = None,
+    chunk_size: int = CHUNK_JOBS,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> SubmitResult:
+    """Submit every row × variation of `manifest` not submitted before under `name`.
+
+    `defaults` are job fields for every row (the command line's flags), over the manifest's
+    own defaults block and under each row's fields. Nothing is written unless every row is
+    valid: `InvalidManifest` lists the bad rows by line.
+    """
+    t0 = time.monotonic()
+    # 1. The manifest, and the batch-wide settings.
+    name = check_name(name)
+    path = Path(manifest)
+    block, raw_rows = read_rows(path)
+    settings = {
+        **normalize(block, "the defaults block", row=False),
+        **normalize(defaults or {}, "the command line", row=False),
+    }
+    variations = _setting(settings, "variations", variations, 1, MAX_VARIATIONS)
+    base_seed = _setting(settings, "seed", seed, 0, 2**63 - 1)
+    base = {k: v for k, v in settings.items() if k not in ("variations", "seed")}
+    # 2. Every row checked, each distinct input read once, before anything is written.
+    catalog = InputCatalog(farm.store)
+    rows = validate_rows(farm, path, raw_rows, base, catalog)
+    # 3. The slots, and the batch's index.
+    planned = list(_plan(rows, variations, base_seed))
+    _write_index(farm, name, path, base, len(rows), variations, base_seed, planned)
+    # 4. The jobs, chunk by chunk.
+    # Chunk n's inputs upload in the background while chunk n+1 is prepared and chunk n-1's
+    # records and messages are written; a chunk's records wait for its own inputs.
+    result = SubmitResult(name, len(rows), variations, len(planned))
+    encoded: dict[tuple[str, bool], str] = {}
+    pending: tuple[Future[int], _Chunk, int] | None = None
+    with _uploader(farm, big=len(planned) > chunk_size) as uploader:
+        for start in range(0, len(planned), chunk_size):
+            batch = planned[start : start + chunk_size]
+            chunk = _prepare_chunk(farm, name, batch, catalog, encoded, result)
+            upload = uploader.submit(chunk.uploads)
+            if pending:
+                _finish(farm, name, pending, result, len(planned), on_chunk)
+            pending = (upload, chunk, start + len(batch))
+        if pending:
+            _finish(farm, name, pending, result, len(planned), on_chunk)
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _uploader(farm: Farm, big: bool) -> UploadHelper | _ThreadUploads:
+    """Where chunks' inputs are stored from: a helper process for a batch of several chunks
+    (`farm.inputs.uploader`: uploads beside the preparation, not fighting it for the GIL), else a
+    thread here (a helper's start-up would cost more than it saves)."""
+    return UploadHelper(farm.settings) if big else _ThreadUploads(farm)
+
+
+class _ThreadUploads:
+    """`UploadHelper`'s interface, from one thread of this process."""
+
+    def __init__(self, farm: Farm) -> None:
+        self.farm = farm
+        self.pool = ThreadPoolExecutor(1, "farm-batch-upload")
+
+    def __enter__(self) -> _ThreadUploads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True)
+
+    def submit(self, items: dict[str, bytes]) -> Future[int]:
+        return self.pool.submit(self.farm.upload_inputs, items)
+
+
+def _finish(
+    farm: Farm,
+    name: str,
+    pending: tuple[Future[int], _Chunk, int],
+    result: SubmitResult,
+    total: int,
+    on_chunk: Callable[[int, int], None] | None,
+) -> None:
+    upload, chunk, done = pending
+    upload.result()
+    _commit_chunk(farm, name, chunk, result)
+    if on_chunk:
+        on_chunk(done, total)
+
+
+def _plan(rows: list[Row], variations: int, base_seed: int) -> Iterator[Planned]:
+    seen: Counter[str] = Counter()
+    for row in rows:
+        occurrence = seen[row.identity]
+        seen[row.identity] += 1
+        for v in range(variations):
+            slot = _derive("slot", base_seed, row.identity, occurrence, v).hex()[:32]
+            seed = (
+                row.seed + v
+                if row.seed is not None
+                else int.from_bytes(_derive("seed", base_seed, row.identity, occurrence, v)[:4])
+            )
+            mask_seed = int.from_bytes(_derive("mask", base_seed, row.identity, occurrence, v)[:8])
+            yield Planned(row, v, slot, seed, mask_seed)
+
+
+def _write_index(
+    farm: Farm,
+    name: str,
+    path: Path,
+    base: dict[str, Any],
+    n_rows: int,
+    variations: int,
+    base_seed: int,
+    planned: list[Planned],
+) -> None:
+    """The batch's metadata and its slots in manifest order (replacing an earlier order)."""
+    keys = farm.tracker.keys
+    now = time.time()
+    meta = {
+        "name": name,
+        "manifest": str(path.resolve()),
+        "rows": n_rows,
+        "variations": variations,
+        "seed": base_seed,
+        "jobs": len(planned),
+        "defaults": base,
+        "updated_at": now,
+    }
+    pipe = farm.tracker.r.pipeline(transaction=True)
+    pipe.zadd(keys.batches, {name: now}, nx=True)
+    pipe.hsetnx(keys.batch(name), "created_at", json.dumps(now))
+    pipe.hset(keys.batch(name), mapping={k: json.dumps(v) for k, v in meta.items()})
+    pipe.delete(keys.batch_order(name))
+    for start in range(0, len(planned), 10_000):
+        pipe.rpush(keys.batch_order(name), *(p.slot for p in planned[start : start + 10_000]))
+    pipe.execute()
+
+
+def _slot_info(p: Planned, job_id: str, old: dict[str, Any] | None) -> str:
+    row = p.row
+    info = {
+        **(old or {}),
+        "job": job_id,
+        "row": row.line,
+        "variation": p.variation,
+        "image": row.image_given,
+        "mask": row.mask_desc,
+        "labels": row.labels,
+        "images": int(row.fields.get("num_images_per_prompt", 1)),
+    }
+    info.setdefault("generation", 0)
+    return json.dumps(info)
+
+
+@dataclass
+class _Chunk:
+    """One chunk, prepared: records to write, inputs to store, index entries to set."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    todo: list[tuple[Planned, dict[str, Any] | None]] = field(default_factory=list)
+    index: dict[str, str] = field(default_factory=dict)
+    uploads: dict[str, bytes] = field(default_factory=dict)
+    lost: list[tuple[str, int]] = field(default_factory=list)
+    """(id, priority) of jobs found running on an expired lease: their worker died, and a
+    new message lets another worker take them over (`Tracker.claim`)."""
+
+
+def _prepare_chunk(
+    farm: Farm,
+    name: str,
+    chunk: list[Planned],
+    catalog: InputCatalog,
+    encoded: dict[tuple[str, bool], str],
+    result: SubmitResult,
+) -> _Chunk:
+    tracker = farm.tracker
+    out = _Chunk()
+    # 1. Which slots already have a job (whose record has not expired).
+    raw = tracker.r.hmget(tracker.keys.batch_slots(name), [p.slot for p in chunk])
+    old = [json.loads(v) if v else None for v in raw]
+    pipe = tracker.r.pipeline(transaction=False)
+    for info in old:
+        job_key = tracker.keys.job(info["job"] if info else "-")
+        pipe.hmget(job_key, "state", "lease_until", "priority")
+    now = time.time()
+    for p, info, (state, lease, priority) in zip(chunk, old, pipe.execute(), strict=True):
+        if info and state:
+            out.index[p.slot] = _slot_info(p, info["job"], info)
+            if state == JobState.RUNNING and float(lease or 0) < now:
+                out.lost.append((info["job"], int(priority or 0)))  # its worker died
+        else:
+            out.todo.append((p, info))
+    result.present += len(out.index)
+    # 2. The records of the others: inputs from the decode cache, masks drawn.
+    try:
+        for p, info in out.todo:
+            generation = int(info.get("generation", 0)) if info else 0
+            spec = {**p.row.fields, "seed": p.seed, "key": slot_key(name, p.slot, generation)}
+            if p.row.image:
+                spec["image"] = _input_uri(farm, catalog, p.row.image, False, encoded, out.uploads)
+            if p.row.mask:
+                spec["mask_image"] = _input_uri(
+                    farm, catalog, p.row.mask, True, encoded, out.uploads
+                )
+            elif p.row.mask_gen:  # drawn by the worker, with the slot's seed
+                spec["mask_image"] = _seeded(p.row.mask_gen, p.mask_seed)
+            out.records.append(farm._prepare(parse_spec(spec), out.uploads))  # + LoRA files
+    finally:
+        farm.known_inputs.clear()
+    return out
+
+
+def _seeded(gen: MaskGenerator, seed: int) -> MaskGenerator:
+    """The generator with `seed`, unless it has one of its own (`strokes:seed=7`)."""
+    return gen if gen.seed is not None else gen.model_copy(update={"seed": seed})
+
+
+def _commit_chunk(farm: Farm, name: str, chunk: _Chunk, result: SubmitResult) -> None:
+    """Records, then messages, then the index: a slot is written only once its job is."""
+    from farm.queue.app import enqueue
+    from farm.queue.routing import RENDER_QUEUE
+
+    tracker = farm.tracker
+    deps.register(tracker, chunk.records)  # rows whose LoRA is an unfinished fine-tune
+    created = tracker.create(chunk.records)
+    again = [rec["id"] for rec, new in zip(chunk.records, created, strict=True) if not new]
+    states = tracker.states(again)
+    queued = {i for i, (s, _, _) in zip(again, states, strict=True) if s == JobState.QUEUED}
+    resend = [
+        (rec["id"], rec["queue"], rec["priority"])
+        for rec, new in zip(chunk.records, created, strict=True)
+        if (new and not rec.get("depends_on")) or rec["id"] in queued
+    ]
+    resend += [(job_id, RENDER_QUEUE, priority) for job_id, priority in chunk.lost]
+    enqueue(farm.celery, resend)
+    waiting = [
+        r["id"]
+        for r, new in zip(chunk.records, created, strict=True)
+        if new and r.get("depends_on")
+    ]
+    if waiting:
+        deps.release(tracker, farm.celery, waiting)
+    result.new += sum(created)
+    result.requeued += len(queued) + len(chunk.lost)
+    result.present += len(again)
+    for (p, info), rec in zip(chunk.todo, chunk.records, strict=True):
+        chunk.index[p.slot] = _slot_info(p, rec["id"], info)
+    if chunk.index:
+        tracker.r.hset(tracker.keys.batch_slots(name), mapping=chunk.index)
+
+
+def _input_uri(
+    farm: Farm,
+    catalog: InputCatalog,
+    info: InputInfo,
+    mask: bool,
+    encoded: dict[tuple[str, bool], str],
+    uploads: dict[str, bytes],
+) -> str:
+    """The store URI a job reads this input from; the input queued for upload once."""
+    img = catalog.image(info.source, mask=mask)
+    if info.source.startswith(URI_SCHEMES):
+        uri = info.source
+    else:
+        key = encoded.get((info.source, mask))
+        if key is None:
+            data = images.encode_png(img)
+            key = input_key(images.sha256_hex(data))
+            encoded[(info.source, mask)] = key
+            uploads[key] = data
+        uri = farm.store.uri(key)
+    farm.known_inputs[uri] = img
+    return uri

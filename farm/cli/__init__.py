@@ -1,0 +1,13 @@
+"""The `farm` command: one module per command group, one flag table.
+
+main.py      the parser, the commands of one job, and `main`
+batch.py     `farm batch ...`
+finetune.py  `farm submit finetune` flags
+models.py    `farm models ...`
+workers.py   `farm workers`, `farm worker --gpus/--workers`
+demo.py      `farm demo`: an inpainting augmentation on an embedded farm, end to end
+progress.py  progress bars and live lines on a terminal
+
+The top of the light side: it may import every other wing of `farm`, never `workers`
+(`farm worker` and the torch-side `farm models` actions run `python -m workers`).
+"""

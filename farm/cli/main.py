@@ -1,0 +1,347 @@
+"""The `farm` command.
+
+Exit codes: 0 done, 1 a job failed or the farm could not be reached, 2 invalid input
+(one line naming the field and the value, and nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from farm.cli import batch as cli_batch
+from farm.cli import finetune as cli_finetune
+from farm.cli import models as cli_models
+from farm.cli import workers as cli_workers
+from farm.cli.progress import JobsBar, TrainingBar
+from farm.errors import EXIT_FAILED, EXIT_INVALID, FarmError, InvalidJob
+from farm.inputs.loras import parse_lora_flag
+from farm.jobs.masks import parse_generator
+from farm.jobs.record import JobRecord
+from farm.jobs.specs import SCHEDULERS, flag_field
+from farm.local.up import LOCAL_QUEUES
+from farm.settings import FarmSettings
+
+SUBMIT_FLAGS = (
+    "negative_prompt",
+    "steps",
+    "guidance_scale",
+    "strength",
+    "scheduler",
+    "width",
+    "height",
+    "num_images",
+    "seed",
+    "key",
+    "priority",
+    "image",
+    "mask",
+    "style_image",
+    "style_scale",
+    "ip_adapter",
+    "ip_adapter_weight_name",
+)
+"""`farm submit`'s job flags; `--mask` fills `mask_image`, the rest `farm.jobs.specs.flag_field`."""
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `farm` command's parser (the heavy side's `python -m workers` parses with it too)."""
+    p = argparse.ArgumentParser(prog="farm", description="A render farm for diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run an embedded farm in the foreground (Ctrl-C stops it)")
+    up.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    up.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    up.add_argument("--threads", type=int, help="torch threads per worker")
+    up.add_argument(
+        "--queues", default=LOCAL_QUEUES, help=f"queues the workers serve (default {LOCAL_QUEUES})"
+    )
+    up.add_argument("--gpus", help="all, or GPU indices 0,1,3: one worker per GPU")
+
+    w = sub.add_parser("worker", help="serve jobs on one device")
+    w.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    w.add_argument(
+        "--queues", default=None, help="comma-separated queues: render, finetune (default render)"
+    )
+    w.add_argument("--threads", type=int, help="torch threads (default: all cores on cpu)")
+    w.add_argument("--name", help="worker name (default DEVICE@HOST)")
+    w.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="load this model before taking jobs (repeatable)",
+    )
+    w.add_argument("--gpus", help="all, or GPU indices 0,1,3: one worker process per GPU")
+    w.add_argument("--workers", type=int, help="N worker processes on --device (1 thread each)")
+
+    s = sub.add_parser("submit", help="submit one job")
+    s.add_argument("kind", choices=["txt2img", "img2img", "inpaint", "style", "finetune"])
+    s.add_argument(
+        "--model", required=True, help="tiny, tiny-inpaint, org/name, folder, .safetensors"
+    )
+    s.add_argument("--prompt", help="required by txt2img, img2img and inpaint")
+    s.add_argument("--negative-prompt")
+    s.add_argument("--image", help="input image: path or s3:// URI")
+    s.add_argument(
+        "--mask",
+        help="mask (white = repaint): path, s3:// URI, or a generator drawn by the worker: "
+        "box, strokes, full, with parameters (strokes:max_width=0.2,seed=7)",
+    )
+    s.add_argument("--style-image", help="style: the reference image (ip_adapter_image)")
+    s.add_argument("--style-scale", type=float, help="style: ip_adapter_scale (default 0.6)")
+    s.add_argument("--ip-adapter", help="style: IP-Adapter ref (default tiny-ip-adapter for tiny)")
+    s.add_argument("--ip-adapter-weight-name", help="style: weights file in the adapter's folder")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--steps", type=int, help="num_inference_steps")
+    s.add_argument("--guidance-scale", type=float)
+    s.add_argument("--strength", type=float)
+    s.add_argument("--scheduler", help=", ".join(SCHEDULERS))
+    s.add_argument("--width", type=int)
+    s.add_argument("--height", type=int)
+    s.add_argument("--num-images", type=int, help="num_images_per_prompt")
+    s.add_argument("--priority", type=int, help="0..9, higher runs sooner")
+    s.add_argument("--key", help="idempotency key: the same key submits once")
+    s.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="REF[:SCALE]",
+        help="LoRA adapter (repeatable): job:<finetune id>, s3:// or file:// URI, or a local "
+        ".safetensors path; SCALE defaults to 1",
+    )
+    s.add_argument("--wait", action="store_true", help="wait; exit 1 unless it succeeds")
+    s.add_argument("--timeout", type=float, help="with --wait: give up after S seconds")
+    s.add_argument("--json", action="store_true", help="print the job record as JSON")
+    cli_finetune.add_arguments(s)
+
+    st = sub.add_parser("status", help="show a job's record")
+    st.add_argument("job")
+    st.add_argument("--json", action="store_true")
+
+    wt = sub.add_parser("wait", help="wait for jobs to end (exit 1 unless all succeed)")
+    wt.add_argument("jobs", nargs="+", metavar="JOB")
+    wt.add_argument("--timeout", type=float)
+
+    f = sub.add_parser("fetch", help="download a job's outputs, mask and meta.json")
+    f.add_argument("job")
+    f.add_argument("dir", type=Path)
+
+    c = sub.add_parser("cancel", help="cancel a job (queued: at once; running: within a step)")
+    c.add_argument("job")
+
+    d = sub.add_parser("demo", help="inpaint a few sample images on an embedded farm")
+    d.add_argument("--out", type=Path, default=Path("demo-out"))
+    d.add_argument("--workers", type=int, default=1)
+    d.add_argument("--images", type=int, default=4)
+    d.add_argument("--variations", type=int, default=2)
+
+    db = sub.add_parser("dashboard", help="serve a read-only web page: queues, workers, jobs")
+    db.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    db.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free)")
+
+    cli_batch.add_parser(sub)
+    cli_models.add_parser(sub)
+    cli_workers.add_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    args.argv = argv
+    return guarded(COMMANDS[args.command], args)
+
+
+def guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run one command; every failure is one line on stderr and an exit status, never a
+    traceback (`farm.errors` defines the statuses)."""
+    try:
+        return command(args)
+    except InvalidJob as e:
+        print(f"farm: error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except (FarmError, OSError) as e:
+        print(f"farm: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _farm() -> Any:
+    from farm.client import Farm
+
+    return Farm()
+
+
+def _print_record(rec: JobRecord, as_json: bool) -> None:
+    if as_json:
+        print(rec.model_dump_json(indent=2))
+        return
+    p = rec.progress
+    line = f"{rec.id}  {rec.kind}  {rec.state.value}"
+    if rec.state.value == "running" and p.total:
+        line += f"  step {p.step}/{p.total}"
+    if p.loss is not None:
+        line += f"  loss {p.loss:.4f}"
+    if rec.state.value == "waiting":
+        line += "  for " + ", ".join(f"job:{job_id}" for job_id in rec.depends_on)
+    if rec.error:
+        line += f"  error: {rec.error}"
+    print(line)
+    for uri in rec.outputs:
+        print(f"  {uri}")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    if args.kind == "finetune":
+        return cli_finetune.submit(args, _farm(), _print_record)
+    cli_finetune.refuse_flags(args)
+    spec: dict[str, Any] = {"kind": args.kind, "model": args.model}
+    if args.prompt is not None:
+        spec["prompt"] = args.prompt
+    for flag in SUBMIT_FLAGS:
+        field = "mask_image" if flag == "mask" else flag_field(flag)
+        value = getattr(args, flag)
+        if value is not None:
+            spec[field] = value
+    if args.mask is not None:
+        spec["mask_image"] = parse_generator(args.mask, "mask_image") or args.mask
+    if args.lora:
+        spec["loras"] = [parse_lora_flag(text) for text in args.lora]
+    farm = _farm()
+    job = farm.submit(spec)
+    if args.wait:
+        rec = farm.wait([job.id], timeout=args.timeout, on_progress=JobsBar(sys.stderr))[0]
+    else:
+        rec = farm.get(job.id)
+    if args.json:
+        _print_record(rec, True)
+    else:
+        print(job.id) if not args.wait else _print_record(rec, False)
+    return 0 if not args.wait or rec.state.value == "succeeded" else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _print_record(_farm().get(args.job), args.json)
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    farm = _farm()
+    bar: Any = JobsBar(sys.stderr)
+    if len(args.jobs) == 1 and farm.get(args.jobs[0]).kind == "finetune":  # steps and loss
+        bar = TrainingBar(sys.stderr, lambda job_id: farm.get(job_id).progress.loss)
+    records = farm.wait(args.jobs, timeout=args.timeout, on_progress=bar)
+    for rec in records:
+        _print_record(rec, False)
+    return 0 if all(r.state.value == "succeeded" for r in records) else EXIT_FAILED
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    for path in _farm().download(args.job, args.dir):
+        print(path)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    state = _farm().cancel(args.job)
+    print(f"{args.job}: {'cancelling' if state.value == 'running' else state.value}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    if args.gpus or args.workers:
+        return cli_workers.run_many(args)
+    return hand_off(args.argv)
+
+
+def hand_off(argv: Sequence[str]) -> int:
+    """Run a command of the heavy side (`farm worker`, `farm models verify|export`) in this
+    process's place: `python -m workers ARGV`, parsed by the same `parser()`. The light side
+    never imports torch; a machine without it gets one line saying what to install."""
+    missing = [m for m in ("torch", "diffusers", "workers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FarmError(
+            f"`farm {argv[0] if argv else ''}` needs the worker side ({', '.join(missing)} "
+            "missing): pip install torch==2.13.0 'render-farm[worker]'"
+        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "workers", *argv])
+    return 0  # not reached: exec replaced this process
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import signal
+
+    from farm.local.up import LocalFarm
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops `farm up` the way Ctrl-C does
+
+    from farm.local.launcher import parse_gpus
+
+    settings = FarmSettings()
+    gpus = parse_gpus(args.gpus) if args.gpus else None
+    signal.signal(signal.SIGTERM, interrupt)
+    with LocalFarm(
+        settings,
+        workers=args.workers,
+        device=args.device,
+        threads=args.threads,
+        write_state=True,
+        queues=args.queues,
+        gpus=gpus,
+        metrics_port=settings.metrics_port,
+    ) as lf:
+        print(f"farm up: redis {lf.settings.redis_url}", flush=True)
+        print(f"farm up: storage {lf.settings.storage_url()}", flush=True)
+        where = f"GPUs {','.join(map(str, gpus))}" if gpus else f"{args.workers} on {args.device}"
+        print(f"farm up: worker(s): {where}; logs in {lf.log_dir}", flush=True)
+        print("farm up: submit from another terminal (`farm submit ...`); Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("farm up: stopping", flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from farm.cli.demo import run_demo
+
+    return run_demo(
+        args.out, workers=args.workers, n_images=args.images, variations=args.variations
+    )
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from farm.dashboard.data import DashboardData
+    from farm.dashboard.server import serve
+
+    with _farm() as farm:
+        serve(DashboardData(farm), args.host, args.port)
+    return 0
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "worker": cmd_worker,
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "wait": cmd_wait,
+    "fetch": cmd_fetch,
+    "cancel": cmd_cancel,
+    "models": cli_models.run,
+    "demo": cmd_demo,
+    "batch": cli_batch.run,
+    "dashboard": cmd_dashboard,
+    "workers": cli_workers.run,
+}

@@ -1,0 +1,170 @@
+"""What the dashboard shows, as JSON-ready dicts read from Redis and the store.
+
+    >>> data = DashboardData(Farm())
+    >>> data.overview()["queues"]       # [{'name': 'render', 'depth': 3, 'by_step': {...}}, ...]
+    >>> data.job("3f2a...")["images"]   # {'image': '/files/inputs/....png', 'mask': ..., ...}
+
+Read-only: nothing here writes to Redis or storage. Images are never inlined; a stored object
+is named by a `/files/<key>` URL that `farm.dashboard.server` serves from the farm's own store, and
+only for keys under `FILE_PREFIXES`; a URI outside the store (a foreign input) gets no URL.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from farm.batches.batch import Batch
+from farm.errors import InvalidJob, JobNotFound
+from farm.jobs.record import JobRecord
+from farm.queue.depth import queue_lengths
+from farm.queue.registry import read_workers
+from farm.queue.routing import FINETUNE_QUEUE, RENDER_QUEUE
+
+if TYPE_CHECKING:
+    from farm.client import Farm
+
+FILE_PREFIXES = ("inputs/", "jobs/", "adapters/")
+"""Storage keys the dashboard may serve: inputs, job outputs/masks/meta, fine-tune adapters."""
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+"""Outputs shown as pictures; others (a fine-tune's adapter, its loss log) are links."""
+
+RECENT_JOBS = 24
+"""Jobs listed on the front page, the last changed first."""
+
+EVENTS_PER_JOB = 8
+"""State changes read per recent job shown (a job has a few: queued, running, its end)."""
+
+RECENT_BATCHES = 10
+"""Batches listed on the front page, newest first."""
+
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""What a job id may look like in a dashboard URL (ids are uuid hex)."""
+
+
+def check_job_id(job_id: str) -> str:
+    if not JOB_ID.match(job_id or ""):
+        raise InvalidJob(f"job: {job_id!r} is not a job id", field="job")
+    return job_id
+
+
+class DashboardData:
+    """The dashboard's JSON API, over one `Farm` connection (thread-safe: redis-py pools)."""
+
+    def __init__(self, farm: Farm) -> None:
+        self.farm = farm
+        self.keys = farm.tracker.keys
+
+    # ------------------------------------------------------------------ the front page
+
+    def overview(self) -> dict[str, Any]:
+        """Queues, workers, batches and recent jobs: everything the front page polls."""
+        now = time.time()
+        jobs = self.recent_jobs()
+        workers = read_workers(self.farm.tracker.r, self.keys)
+        queues = {RENDER_QUEUE, FINETUNE_QUEUE}
+        queues.update(q for w in workers for q in w.queues)
+        queues.update(j["queue"] for j in jobs if j.get("queue"))
+        return {
+            "now": now,
+            "storage": self.farm.settings.storage_url(),
+            "queues": self.queue_depths(sorted(queues)),
+            "workers": [{**w.model_dump(mode="json"), "online": w.online(now)} for w in workers],
+            "batches": self.batches(),
+            "jobs": jobs,
+        }
+
+    def queue_depths(self, queues: list[str]) -> list[dict[str, Any]]:
+        """Messages waiting per queue, summed over kombu's priority lists (one round trip)."""
+        lengths = queue_lengths(self.farm.tracker.r, self.keys, queues)
+        out = []
+        for q, steps in lengths.items():
+            by_step = {str(step): n for step, n in steps.items() if n}
+            out.append({"name": q, "depth": sum(by_step.values()), "by_step": by_step})
+        return out
+
+    def batches(self) -> list[dict[str, Any]]:
+        names = self.farm.tracker.r.zrevrange(self.keys.batches, 0, RECENT_BATCHES - 1)
+        out = []
+        for name in names:
+            try:
+                st = Batch(self.farm, name).status()
+            except (JobNotFound, InvalidJob):
+                continue  # removed (or never valid) since the listing
+            out.append(
+                {
+                    "name": st.name,
+                    "total": st.total,
+                    "ended": st.total - st.pending,
+                    "counts": st.counts,
+                    "images_done": st.images_done,
+                    "images_total": st.images_total,
+                    "rate": st.rate,
+                    "eta": st.eta,
+                }
+            )
+        return out
+
+    def recent_jobs(self, limit: int = RECENT_JOBS) -> list[dict[str, Any]]:
+        """The jobs whose state changed last, newest first. Read from the events stream, not
+        the live index: the reconciler drops ended jobs from that one."""
+        ids: list[str] = []
+        events = self.farm.tracker.r.xrevrange(self.keys.events, count=limit * EVENTS_PER_JOB)
+        for _, entry in events:
+            job_id = entry.get("job")
+            if job_id and job_id not in ids:
+                ids.append(job_id)
+                if len(ids) == limit:
+                    break
+        records = self.farm.tracker.get_many(ids)
+        return [self._summary(rec) for rec in records if rec is not None]
+
+    def _summary(self, rec: JobRecord) -> dict[str, Any]:
+        spec = rec.spec
+        return {
+            "id": rec.id,
+            "kind": rec.kind,
+            "state": rec.state.value,
+            "model": spec.get("model"),
+            "prompt": spec.get("prompt") or spec.get("instance_prompt"),
+            "queue": rec.queue,
+            "worker": rec.worker,
+            "created_at": rec.created_at,
+            "finished_at": rec.finished_at,
+            "progress": {"step": rec.progress.step, "total": rec.progress.total},
+            "error": rec.error,
+            "thumb": next(
+                (self.file_url(u) for u in rec.outputs if u.endswith(IMAGE_SUFFIXES)), None
+            ),
+        }
+
+    # ------------------------------------------------------------------ one job
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """One job's record with its input, mask and outputs as `/files/` URLs (None where
+        the job has none, or where it lies outside the farm's store)."""
+        rec = self.farm.get(check_job_id(job_id))
+        image = rec.spec.get("image")
+        mask = rec.mask or rec.spec.get("mask_image")
+        return {
+            **self._summary(rec),
+            "spec": rec.spec,
+            "attempt": rec.attempt,
+            "started_at": rec.started_at,
+            "images": {
+                "image": self.file_url(image) if isinstance(image, str) else None,
+                "mask": self.file_url(mask) if isinstance(mask, str) else None,
+                "outputs": [self.file_url(uri) for uri in rec.outputs],
+                "meta": self.file_url(rec.meta) if rec.meta else None,
+            },
+        }
+
+    def file_url(self, uri: str) -> str | None:
+        """`/files/<key>` for a URI inside the farm's store under `FILE_PREFIXES`, else None."""
+        key = self.farm.store.key_of(uri)
+        if key is None or not key.startswith(FILE_PREFIXES):
+            return None
+        return "/files/" + quote(key)

@@ -1,0 +1,174 @@
+"""LoRA adapters named by a render, checked and made readable by a worker at submit.
+
+A render's `loras` name adapters three ways (`farm.jobs.refs.check_adapter_ref` checks the form):
+
+    job:<id>                 the adapter fine-tune <id> of this farm stores (`adapter_key`)
+    s3://… or file://…       a `.safetensors` object in the farm's store (outside it only with
+                             FARM_ALLOW_FOREIGN_INPUTS), checked to exist
+    path/to/x.safetensors    a local file: its safetensors header read (no torch), the file
+                             uploaded content-addressed (`inputs/<sha256>.safetensors`) and the
+                             ref rewritten to that URI, so every worker reads the same bytes
+
+`job:<id>` of a fine-tune that has not ended yet is a dependency: the render is recorded
+`waiting` and queued when the fine-tune succeeds (`farm.state.dependencies`). Everything here runs before
+anything is written, and a bad ref is an `InvalidJob` naming it.
+
+    >>> parse_lora_flag("s3://bucket/style.safetensors:0.8")
+    {'ref': 's3://bucket/style.safetensors', 'scale': 0.8}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from farm.errors import InvalidJob, JobNotFound
+from farm.jobs.specs import LoraRef
+from farm.jobs.state import JobState
+from farm.keys import adapter_input_key, adapter_key
+from farm.state.tracker import Tracker
+from farm.storage import ObjectNotFound, ObjectStore
+
+URI_SCHEMES = ("s3://", "file://")
+
+MAX_HEADER_BYTES = 100 << 20
+"""The largest safetensors header accepted (the limit the safetensors library itself sets)."""
+
+FIELD = "loras"
+
+
+def parse_lora_flag(text: str) -> dict[str, Any]:
+    """`--lora REF[:SCALE]` → `{"ref": REF, "scale": SCALE}` (no scale: the spec's default, 1).
+
+    The scale is split off the last `:` only when what follows reads as a number, so
+    `s3://…` URIs and `job:<id>` refs pass whole.
+    """
+    ref, sep, scale = text.rpartition(":")
+    if sep and ref and ref != "job":
+        try:
+            return {"ref": ref, "scale": float(scale)}
+        except ValueError:
+            pass
+    return {"ref": text}
+
+
+def check_safetensors(data: bytes, what: str) -> dict[str, Any]:
+    """The JSON header of a safetensors file, or `InvalidJob`: anything else is refused.
+
+    The format is an 8-byte little-endian header length, a JSON object of tensor name →
+    dtype, shape and data offsets, then the tensors' bytes. Read here without torch.
+    """
+
+    def refuse(why: str) -> InvalidJob:
+        return InvalidJob(f"{FIELD}: {what} is not a safetensors file ({why})", field=FIELD)
+
+    if len(data) < 8:
+        raise refuse(f"{len(data)} bytes")
+    size = int.from_bytes(data[:8], "little")
+    if size < 2 or size > MAX_HEADER_BYTES or 8 + size > len(data):
+        raise refuse(f"header length {size} does not fit a {len(data)}-byte file")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (UnicodeDecodeError, ValueError):
+        raise refuse("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise refuse("its header is not a JSON object")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not tensors:
+        raise refuse("it holds no tensors")
+    body = len(data) - 8 - size
+    for name, info in tensors.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= body
+        ):
+            raise refuse(f"tensor {name!r} has no valid data offsets")
+    return header
+
+
+def prepare_loras(
+    loras: Sequence[LoraRef],
+    uploads: dict[str, bytes],
+    *,
+    tracker: Tracker,
+    store: ObjectStore,
+) -> tuple[list[LoraRef], list[str]]:
+    """(the loras as a worker reads them, the ids of the fine-tunes the render must wait for).
+
+    Local files go into `uploads` (key → bytes) for the caller to store with the other inputs.
+    """
+    out: list[LoraRef] = []
+    waits: list[str] = []
+    for lora in loras:
+        ref = lora.ref
+        if ref.startswith("job:"):
+            job_id = ref.removeprefix("job:")
+            if _must_wait(tracker, store, job_id) and job_id not in waits:
+                waits.append(job_id)
+        elif ref.startswith(URI_SCHEMES):
+            _check_stored(store, ref)
+        else:
+            data = _read_local(ref)
+            check_safetensors(data, repr(ref))
+            key = adapter_input_key(hashlib.sha256(data).hexdigest())
+            uploads[key] = data
+            ref = store.uri(key)
+        out.append(lora.model_copy(update={"ref": ref}))
+    return out, waits
+
+
+def _must_wait(tracker: Tracker, store: ObjectStore, job_id: str) -> bool:
+    """Whether the render waits for fine-tune `job_id`; `InvalidJob` if it can never run."""
+    ref = f"job:{job_id}"
+    try:
+        rec = tracker.get(job_id)
+    except JobNotFound:
+        raise InvalidJob(
+            f"{FIELD}: {ref}: no such job (never submitted, or its record expired)", field=FIELD
+        ) from None
+    if rec.kind != "finetune":
+        raise InvalidJob(
+            f"{FIELD}: {ref} is a {rec.kind} job, not a fine-tune: it has no adapter", field=FIELD
+        )
+    if rec.state in (JobState.FAILED, JobState.CANCELLED):
+        why = f": {rec.error}" if rec.error else ""
+        raise InvalidJob(f"{FIELD}: fine-tune {ref} {rec.state.value}{why}", field=FIELD)
+    if rec.state == JobState.SUCCEEDED:
+        if not store.exists(adapter_key(job_id)):
+            raise InvalidJob(
+                f"{FIELD}: fine-tune {ref} succeeded but no adapter is stored at "
+                f"{store.uri(adapter_key(job_id))!r}",
+                field=FIELD,
+            )
+        return False
+    return True
+
+
+def _check_stored(store: ObjectStore, uri: str) -> None:
+    """An adapter URI exists: in the farm's store, or (only if allowed) outside it."""
+    key = store.key_of(uri)
+    if key is not None:
+        if not store.exists(key):
+            raise InvalidJob(f"{FIELD}: no such object {uri!r}", field=FIELD)
+        return
+    try:
+        data = store.get_uri(uri, field=FIELD)  # InvalidJob unless foreign URIs are allowed
+    except ObjectNotFound:
+        raise InvalidJob(f"{FIELD}: no such object {uri!r}", field=FIELD) from None
+    check_safetensors(data, repr(uri))
+
+
+def _read_local(ref: str) -> bytes:
+    path = Path(ref).expanduser()
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InvalidJob(f"{FIELD}: no such file {ref!r}", field=FIELD) from None
+    except OSError as e:
+        raise InvalidJob(f"{FIELD}: cannot read {ref!r} ({e.strerror or e})", field=FIELD) from None

@@ -1,0 +1,11 @@
+"""Jobs as data: what a user asks for and what the farm knows of it. No I/O here.
+
+state.py      `JobState` and `TRANSITIONS`, the one table of allowed state changes
+specs.py      the job specs (pydantic, diffusers' argument names) and `parse_spec`
+refs.py       model, IP-Adapter and LoRA refs: their form, and the one repo-id rule
+signature.py  batch signatures and working sizes: which jobs may share a pipeline call
+record.py     `JobRecord`, a job's record as the tracker reads it
+masks.py      mask generators (`box`, `strokes`, `full`), drawn by the worker
+
+May import: `farm.errors`, `farm.settings`, `farm.keys`, pydantic, Pillow.
+"""

@@ -1,0 +1,99 @@
+"""Refs a job names: models, IP-Adapters and LoRA adapters, checked for form only.
+
+Where a ref points is resolved by the worker (`workers.models.pipelines`); what the submitting
+machine can see of it is checked by `farm.inputs.models`. One rule tells a Hugging Face repo
+id from a path (`is_repo_id`), used by both sides.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+BUILTIN_MODELS = {
+    "tiny": "txt2img/img2img: a tiny Stable Diffusion (4-channel UNet), seeded random weights",
+    "tiny-inpaint": "inpaint: a tiny Stable Diffusion inpainting model (9-channel UNet)",
+}
+
+BUILTIN_IP_ADAPTERS = {
+    "tiny-ip-adapter": "IP-Adapter for `tiny`: a tiny CLIP image encoder and image projection, "
+    "seeded random weights",
+}
+"""Built-in IP-Adapters (`ip_adapter` of a style job); the default for the built-in `tiny`."""
+
+BUILTIN_SIZES = {"tiny": 8_511_760, "tiny-inpaint": 8_517_520, "tiny-ip-adapter": 188_968}
+"""Bytes of each built-in's float32 weights once built (they have no files), for `farm models
+list` without importing torch; tests/workers/builtin/test_tiny.py checks them against the builders."""
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}(@[\w./-]{1,128})?$")
+_PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+
+
+def check_model_ref(ref: str) -> str:
+    """Check the form of a model ref; where it points is resolved by the worker.
+
+    A ref is a built-in name, a Hugging Face repo id (`org/name[@revision]`, from the local
+    cache), a local diffusers folder, or a single `.safetensors` checkpoint.
+    """
+    ref = ref.strip()
+    if not ref:
+        raise ValueError("must not be empty")
+    if ref in BUILTIN_MODELS:
+        return ref
+    if ref.lower().endswith(_PICKLE_SUFFIXES):
+        raise ValueError(f"{ref!r} is pickle weights; only .safetensors is loaded")
+    if "://" in ref:
+        raise ValueError(f"{ref!r}: model refs are a built-in name, org/name, or a local path")
+    if ".." in ref.replace("\\", "/").split("/"):
+        raise ValueError(f"{ref!r} escapes its folder ('..' is not allowed in model refs)")
+    looks_like_path = ref.startswith(("/", "./", "~")) or ref.endswith(".safetensors")
+    if not looks_like_path and _REPO_ID.match(ref):
+        if ".." in ref:
+            raise ValueError(f"{ref!r} is not a valid repo id")
+        return ref
+    if looks_like_path or os.sep in ref:
+        return ref
+    raise ValueError(
+        f"{ref!r} is not a built-in model ({', '.join(BUILTIN_MODELS)}), a repo id (org/name) "
+        "or a local path"
+    )
+
+
+def check_ip_adapter_ref(ref: str) -> str:
+    """Check the form of an IP-Adapter ref: a built-in name, `org/name[@revision]` (local
+    Hugging Face cache), a local folder, or its `.safetensors` weights file."""
+    ref = ref.strip()
+    if ref in BUILTIN_IP_ADAPTERS:
+        return ref
+    if ref in BUILTIN_MODELS:
+        raise ValueError(
+            f"{ref!r} is a model, not an IP-Adapter ({', '.join(BUILTIN_IP_ADAPTERS)})"
+        )
+    return check_model_ref(ref)
+
+
+_JOB_REF = re.compile(r"^job:[A-Za-z0-9_-]{1,64}$")
+
+
+def check_adapter_ref(ref: str) -> str:
+    """Check the form of a LoRA adapter ref.
+
+    `job:<id>` (the adapter a fine-tune job of this farm wrote, `adapters/<id>/...`), an
+    `s3://` or `file://` URI of a `.safetensors` file, or a local `.safetensors` path.
+    """
+    ref = ref.strip()
+    if not ref:
+        raise ValueError("must not be empty")
+    if ref.startswith("job:"):
+        if not _JOB_REF.match(ref):
+            raise ValueError(f"{ref!r} is not a job ref (job:<id>)")
+        return ref
+    if ref.lower().endswith(_PICKLE_SUFFIXES):
+        raise ValueError(f"{ref!r} is pickle weights; only .safetensors is loaded")
+    if "://" in ref and not ref.startswith(("s3://", "file://")):
+        raise ValueError(f"{ref!r}: adapter refs are job:<id>, s3://, file:// or a local path")
+    if ".." in ref.replace("\\", "/").split("/"):
+        raise ValueError(f"{ref!r} escapes its folder ('..' is not allowed in adapter refs)")
+    if not ref.endswith(".safetensors"):
+        raise ValueError(f"{ref!r} is not a .safetensors file")
+    return ref

@@ -1,0 +1,79 @@
+"""Batch signatures: what must be equal for jobs to share one pipeline call.
+
+The worker that claims a job gathers queued jobs with its signature (`farm.state.tracker`
+indexes them) and renders them as one call; each image keeps its own generator, so its pixels
+are the ones it gets alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from farm.errors import InvalidJob
+from farm.jobs.specs import RENDER_KINDS, Img2Img, Inpaint, Txt2Img
+
+SIZE_MULTIPLE = 8
+"""Working sizes are multiples of this (diffusers rounds an input image's size down to it)."""
+
+
+def working_size(
+    spec: Txt2Img | Img2Img | Inpaint, image_size: tuple[int, int] | None = None
+) -> tuple[int | None, int | None]:
+    """(height, width) the pipeline renders at: the spec's own, else the input image's size
+    (`(width, height)`, as PIL gives it) rounded down to a multiple of 8. None: the model's
+    default (txt2img without a size)."""
+    height, width = spec.height, spec.width
+    if spec.kind == "txt2img" or image_size is None:
+        return height, width
+    image_w, image_h = image_size
+    height = height or image_h // SIZE_MULTIPLE * SIZE_MULTIPLE
+    width = width or image_w // SIZE_MULTIPLE * SIZE_MULTIPLE
+    if not (height and width):
+        raise InvalidJob(
+            f"image: {image_w}x{image_h} is too small to render without a height and width; "
+            f"each side needs at least {SIZE_MULTIPLE} pixels",
+            field="image",
+        )
+    return height, width
+
+
+def batch_signature(
+    spec: Txt2Img | Img2Img | Inpaint, image_size: tuple[int, int] | None = None
+) -> str | None:
+    """A hash of what must be equal for jobs to share one pipeline call, or None: runs alone.
+
+    Model, kind, working size, steps, scheduler, guidance, strength, images per prompt, the
+    mask options and the LoRA adapters; for style jobs, the IP-Adapter, its reference image
+    (URI) and scale. Fine-tunes always run alone. Prompts, seeds, images and masks differ
+    freely: each image has its own generator. `padding_mask_crop` jobs run alone: diffusers crops one image per call.
+    """
+    if spec.kind not in RENDER_KINDS or getattr(spec, "padding_mask_crop", None) is not None:
+        return None
+    height, width = working_size(spec, image_size)
+    fields = {
+        "model": spec.model,
+        "kind": spec.kind,
+        "height": height,
+        "width": width,
+        "num_inference_steps": spec.num_inference_steps,
+        "scheduler": spec.scheduler,
+        "guidance_scale": spec.guidance_scale,
+        "strength": getattr(spec, "strength", None),
+        "num_images_per_prompt": spec.num_images_per_prompt,
+        "mask_blur": getattr(spec, "mask_blur", None),
+        "mask_dilate": getattr(spec, "mask_dilate", None),
+        "preserve_unmasked": getattr(spec, "preserve_unmasked", None),
+        "loras": [[lora.ref, lora.scale] for lora in spec.loras],
+    }
+    if spec.kind == "style":  # one reference image, adapter and scale per call
+        if not isinstance(spec.ip_adapter_image, str):
+            return None  # not stored yet: nothing to tell two such images apart by
+        fields.update(
+            ip_adapter=spec.ip_adapter,
+            ip_adapter_weight_name=spec.ip_adapter_weight_name,
+            ip_adapter_image=spec.ip_adapter_image,
+            ip_adapter_scale=spec.ip_adapter_scale,
+        )
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]

@@ -1,0 +1,347 @@
+"""Job specs: what the user asks for, validated at the edge.
+
+A spec's field names are diffusers' own argument names (`prompt`, `num_inference_steps`,
+`guidance_scale`, `strength`, `height`, `width`, `num_images_per_prompt`, `mask_image`), so
+whoever knows diffusers knows the farm:
+
+    >>> Txt2Img(model="tiny", prompt="a red fox", seed=1, num_inference_steps=20)
+
+`parse_spec` turns a dict (or a spec) into the right kind, or an `InvalidJob` naming the field
+and the value.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+from farm.errors import InvalidJob
+from farm.jobs.masks import MaskGenerator, generator_from
+from farm.jobs.refs import check_adapter_ref, check_ip_adapter_ref, check_model_ref
+
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+"""Scheduler name → (diffusers class name, extra config). Built from the model's own config."""
+
+
+def _image_input(value: Any) -> Any:
+    """An image given as a path, an `s3://`/`file://` URI, bytes, or a PIL image."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+    if isinstance(value, bytes | bytearray) or hasattr(value, "getpixel"):
+        return value
+    raise ValueError(f"expected a path, URI, bytes or PIL image, got {type(value).__name__}")
+
+
+def _multiple_of_8(name: str, value: int | None) -> int | None:
+    if value is not None and value % 8:
+        raise ValueError(f"must be a multiple of 8, got {value}")
+    return value
+
+
+ImageInput = Annotated[Any, Field(description="path, s3:// URI, bytes or PIL image")]
+Size = Annotated[int | None, Field(default=None, ge=8, le=4096)]
+
+
+class LoraRef(BaseModel):
+    """A LoRA adapter applied to a render at `scale` (diffusers' `set_adapters` weight)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ref: str
+    scale: float = Field(default=1.0, ge=-10.0, le=10.0, allow_inf_nan=False)
+
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        return check_adapter_ref(v)
+
+
+class _RenderSpec(BaseModel):
+    """Fields every render job has, named and defaulted as diffusers does."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    model: str
+    prompt: str
+    negative_prompt: str | None = None
+    num_inference_steps: int = Field(default=50, ge=1, le=500)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=100.0, allow_inf_nan=False)
+    scheduler: str | None = None
+    height: Size = None
+    width: Size = None
+    num_images_per_prompt: int = Field(default=1, ge=1, le=16)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    loras: list[LoraRef] = Field(default=[], max_length=8)
+    """LoRA adapters for this render, loaded for the job and unloaded after it."""
+    priority: int = Field(default=0, ge=0, le=9)
+    key: str | None = Field(default=None, min_length=1, max_length=512)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return check_model_ref(v)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras(cls, v: Any) -> Any:
+        """A bare ref string is the adapter at scale 1."""
+        if isinstance(v, list):
+            return [{"ref": x} if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str | None) -> str | None:
+        if v is not None and v not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {v!r}; choose one of {', '.join(SCHEDULERS)}")
+        return v
+
+    @field_validator("height", "width")
+    @classmethod
+    def _size(cls, v: int | None, info: Any) -> int | None:
+        return _multiple_of_8(info.field_name, v)
+
+
+class Txt2Img(_RenderSpec):
+    """Text to image (diffusers' `StableDiffusionPipeline`)."""
+
+    kind: Literal["txt2img"] = "txt2img"
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty for txt2img")
+        return v
+
+
+class Img2Img(_RenderSpec):
+    """Image to image (diffusers' `StableDiffusionImg2ImgPipeline`)."""
+
+    kind: Literal["img2img"] = "img2img"
+    image: ImageInput
+    strength: float = Field(default=0.8, gt=0.0, le=1.0, allow_inf_nan=False)
+
+    _image = field_validator("image")(classmethod(lambda cls, v: _image_input(v)))
+
+
+class Inpaint(_RenderSpec):
+    """Inpainting (diffusers' `StableDiffusionInpaintPipeline`): white mask pixels are repainted."""
+
+    kind: Literal["inpaint"] = "inpaint"
+    image: ImageInput
+    mask_image: ImageInput
+    """White pixels are repainted. An image (path, URI, bytes, PIL image), or a generated mask
+    (`farm.jobs.masks`): `{"generator": "strokes", "seed": 7, ...}` or `Strokes(seed=7)`, drawn by
+    the worker at the image's size; without a seed of its own it is drawn with the job's."""
+    strength: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    padding_mask_crop: int | None = Field(default=None, ge=0, le=4096)
+    """diffusers' own: inpaint only a crop around the mask (grown by this many pixels) at the
+    working size, then paste it back over the source. Such jobs always run alone."""
+    mask_blur: int = Field(default=0, ge=0, le=64)
+    """Gaussian blur radius for the mask (`pipe.mask_processor.blur`), after `mask_dilate`."""
+    mask_dilate: int = Field(default=0, ge=0, le=64)
+    """Grow the white (repainted) region by this many pixels before blurring."""
+    preserve_unmasked: bool = False
+    """Composite the output over the source with the (dilated, blurred) mask at the source's
+    size, so pixels outside the mask come back identical. Off: the pixels diffusers gives."""
+
+    _image = field_validator("image")(classmethod(lambda cls, v: _image_input(v)))
+
+    @field_validator("mask_image")
+    @classmethod
+    def _mask(cls, v: Any) -> Any:
+        if isinstance(v, dict | MaskGenerator):
+            return generator_from(v)
+        return _image_input(v)
+
+    def mask_generator(self) -> MaskGenerator | None:
+        """The generated mask this job asks for, seeded (its own seed, else the job's), or None
+        when `mask_image` is an image."""
+        gen = self.mask_image
+        if not isinstance(gen, MaskGenerator):
+            return None
+        if gen.seed is None and self.seed is not None:
+            gen = gen.model_copy(update={"seed": self.seed})
+        return gen
+
+
+class Finetune(BaseModel):
+    """A LoRA fine-tune of a model's UNet (optionally its text encoder too).
+
+    Fields are named as diffusers' training scripts (`train_dreambooth_lora.py`,
+    `train_text_to_image_lora.py`) name their flags. Training images are a local folder
+    (uploaded at submit), an `s3://` prefix, or a list of images; each image's caption is
+    its entry in `captions`, else a sidecar `<name>.txt`, else `instance_prompt`.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    kind: Literal["finetune"] = "finetune"
+    model: str
+    images: str | list[ImageInput]
+    captions: list[str] | None = None
+    instance_prompt: str | None = None
+    rank: int = Field(default=4, ge=1, le=256)
+    lora_alpha: float | None = Field(default=None, gt=0, le=4096, allow_inf_nan=False)
+    """LoRA alpha; None: equal to `rank` (what diffusers' scripts do)."""
+    train_text_encoder: bool = False
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0, allow_inf_nan=False)
+    max_train_steps: int = Field(default=500, ge=1, le=1_000_000)
+    resolution: int = Field(default=512, ge=8, le=2048)
+    train_batch_size: int = Field(default=1, ge=1, le=64)
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
+    checkpointing_steps: int = Field(default=500, ge=1, le=1_000_000)
+    checkpoints_total_limit: int | None = Field(default=None, ge=1, le=10_000)
+    """Keep only the newest this many checkpoints in storage; None: keep them all."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """On a GPU worker; a CPU worker trains in float32 whatever this says."""
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    priority: int = Field(default=0, ge=0, le=9)
+    key: str | None = Field(default=None, min_length=1, max_length=512)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if v.strip() == "tiny-inpaint":
+            raise ValueError(
+                "'tiny-inpaint' is an inpainting model; fine-tunes train txt2img models"
+            )
+        return check_model_ref(v)
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, v: int, info: Any) -> int:
+        return _multiple_of_8(info.field_name, v)  # type: ignore[return-value]
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must name at least one training image")
+            return [_image_input(x) for x in v]
+        return _image_input(v)
+
+
+class Style(Img2Img):
+    """Style transfer: img2img of `image` (the content) with the UNet also conditioned on
+    `ip_adapter_image` (the style reference) through an IP-Adapter (diffusers'
+    `load_ip_adapter`, `set_ip_adapter_scale`, `ip_adapter_image`).
+
+    `ip_adapter_scale` 0.6 by default: with a text prompt as well, the IP-Adapter authors
+    advise about 0.5 and diffusers' docs use 0.6; 1.0 lets the reference image dominate the
+    prompt. 0 is exactly plain img2img. `ip_adapter` defaults to the built-in `tiny-ip-adapter`
+    for the built-in `tiny`; any other model needs one made for it (its cross-attention size).
+    """
+
+    kind: Literal["style"] = "style"  # type: ignore[assignment]
+    ip_adapter_image: ImageInput
+    ip_adapter_scale: float = Field(default=0.6, ge=0.0, le=10.0, allow_inf_nan=False)
+    ip_adapter: str | None = Field(default=None, validate_default=True)
+    ip_adapter_weight_name: str | None = Field(default=None, min_length=1, max_length=512)
+    """diffusers' `weight_name`: the weights file inside an `ip_adapter` folder or repo (e.g.
+    `models/ip-adapter_sd15.safetensors`); None: the folder's only top-level `.safetensors`."""
+
+    _style_image = field_validator("ip_adapter_image")(classmethod(lambda cls, v: _image_input(v)))
+
+    @field_validator("ip_adapter")
+    @classmethod
+    def _ip_adapter(cls, v: str | None, info: Any) -> str:
+        if v is not None:
+            return check_ip_adapter_ref(v)
+        model = info.data.get("model")
+        if model == "tiny":
+            return "tiny-ip-adapter"
+        raise ValueError(
+            f"is required for model {model!r} (the built-in tiny-ip-adapter fits the built-in "
+            "tiny only)"
+        )
+
+    @field_validator("ip_adapter_weight_name")
+    @classmethod
+    def _weight_name(cls, v: str | None) -> str | None:
+        if v is not None and (
+            not v.endswith(".safetensors") or v.startswith("/") or ".." in v.split("/")
+        ):
+            raise ValueError(f"must be a .safetensors file inside the adapter's folder, got {v!r}")
+        return v
+
+
+RenderSpec = Annotated[Txt2Img | Img2Img | Inpaint | Style, Field(discriminator="kind")]
+JobSpec = Annotated[Txt2Img | Img2Img | Inpaint | Style | Finetune, Field(discriminator="kind")]
+"""Every job kind the farm runs."""
+
+RENDER_KINDS = ("txt2img", "img2img", "inpaint", "style")
+
+FLAG_FIELDS = {
+    "steps": "num_inference_steps",
+    "num_images": "num_images_per_prompt",
+    "style_image": "ip_adapter_image",
+    "style_scale": "ip_adapter_scale",
+}
+"""Command-line flags whose spec field has diffusers' longer name; other flags are the field."""
+
+
+def flag_field(flag: str) -> str:
+    return FLAG_FIELDS.get(flag, flag)
+
+
+SPECS: dict[str, type[BaseModel]] = {
+    "txt2img": Txt2Img,
+    "img2img": Img2Img,
+    "inpaint": Inpaint,
+    "style": Style,
+    "finetune": Finetune,
+}
+_SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)
+
+
+def describe_validation_error(err: ValidationError) -> tuple[str, str]:
+    """(field, one line) for the first error: names the field and the value it got."""
+    first = err.errors(include_url=False)[0]
+    loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
+    if loc and loc[0] in SPECS:  # the union's tag, not a field
+        loc = loc[1:]
+    field = ".".join(loc) or "kind"
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) or repr(value) in msg else f" (got {value!r:.80})"
+    if first["type"] == "missing":
+        return field, f"{field}: is required"
+    return field, f"{field}: {msg}{shown}"
+
+
+def parse_spec(data: Any) -> Txt2Img | Img2Img | Inpaint | Style | Finetune:
+    """A spec from a dict (or a spec), or `InvalidJob` naming the field and the value."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump(exclude_unset=False)
+    try:
+        return _SPEC_ADAPTER.validate_python(data)
+    except ValidationError as e:
+        field, line = describe_validation_error(e)
+        raise InvalidJob(line, field=field) from None

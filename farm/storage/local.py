@@ -1,0 +1,141 @@
+"""`LocalStore`: the farm's storage in a folder, with atomic writes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from farm.errors import InvalidJob, TransientError
+from farm.storage.base import (
+    DEFAULT_URL_EXPIRES,
+    TMP_PREFIX,
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+    _check_prefix,
+    check_key,
+)
+
+
+class LocalStore(ObjectStore):
+    """A directory (created if missing). Writes are atomic (temp file in the same folder, fsync, `os.replace`), so a
+    reader sees the old bytes or the new ones, never half a file."""
+
+    def __init__(self, root: Path | str, allow_foreign: bool = False) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.allow_foreign = allow_foreign
+        with suppress(OSError):  # a read-only client may not create it; `put` reports why
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    @contextmanager
+    def _errors(self, what: str, key: str) -> Iterator[None]:
+        try:
+            yield
+        except (FileNotFoundError, IsADirectoryError) as e:
+            if what != "get":  # e.g. putting a key where a folder is
+                raise StorageError(f"{what} {key!r} in {self.root}: {e}") from e
+            raise ObjectNotFound(f"{what} {key!r} in {self.root}: no such object") from e
+        except (PermissionError, NotADirectoryError, FileExistsError) as e:
+            raise StorageError(f"{what} {key!r} in {self.root}: {e}") from e
+        except OSError as e:  # disk full, I/O error, stale NFS handle
+            raise TransientError(f"{what} {key!r} in {self.root}: {e}") from e
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        path = self._path(key)
+        with self._errors("put", key):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{secrets.token_hex(6)}")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(path.parent)
+        return self.uri(key)
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        with self._errors("get", key):
+            real = Path(os.path.realpath(path))
+            if not real.is_relative_to(self.root):
+                raise StorageError(f"get {key!r}: a link out of {self.root}")
+            return real.read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        _check_prefix(prefix)
+        base = self.root.joinpath(*prefix.split("/")[:-1])
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in files:
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix) and not name.startswith(TMP_PREFIX):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with self._errors("delete", key):
+            path.unlink(missing_ok=True)
+
+    def url(self, key: str, expires: int = DEFAULT_URL_EXPIRES) -> str:
+        return self._path(key).as_uri()
+
+    def uri(self, key: str) -> str:
+        return self._path(key).as_uri() if key else self.root.as_uri() + "/"
+
+    def key_of(self, uri: str) -> str | None:
+        path = file_path(uri)
+        root = self.root.as_posix().rstrip("/") + "/"
+        if path is None or not path.startswith(root):
+            return None
+        try:
+            return check_key(path[len(root) :])
+        except InvalidJob:
+            return None
+
+    def _get_foreign(self, uri: str, field: str | None) -> bytes:
+        path = file_path(uri)
+        if path is None:
+            raise InvalidJob(f"{field or 'uri'}: {uri!r} is not a file:///path URI", field=field)
+        with self._errors("get", path):
+            return Path(path).read_bytes()
+
+
+def file_path(uri: str) -> str | None:
+    """The absolute path of a `file:///...` URI (percent-decoded), None for anything else."""
+    if not isinstance(uri, str) or not uri.startswith("file:"):
+        return None
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+        return None
+    return unquote(parts.path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (best effort: some filesystems refuse fsync on a directory)."""
+    with suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,121 @@
+"""The state table applied in Redis: atomic, table-checked, fenced by attempt tokens."""
+
+import itertools
+import threading
+import time
+
+import pytest
+
+from farm.errors import StaleAttempt
+from farm.jobs.state import TRANSITIONS, JobState
+from farm.state.tracker import Tracker, new_job_id
+
+
+@pytest.fixture
+def tracker(redis_url):
+    t = Tracker.from_url(redis_url, prefix=f"t{time.monotonic_ns()}:")
+    yield t
+    t.r.close()
+
+
+def make_job(tracker, state=JobState.QUEUED):
+    job_id = new_job_id()
+    assert tracker.create(
+        [
+            {
+                "id": job_id,
+                "kind": "txt2img",
+                "state": "waiting" if state == JobState.WAITING else "queued",
+                "spec": {},
+                "created_at": time.time(),
+            }
+        ]
+    ) == [True]
+    if state not in (JobState.QUEUED, JobState.WAITING):
+        claim = tracker.claim(job_id, "w", 30)
+        if state != JobState.RUNNING:
+            tracker.finish(job_id, claim.token, state)
+    return job_id
+
+
+@pytest.mark.parametrize(("src", "dst"), list(itertools.product(JobState, JobState)))
+def test_every_transition_follows_the_table(tracker, src, dst):
+    job_id = make_job(tracker, src)
+    t = tracker.transition(job_id, dst)
+    expected = dst in TRANSITIONS[src]
+    assert t.ok == expected, (src, dst, t)
+    assert tracker.get(job_id).state == (dst if expected else src)
+
+
+def test_terminal_records_expire(tracker):
+    job_id = make_job(tracker, JobState.SUCCEEDED)
+    assert 0 < tracker.r.ttl(tracker.keys.job(job_id)) <= tracker.record_ttl
+    assert tracker.r.ttl(tracker.keys.job(make_job(tracker))) == -1
+
+
+def test_stale_attempt_cannot_overwrite(tracker):
+    job_id = make_job(tracker)
+    first = tracker.claim(job_id, "w1", lease=0.2)
+    assert not tracker.claim(job_id, "w2", lease=5).ok  # the lease is live: no second run
+    time.sleep(0.3)
+    second = tracker.claim(job_id, "w2", lease=5)  # lease ran out: taken over
+    assert second.ok and second.attempt == 2 and second.token != first.token
+    with pytest.raises(StaleAttempt):
+        tracker.finish(job_id, first.token, JobState.SUCCEEDED, outputs=["stale"])
+    with pytest.raises(StaleAttempt):
+        tracker.heartbeat(job_id, first.token, 5, 1, 2)
+    tracker.finish(job_id, second.token, JobState.SUCCEEDED, outputs=["fresh"])
+    rec = tracker.get(job_id)
+    assert (rec.state, rec.outputs, rec.worker, rec.attempt) == (
+        JobState.SUCCEEDED,
+        ["fresh"],
+        "w2",
+        2,
+    )
+
+
+def test_concurrent_claims_one_wins(tracker):
+    job_id = make_job(tracker)
+    results = []
+    barrier = threading.Barrier(8)
+
+    def claim(i):
+        barrier.wait()
+        results.append(tracker.claim(job_id, f"w{i}", 30).ok)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 7 + [True]
+
+
+def test_cancel_queued_and_running(tracker):
+    queued = make_job(tracker)
+    assert tracker.request_cancel(queued) == JobState.CANCELLED
+    running = make_job(tracker, JobState.RUNNING)
+    assert tracker.request_cancel(running) == JobState.RUNNING
+    assert tracker.get(running).cancel_requested
+
+
+def test_heartbeat_reports_cancel_and_progress(tracker):
+    job_id = make_job(tracker)
+    claim = tracker.claim(job_id, "w", 30)
+    assert tracker.heartbeat(job_id, claim.token, 30, 3, 10) is False
+    assert tracker.get(job_id).progress.step == 3
+    tracker.request_cancel(job_id)
+    assert tracker.heartbeat(job_id, claim.token, 30, 4, 10) is True
+
+
+def test_same_key_same_job(tracker):
+    assert new_job_id("a") == new_job_id("a") != new_job_id("b")
+    job_id = new_job_id("a")
+    rec = {"id": job_id, "kind": "txt2img", "state": "queued", "spec": {}, "created_at": 1.0}
+    assert tracker.create([rec, rec]) == [True, False]
+
+
+def test_events_stream_wakes_waiters(tracker):
+    cursor = tracker.last_event_id()
+    make_job(tracker)
+    assert tracker.wait_event(cursor, 1.0) != cursor

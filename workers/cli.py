@@ -1,0 +1,67 @@
+"""The `farm` commands that need torch, on the heavy side: `python -m workers ARGS`.
+
+`farm worker`, `farm models verify` and `farm models export` hand off to this module
+(`farm.cli.main.hand_off` execs `python -m workers` with the same arguments), so the light
+`farm` command never imports torch. The arguments are parsed by the `farm` command's own
+parser, and failures are reported the way every `farm` command reports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from farm.cli.main import guarded, parser
+from farm.errors import InvalidJob
+from farm.jobs.refs import BUILTIN_IP_ADAPTERS
+from farm.settings import FarmSettings, resolve_settings
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.worker import run_worker
+
+    settings = resolve_settings(FarmSettings())
+    queues = [q for q in (args.queues or "").split(",") if q] or None
+    run_worker(settings, args.device, queues, args.threads, args.name, args.preload)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from workers.models.verify import verify
+
+    verdict = verify(args.ref, FarmSettings().models_dir)  # InvalidJob: exit 2 with the reason
+    print(f"{verdict.ref}: {verdict.kind}")
+    print(f"  at {verdict.location}")
+    for line in verdict.details:
+        print(f"  {line}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.name in BUILTIN_IP_ADAPTERS:
+        from workers.builtin.tiny_ip_adapter import export_tiny_ip_adapter
+
+        print(export_tiny_ip_adapter(args.dir))
+        return 0
+    from workers.builtin.tiny import export_single_file, export_tiny
+
+    print(export_tiny(args.name, args.dir))
+    if args.single_file:
+        print(export_single_file(args.name, args.dir / f"{args.name}.safetensors"))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "worker" and not (args.gpus or args.workers):
+        return guarded(cmd_worker, args)
+    if args.command == "models" and args.models_command in ("verify", "export"):
+        return guarded({"verify": cmd_verify, "export": cmd_export}[args.models_command], args)
+
+    def elsewhere(args: argparse.Namespace) -> int:
+        raise InvalidJob(
+            f"`python -m workers` runs `farm worker` and `farm models verify|export` "
+            f"only; run `farm {args.command}`"
+        )
+
+    return guarded(elsewhere, args)
