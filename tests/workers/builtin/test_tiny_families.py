@@ -16,10 +16,12 @@ from diffusers import (
     AutoPipelineForImage2Image,
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
+    FluxFillPipeline,
 )
 from PIL import Image
 
 from workers.builtin.components import t5_tokenizer
+from workers.builtin.defaults import family_defaults
 from workers.builtin.families import (
     FAMILY_KINDS,
     FAMILY_MODELS,
@@ -233,16 +235,18 @@ CASE_IDS = [f"{name}-{kind}-{w}x{h}" for name, kind, (w, h) in CASES]
 @pytest.mark.parametrize(("name", "kind", "size"), CASES, ids=CASE_IDS)
 def test_each_kind_runs_through_the_autopipeline(name, kind, size):
     base = build_family_tiny(name)
+    family = FAMILY_MODELS[name][1]
     if name == "tiny-flux-fill":
         # diffusers' AutoPipelines map no task to FluxFillPipeline: it is its own inpainter.
         with pytest.raises(ValueError, match="can't find a pipeline linked to FluxFillPipeline"):
             AUTO[kind].from_pipe(base)
-        pipe = base
+        pipe, expected = base, family_defaults()[family]["inpaint-fill"]["pipeline"]
     else:
-        pipe = AUTO[kind].from_pipe(base)
+        pipe, expected = AUTO[kind].from_pipe(base), family_defaults()[family][kind]["pipeline"]
 
     image = render(pipe, kind, *size)
 
+    assert type(pipe).__name__ == expected
     assert image.size == size and image.mode == "RGB"
 
 
@@ -252,3 +256,22 @@ def test_sd3_and_flux_img2img_render_at_the_default_size_unless_told():
         pipe = AutoPipelineForImage2Image.from_pipe(build_family_tiny(name))
         pipe.set_progress_bar_config(disable=True)
         assert pipe(**inputs("img2img", 48, 64)).images[0].size == (default, default)
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_family_defaults_are_read_from_diffusers():
+    table = family_defaults()
+
+    assert set(table) == {"sd15", "sdxl", "sd3", "flux"}
+    assert table["sd15"]["img2img"]["pipeline"] == "StableDiffusionImg2ImgPipeline"
+    assert table["sdxl"]["txt2img"]["defaults"]["guidance_scale"] == 5.0
+    assert "prompt_2" in table["sdxl"]["img2img"]["family_args"]
+    assert "prompt_3" in table["sd3"]["txt2img"]["family_args"]
+    assert table["flux"]["txt2img"]["family_args"]["max_sequence_length"] == 512
+    assert not table["sdxl"]["img2img"]["takes_size"] and table["sd3"]["img2img"]["takes_size"]
+    assert table["flux"]["scheduler"]["compatibles"] == ["FlowMatchEulerDiscreteScheduler"]
+    assert "DPMSolverMultistepScheduler" in table["sdxl"]["scheduler"]["compatibles"]
+    assert "strength" not in table["flux"]["txt2img"]["defaults"]
+    assert FluxFillPipeline.__name__ == table["flux"]["inpaint-fill"]["pipeline"]
