@@ -29,6 +29,7 @@ from workers.builtin.families import (
     build_family_tiny,
     export_family_tiny,
 )
+from workers.builtin.lora import save_family_lora
 
 ROOT = Path(__file__).resolve().parents[3]
 STEPS = 2
@@ -256,6 +257,41 @@ def test_sd3_and_flux_img2img_render_at_the_default_size_unless_told():
         pipe = AutoPipelineForImage2Image.from_pipe(build_family_tiny(name))
         pipe.set_progress_bar_config(disable=True)
         assert pipe(**inputs("img2img", 48, 64)).images[0].size == (default, default)
+
+
+# --------------------------------------------------------------------------- adapters
+
+LORA_CASES = [
+    ("tiny-sdxl", False),
+    ("tiny-sdxl", True),
+    ("tiny-sd3", False),
+    ("tiny-flux", False),
+    ("tiny-flux", True),
+    ("tiny-flux-fill", False),
+]
+
+
+@pytest.mark.parametrize(("name", "text_encoder"), LORA_CASES)
+def test_lora_adapters_load_and_change_the_output(name, text_encoder, tmp_path, max_diff):
+    path = save_family_lora(tmp_path / "style.safetensors", name, seed=1, text_encoder=text_encoder)
+    pipe = build_family_tiny(name)
+    kind = first_kind(name)
+    base = render(pipe, kind)
+
+    pipe.load_lora_weights(tmp_path, weight_name=path.name, adapter_name="style")
+    styled = render(pipe, kind)
+    pipe.set_adapters(["style"], adapter_weights=[0.0])
+    off = render(pipe, kind)
+
+    assert max_diff(base, styled) > 4
+    assert max_diff(base, off) <= 1
+
+
+def test_lora_refusals(tmp_path):
+    with pytest.raises(ValueError, match="unknown built-in model 'tiny'"):
+        save_family_lora(tmp_path / "a.safetensors", "tiny")
+    with pytest.raises(ValueError, match="no text-encoder LoRA for the sd3 family"):
+        save_family_lora(tmp_path / "a.safetensors", "tiny-sd3", text_encoder=True)
 
 
 # --------------------------------------------------------------------------- defaults
