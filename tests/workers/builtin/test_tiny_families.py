@@ -17,6 +17,7 @@ from diffusers import (
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
     FluxFillPipeline,
+    StableDiffusionXLImg2ImgPipeline,
 )
 from PIL import Image
 
@@ -30,6 +31,11 @@ from workers.builtin.families import (
     export_family_tiny,
 )
 from workers.builtin.lora import save_family_lora
+from workers.builtin.sdxl_ip_adapter import (
+    WEIGHT_NAME,
+    build_sdxl_ip_adapter,
+    export_sdxl_ip_adapter,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 STEPS = 2
@@ -292,6 +298,31 @@ def test_lora_refusals(tmp_path):
         save_family_lora(tmp_path / "a.safetensors", "tiny")
     with pytest.raises(ValueError, match="no text-encoder LoRA for the sd3 family"):
         save_family_lora(tmp_path / "a.safetensors", "tiny-sd3", text_encoder=True)
+
+
+def test_sdxl_ip_adapter_loads_in_diffusers(tmp_path, max_diff):
+    folder = export_sdxl_ip_adapter(tmp_path / "tiny-sdxl-ip-adapter")
+    weights, encoder = build_sdxl_ip_adapter()
+    base = build_family_tiny("tiny-sdxl")
+    style = Image.new("RGB", (40, 48), (20, 180, 60))
+    plain = render(StableDiffusionXLImg2ImgPipeline.from_pipe(base), "img2img")
+
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(base, image_encoder=encoder)
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name=WEIGHT_NAME)
+    pipe.set_ip_adapter_scale(0.0)
+    at_zero = render(pipe, "img2img", ip_adapter_image=style)
+    pipe.set_ip_adapter_scale(1.0)
+    at_one = render(pipe, "img2img", ip_adapter_image=style)
+
+    cross_attention = [n for n in base.unet.attn_processors if n.endswith("attn2.processor")]
+    assert len(weights["ip_adapter"]) == 2 * len(cross_attention)
+    assert max_diff(plain, at_zero) <= 1
+    assert max_diff(plain, at_one) > 4
+    # The folder alone (its image_encoder/ too) loads the same adapter.
+    again = StableDiffusionXLImg2ImgPipeline.from_pipe(build_family_tiny("tiny-sdxl"))
+    again.load_ip_adapter(str(folder), subfolder="", weight_name=WEIGHT_NAME)
+    again.set_ip_adapter_scale(1.0)
+    assert max_diff(render(again, "img2img", ip_adapter_image=style), at_one) <= 1
 
 
 # --------------------------------------------------------------------------- defaults
