@@ -36,6 +36,7 @@ from workers.builtin.sdxl_ip_adapter import (
     build_sdxl_ip_adapter,
     export_sdxl_ip_adapter,
 )
+from workers.builtin.sizes import FAMILY_SIZES
 
 ROOT = Path(__file__).resolve().parents[3]
 STEPS = 2
@@ -71,6 +72,10 @@ def digest_of(components: dict) -> str:
             settings = {k: v for k, v in part.config.items() if not k.startswith("_")}
             h.update(repr(sorted(settings.items())).encode())
     return h.hexdigest()
+
+
+def nbytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +212,22 @@ def test_t5_tokenizer_is_t5_shaped_and_round_trips(tmp_path):
     again = type(tokenizer).from_pretrained(tmp_path, local_files_only=True)
     assert again.get_vocab() == tokenizer.get_vocab()
     assert again("é, a fox").input_ids == tokenizer("é, a fox").input_ids
+
+
+def test_sizes_are_what_the_builders_build():
+    built = {
+        name: sum(
+            nbytes(part.state_dict())
+            for part in build_family_tiny(name).components.values()
+            if isinstance(part, torch.nn.Module)
+        )
+        for name in FAMILY_MODELS
+    }
+    weights, encoder = build_sdxl_ip_adapter()
+    built["tiny-sdxl-ip-adapter"] = sum(map(nbytes, weights.values())) + nbytes(
+        encoder.state_dict()
+    )
+    assert built == FAMILY_SIZES
 
 
 # --------------------------------------------------------------------------- diffusers
