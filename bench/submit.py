@@ -35,6 +35,7 @@ from farm.cli.demo import box_mask, sample_image
 from farm.client import Farm  # noqa: E402
 from farm.local.embedded import RedisServer
 from farm.settings import FarmSettings  # noqa: E402
+from tests.support.raw import raw
 
 
 def write_manifest(folder: Path, rows: int, n_images: int, size: int, masks: str) -> Path:
@@ -78,9 +79,7 @@ def submit_once(redis_url: str, root: Path, manifest: Path, variations: int, tag
             )
             times.append((time.perf_counter() - t0, time.process_time() - c0, _children_cpu() - k0))
         stored = sum(1 for f in (root / tag / "inputs").iterdir() if f.is_file())
-        messages = sum(
-            farm.tracker.r.llen(k) for k in farm.tracker.r.scan_iter(f"{tag}:celery:render*")
-        )
+        messages = sum(raw(farm).llen(k) for k in raw(farm).scan_iter(f"{tag}:celery:render*"))
     return times, results, stored, messages
 
 

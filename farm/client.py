@@ -32,6 +32,7 @@ from farm.keys import ADAPTER_FILE, input_key
 from farm.queue.routing import Router
 from farm.settings import FarmSettings, resolve_settings
 from farm.state import dependencies as deps
+from farm.state.connection import Patience
 from farm.state.tracker import Tracker, new_job_id
 from farm.storage import ObjectStore, open_store
 
@@ -83,7 +84,7 @@ class Farm:
         base = settings or FarmSettings(**overrides)
         self.settings = resolve_settings(base)
         self.tracker = Tracker.from_settings(self.settings)
-        self.router = Router(self.tracker)
+        self.router = Router(self.tracker.workers.consumed_queues)
         """Chooses each job's queue: its model's, when a worker holding it warm is online."""
         self._store: ObjectStore | None = None
         self._checked_models: set[str] = set()
@@ -107,7 +108,7 @@ class Farm:
         return self._celery
 
     def close(self) -> None:
-        self.tracker.r.close()
+        self.tracker.close()
         if self._celery is not None:
             self._celery.close()
 
@@ -265,20 +266,24 @@ class Farm:
         raise_on_failure: bool = False,
         on_progress: Callable[[list[tuple[str, str | None, int, int]]], None] | None = None,
         poll: float = 0.5,
+        on_unavailable: Callable[[str | None], None] | None = None,
     ) -> list[JobRecord]:
         """Block until every job ends; their records, in order.
 
         Follows the events stream, so it wakes as soon as a job changes state, and polls
-        progress every `poll` seconds for `on_progress((id, state, step, total)…)`.
+        progress every `poll` seconds for `on_progress((id, state, step, total)…)`. A Redis
+        that goes away is waited for (`FARM_RECONNECT_SECONDS`), with `on_unavailable(why)`
+        when it goes and `on_unavailable(None)` when it is back; then `TransientError`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         ids = list(job_ids)
-        cursor = self.tracker.last_event_id()
+        patience = self.patience(on_unavailable)
+        cursor = patience.run(self.tracker.last_event_id)
         while True:
-            states = self.tracker.states(ids)
+            states = patience.run(self.tracker.states, ids)
             for job_id, (state, _, _) in zip(ids, states, strict=True):
                 if state is None:
-                    self.tracker.get(job_id)  # raises JobNotFound
+                    patience.run(self.tracker.get, job_id)  # raises JobNotFound
             if on_progress:
                 on_progress([(i, s, a, b) for i, (s, a, b) in zip(ids, states, strict=True)])
             if all(JobState(s).terminal for s, _, _ in states):
@@ -292,8 +297,10 @@ class Farm:
                     f"{len(pending)} job(s) still not done after {timeout}s: {', '.join(pending[:5])}",
                     job_id=pending[0] if len(pending) == 1 else None,
                 )
-            cursor = self.tracker.wait_event(cursor, min(poll, left) if left else poll)
-        records = [self.tracker.get(i) for i in ids]
+            cursor = patience.run(
+                self.tracker.wait_event, cursor, min(poll, left) if left else poll
+            )
+        records = [patience.run(self.tracker.get, i) for i in ids]
         if raise_on_failure:
             for rec in records:
                 if rec.state == JobState.FAILED:
@@ -301,6 +308,14 @@ class Farm:
                 if rec.state == JobState.CANCELLED:
                     raise JobCancelled("cancelled", job_id=rec.id)
         return records
+
+    def patience(self, on_unavailable: Callable[[str | None], None] | None = None) -> Patience:
+        """Rides out a Redis restart for `FARM_RECONNECT_SECONDS` (`farm.state.connection`)."""
+        if on_unavailable is None:
+            return Patience(self.settings.reconnect_seconds)
+        return Patience(
+            self.settings.reconnect_seconds, on_unavailable, lambda: on_unavailable(None)
+        )
 
     # ------------------------------------------------------------------ fetch
 

@@ -64,3 +64,10 @@ EXIT_FAILED = 1
 
 EXIT_INVALID = 2
 """`farm` exits with this on bad input (`InvalidJob`): nothing was stored or enqueued."""
+
+EXIT_UNAVAILABLE = 3
+"""`farm` exits with this when Redis or storage could not be reached (`TransientError`): a
+retry may succeed."""
+
+EXIT_INTERRUPTED = 130
+"""`farm` exits with this on Ctrl-C (128 + SIGINT, as shells report it)."""

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 BROKER_PRIORITY_SEP = "\x06\x16"
 """kombu's Redis transport: separator between a queue's name and its priority step."""
 
+PRIORITY_STEPS = list(range(10))
+"""kombu's priority steps the farm's queues use (one list per queue and step)."""
+
 
 @dataclass(frozen=True, slots=True)
 class RedisKeys:
@@ -71,6 +74,12 @@ class RedisKeys:
         the sum over the steps (what the dashboard shows and KEDA scales on)."""
         name = f"{queue}{BROKER_PRIORITY_SEP}{step}" if step else queue
         return f"{self.prefix}celery:{name}"
+
+    @property
+    def retries(self) -> str:
+        """Sorted set: job ids handed back with a backoff, scored by when they may run again;
+        the reconciler sends their messages once that time has come."""
+        return f"{self.prefix}retries"
 
     def dependents(self, job_id: str) -> str:
         """Set: ids of the `waiting` jobs that wait for this job to end (`farm.state.dependencies`)."""

@@ -75,6 +75,10 @@ class FarmSettings(BaseSettings):
     reconcile_interval: float = Field(default=10.0, gt=0)
     """Seconds between reconciler passes (one worker at a time runs one)."""
 
+    reconnect_seconds: float = Field(default=180.0, ge=0)
+    """How long a waiting client (`farm wait`, `farm batch wait`, `--watch`, the SDK's `wait`,
+    the dashboard) rides out a Redis that is down or restarting before it gives up."""
+
     requeue_after: float = Field(default=600.0, gt=0)
     """A job queued this long without being claimed is enqueued again (its message was lost)."""
 

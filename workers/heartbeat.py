@@ -119,10 +119,8 @@ class CancelListener(threading.Thread):
     def run(self) -> None:
         while True:
             try:
-                pubsub = self.tracker.r.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.tracker.keys.cancels)
-                for message in pubsub.listen():
-                    self.ids.add(message["data"])
+                for job_id in self.tracker.cancel_messages():
+                    self.ids.add(job_id)
             except Exception as e:  # Redis away: listen again once it is back
                 log.warning("cancel listener: %s; reconnecting", e)
                 time.sleep(1.0)

@@ -31,8 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from farm.queue.depth import queue_depths
-from farm.queue.routing import FINETUNE_QUEUE, RENDER_QUEUE, consumed_queues
+from farm.queue.routing import FINETUNE_QUEUE, RENDER_QUEUE
 from workers.presence import physical_device
 
 log = logging.getLogger("farm.metrics")
@@ -69,8 +68,8 @@ class _LiveCollector(Collector):
         try:
             tracker = self.rt.tracker
             queues = {RENDER_QUEUE, FINETUNE_QUEUE}
-            queues |= consumed_queues(tracker.r, tracker.keys)
-            for queue, n in queue_depths(tracker.r, tracker.keys, queues).items():
+            queues |= tracker.workers.consumed_queues()
+            for queue, n in tracker.queue_depths(queues).items():
                 depth.add_metric([queue], n)
         except Exception as e:  # Redis away: the scrape still answers, without depths
             log.warning("queue depth: %s", e)

@@ -1,6 +1,6 @@
 """A worker's presence: its registry entry, and the queues it consumes for its warm models.
 
-The entry (`farm.queue.registry.WorkerInfo`) is written at start, when a job starts and ends, and
+The entry (`farm.state.registry.WorkerInfo`) is written at start, when a job starts and ends, and
 every `interval` seconds from a thread of its own (so a render of minutes still shows the
 worker alive), and withdrawn on a clean exit. `farm workers`, the dashboard, the client's
 `farm.queue.routing.Router` and the reconciler read it.
@@ -22,8 +22,8 @@ import time
 from contextlib import contextmanager
 from typing import Any
 
-from farm.queue.registry import WorkerInfo, publish, withdraw
 from farm.queue.routing import RENDER_QUEUE, is_model_queue, model_queue
+from farm.state.registry import WorkerInfo
 
 log = logging.getLogger("farm.worker")
 
@@ -109,7 +109,7 @@ class Presence:
 
     def publish(self) -> None:
         try:
-            publish(self.rt.tracker.r, self.rt.tracker.keys, self.info())
+            self.rt.tracker.workers.publish(self.info())
         except Exception as e:  # Redis away: the next beat writes it again
             log.warning("worker entry not published: %s", e)
 
@@ -141,6 +141,6 @@ class Presence:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            withdraw(self.rt.tracker.r, self.rt.tracker.keys, self.rt.name)
+            self.rt.tracker.workers.withdraw(self.rt.name)
         except Exception as e:
             log.warning("worker entry not withdrawn: %s", e)

@@ -371,7 +371,7 @@ class Reconciler(threading.Thread):
         while not rt.stopping:
             time.sleep(interval)
             try:
-                if rt.tracker.r.set(lock, rt.name, nx=True, px=int(interval * 1000)):
+                if rt.tracker.try_lock(lock, rt.name, interval):
                     reconcile(rt.tracker, rt.celery, requeue_after=rt.settings.requeue_after)
             except Exception as e:  # Redis away: try again next time
                 log.warning("reconciler pass failed: %s", e)

@@ -17,7 +17,6 @@ job), and points the slot at it; the old id is kept in the slot's `history`.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import Counter
@@ -41,6 +40,10 @@ READ_CHUNK = 1000
 
 PENDING = ("unsubmitted", "waiting", "queued", "running")
 """Slot states that may still change (unsubmitted: indexed, but its job was never written)."""
+
+MOVING = ("waiting", "queued", "running")
+"""Slot states that change by themselves: a waiting slot is queued when what it waits for
+ends. (An unsubmitted slot moves only when the batch is submitted again.)"""
 
 
 def check_name(name: str) -> str:
@@ -89,6 +92,12 @@ class BatchStatus:
         return sum(self.counts.get(s, 0) for s in PENDING)
 
     @property
+    def settled(self) -> bool:
+        """Nothing of the batch will change by itself any more: no slot is waiting, queued
+        or running. What `Batch.wait` and `farm batch status --watch` wait for."""
+        return not any(self.counts.get(s, 0) for s in MOVING)
+
+    @property
     def all_succeeded(self) -> bool:
         return self.counts.get("succeeded", 0) == self.total
 
@@ -110,12 +119,12 @@ def _duration(seconds: float) -> str:
 class Batch:
     """A handle on one batch: its id is its name; everything else is read from Redis."""
 
-    __slots__ = ("farm", "keys", "name")
+    __slots__ = ("farm", "index", "name")
 
     def __init__(self, farm: Farm, name: str) -> None:
         self.farm = farm
         self.name = check_name(name)
-        self.keys = farm.tracker.keys
+        self.index = farm.tracker.batches
 
     def __repr__(self) -> str:
         return f"Batch({self.name!r})"
@@ -124,39 +133,33 @@ class Batch:
 
     def meta(self) -> dict[str, Any]:
         """The batch's metadata; `JobNotFound` if no batch has this name."""
-        raw = self.farm.tracker.r.hgetall(self.keys.batch(self.name))
-        if not raw:
+        meta = self.index.meta(self.name)
+        if meta is None:
             raise JobNotFound(f"no batch named {self.name!r}")
-        return {k: json.loads(v) for k, v in raw.items()}
+        return meta
 
     def slots(self, limit: int | None = None, *, states: bool = True) -> list[Slot]:
         """The slots in manifest order (the first `limit`), with their jobs' states."""
         self.meta()
-        r = self.farm.tracker.r
-        ids = r.lrange(self.keys.batch_order(self.name), 0, -1 if limit is None else limit - 1)
+        ids = self.index.order(self.name, limit)
         out: list[Slot] = []
         for start in range(0, len(ids), READ_CHUNK):
             chunk = ids[start : start + READ_CHUNK]
-            raw = r.hmget(self.keys.batch_slots(self.name), chunk)
-            for slot_id, value in zip(chunk, raw, strict=True):
-                info = json.loads(value) if value else {}
-                out.append(Slot(slot_id, info.get("job"), info))
+            for slot_id, info in zip(chunk, self.index.slots(self.name, chunk), strict=True):
+                out.append(Slot(slot_id, (info or {}).get("job"), info or {}))
         if states:
             self._read_states(out)
         return out
 
     def _read_states(self, slots: list[Slot]) -> None:
-        r = self.farm.tracker.r
         with_job = [s for s in slots if s.job]
-        for start in range(0, len(with_job), READ_CHUNK):
-            chunk = with_job[start : start + READ_CHUNK]
-            pipe = r.pipeline(transaction=False)
-            for s in chunk:
-                pipe.hmget(self.keys.job(s.job or ""), "state", "started_at", "finished_at")
-            for s, (state, started, finished) in zip(chunk, pipe.execute(), strict=True):
-                s.state = state or "expired"
-                s.started_at = float(started) if started else None
-                s.finished_at = float(finished) if finished else None
+        fields = self.farm.tracker.job_fields(
+            [s.job or "" for s in with_job], "state", "started_at", "finished_at"
+        )
+        for s, (state, started, finished) in zip(with_job, fields, strict=True):
+            s.state = state or "expired"
+            s.started_at = float(started) if started else None
+            s.finished_at = float(finished) if finished else None
 
     def job_ids(self) -> list[str]:
         """Current job ids, in manifest order (slots not yet written are left out)."""
@@ -187,19 +190,22 @@ class Batch:
         *,
         on_status: Callable[[BatchStatus], None] | None = None,
         poll: float = 1.0,
+        on_unavailable: Callable[[str | None], None] | None = None,
     ) -> BatchStatus:
-        """Block until no job of the batch is queued or running; its final status.
+        """Block until the batch is settled (no job waiting, queued or running); its final
+        status. A Redis that goes away is waited for, as in `Farm.wait`.
 
         Slots that were never written (a submit that died half-way) do not progress by
         themselves: waiting ends when only they are left (submit again to fill them).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        cursor = self.farm.tracker.last_event_id()
+        patience = self.farm.patience(on_unavailable)
+        cursor = patience.run(self.farm.tracker.last_event_id)
         while True:
-            status = self.status()
+            status = patience.run(self.status)
             if on_status:
                 on_status(status)
-            if not status.counts.get("queued") and not status.counts.get("running"):
+            if status.settled:
                 return status
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -207,7 +213,9 @@ class Batch:
                     f"batch {self.name}: {status.pending} of {status.total} jobs still not "
                     f"done after {timeout}s"
                 )
-            cursor = self.farm.tracker.wait_event(cursor, min(poll, left) if left else poll)
+            cursor = patience.run(
+                self.farm.tracker.wait_event, cursor, min(poll, left) if left else poll
+            )
 
     # ------------------------------------------------------------------ acting
 
@@ -247,7 +255,7 @@ class Batch:
                 fresh.append(self.farm._prepare(spec, {}))
                 info = {**s.info, "job": fresh[-1]["id"], "generation": generation}
                 info["history"] = [*s.info.get("history", []), s.job]
-                updates[s.id] = json.dumps(info)
+                updates[s.id] = info
             # New jobs are written and sent as any submit's (a row chained to an unfinished
             # fine-tune waits for it); one written by a retry that died before sending its
             # message is sent now.
@@ -262,8 +270,7 @@ class Batch:
                     if state == JobState.QUEUED
                 ),
             )
-            if updates:
-                self.farm.tracker.r.hset(self.keys.batch_slots(self.name), mapping=updates)
+            self.index.set_slots(self.name, updates)
             new_ids += [rec["id"] for rec in fresh]
         self.farm.known_inputs.clear()
         return new_ids
@@ -281,8 +288,7 @@ class Batch:
 
 def list_batches(farm: Farm) -> Iterator[tuple[str, dict[str, Any]]]:
     """(name, metadata) of every batch, oldest first."""
-    r = farm.tracker.r
-    for name in r.zrange(farm.tracker.keys.batches, 0, -1):
-        raw = r.hgetall(farm.tracker.keys.batch(name))
-        if raw:
-            yield name, {k: json.loads(v) for k, v in raw.items()}
+    for name in farm.tracker.batches.names():
+        meta = farm.tracker.batches.meta(name)
+        if meta is not None:
+            yield name, meta

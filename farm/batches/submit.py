@@ -33,7 +33,6 @@ without a slot (the crash fell between the record and the index).
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -238,7 +237,6 @@ def _write_index(
     planned: list[Planned],
 ) -> None:
     """The batch's metadata and its slots in manifest order (replacing an earlier order)."""
-    keys = farm.tracker.keys
     now = time.time()
     meta = {
         "name": name,
@@ -250,17 +248,10 @@ def _write_index(
         "defaults": base,
         "updated_at": now,
     }
-    pipe = farm.tracker.r.pipeline(transaction=True)
-    pipe.zadd(keys.batches, {name: now}, nx=True)
-    pipe.hsetnx(keys.batch(name), "created_at", json.dumps(now))
-    pipe.hset(keys.batch(name), mapping={k: json.dumps(v) for k, v in meta.items()})
-    pipe.delete(keys.batch_order(name))
-    for start in range(0, len(planned), 10_000):
-        pipe.rpush(keys.batch_order(name), *(p.slot for p in planned[start : start + 10_000]))
-    pipe.execute()
+    farm.tracker.batches.write(name, meta, [p.slot for p in planned], now)
 
 
-def _slot_info(p: Planned, job_id: str, old: dict[str, Any] | None) -> str:
+def _slot_info(p: Planned, job_id: str, old: dict[str, Any] | None) -> dict[str, Any]:
     row = p.row
     info = {
         **(old or {}),
@@ -273,7 +264,7 @@ def _slot_info(p: Planned, job_id: str, old: dict[str, Any] | None) -> str:
         "images": int(row.fields.get("num_images_per_prompt", 1)),
     }
     info.setdefault("generation", 0)
-    return json.dumps(info)
+    return info
 
 
 @dataclass
@@ -282,7 +273,7 @@ class _Chunk:
 
     records: list[dict[str, Any]] = field(default_factory=list)
     todo: list[tuple[Planned, dict[str, Any] | None]] = field(default_factory=list)
-    index: dict[str, str] = field(default_factory=dict)
+    index: dict[str, dict[str, Any]] = field(default_factory=dict)
     uploads: dict[str, bytes] = field(default_factory=dict)
     lost: list[tuple[str, int]] = field(default_factory=list)
     """(id, priority) of jobs found running on an expired lease: their worker died, and a
@@ -300,14 +291,12 @@ def _prepare_chunk(
     tracker = farm.tracker
     out = _Chunk()
     # 1. Which slots already have a job (whose record has not expired).
-    raw = tracker.r.hmget(tracker.keys.batch_slots(name), [p.slot for p in chunk])
-    old = [json.loads(v) if v else None for v in raw]
-    pipe = tracker.r.pipeline(transaction=False)
-    for info in old:
-        job_key = tracker.keys.job(info["job"] if info else "-")
-        pipe.hmget(job_key, "state", "lease_until", "priority")
+    old = tracker.batches.slots(name, [p.slot for p in chunk])
+    fields = tracker.job_fields(
+        [info["job"] if info else "-" for info in old], "state", "lease_until", "priority"
+    )
     now = time.time()
-    for p, info, (state, lease, priority) in zip(chunk, old, pipe.execute(), strict=True):
+    for p, info, (state, lease, priority) in zip(chunk, old, fields, strict=True):
         if info and state:
             out.index[p.slot] = _slot_info(p, info["job"], info)
             if state == JobState.RUNNING and float(lease or 0) < now:
@@ -369,8 +358,7 @@ def _commit_chunk(farm: Farm, name: str, chunk: _Chunk, result: SubmitResult) ->
     result.present += len(again)
     for (p, info), rec in zip(chunk.todo, chunk.records, strict=True):
         chunk.index[p.slot] = _slot_info(p, rec["id"], info)
-    if chunk.index:
-        tracker.r.hset(tracker.keys.batch_slots(name), mapping=chunk.index)
+    tracker.batches.set_slots(name, chunk.index)
 
 
 def _input_uri(

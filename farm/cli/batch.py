@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.cli.progress import LiveLine
-from farm.errors import EXIT_FAILED, EXIT_INVALID, InvalidJob, TransientError
+from farm.errors import EXIT_FAILED, EXIT_INVALID, InvalidJob
 from farm.jobs.specs import flag_field
 
 DEFAULT_FLAGS = (
@@ -112,12 +112,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import redis
-
-    try:
-        return ACTIONS[args.batch_command](args)
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        raise TransientError(f"Redis unavailable: {e}") from e
+    return ACTIONS[args.batch_command](args)
 
 
 def _farm() -> Any:
@@ -205,10 +200,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(status.line())
         return 0
     display = LiveLine(sys.stderr if sys.stderr.isatty() else sys.stdout)
+    patience = batch.farm.patience(display.unavailable)
     while True:
-        status = batch.status()
+        status = patience.run(batch.status)
         display.show(status.line())
-        if not status.counts.get("queued") and not status.counts.get("running"):
+        if status.settled:
             display.end()
             return 0
         time.sleep(max(0.1, args.interval))
@@ -216,7 +212,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     display = LiveLine(sys.stderr, only_tty=True)
-    status = _batch(args.name).wait(args.timeout, on_status=lambda st: display.show(st.line()))
+    status = _batch(args.name).wait(
+        args.timeout,
+        on_status=lambda st: display.show(st.line()),
+        on_unavailable=display.unavailable,
+    )
     display.end()
     print(status.line())
     if status.counts.get("unsubmitted"):

@@ -115,6 +115,8 @@ def submit(args: argparse.Namespace, farm: Any, print_record: Callable[[Any, boo
         print_record(rec, True) if args.json else print(job.id)
         return 0
     bar = TrainingBar(sys.stderr, lambda job_id: farm.get(job_id).progress.loss)
-    rec = farm.wait([job.id], timeout=args.timeout, on_progress=bar)[0]
+    rec = farm.wait(
+        [job.id], timeout=args.timeout, on_progress=bar, on_unavailable=bar.unavailable
+    )[0]
     print_record(rec, args.json)
     return 0 if rec.state.value == "succeeded" else 1

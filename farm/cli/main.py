@@ -1,7 +1,9 @@
 """The `farm` command.
 
-Exit codes: 0 done, 1 a job failed or the farm could not be reached, 2 invalid input
-(one line naming the field and the value, and nothing written).
+Exit codes (`farm.errors`): 0 done; 1 a job failed, or a check did; 2 invalid input (one line
+naming the field and the value, and nothing written); 3 Redis or storage could not be reached
+(one line saying which, and what was being done); 130 interrupted. Every failure is one line on
+stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from farm.cli import finetune as cli_finetune
 from farm.cli import models as cli_models
 from farm.cli import workers as cli_workers
 from farm.cli.progress import JobsBar, TrainingBar
-from farm.errors import EXIT_FAILED, EXIT_INVALID, FarmError, InvalidJob
+from farm.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID,
+    EXIT_UNAVAILABLE,
+    FarmError,
+    InvalidJob,
+    TransientError,
+)
 from farm.inputs.loras import parse_lora_flag
 from farm.jobs.masks import parse_generator
 from farm.jobs.record import JobRecord
@@ -167,11 +177,22 @@ def guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespa
     except InvalidJob as e:
         print(f"farm: error: {e}", file=sys.stderr)
         return EXIT_INVALID
+    except TransientError as e:
+        print(f"farm: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except (FarmError, OSError) as e:
         print(f"farm: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug: still one line, the traceback only when asked for
+        if os.environ.get("FARM_DEBUG"):
+            raise
+        print(
+            f"farm: internal error: {type(e).__name__}: {e} (FARM_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
 
 
 def _farm() -> Any:
@@ -218,7 +239,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     farm = _farm()
     job = farm.submit(spec)
     if args.wait:
-        rec = farm.wait([job.id], timeout=args.timeout, on_progress=JobsBar(sys.stderr))[0]
+        bar = JobsBar(sys.stderr)
+        rec = farm.wait(
+            [job.id], timeout=args.timeout, on_progress=bar, on_unavailable=bar.unavailable
+        )[0]
     else:
         rec = farm.get(job.id)
     if args.json:
@@ -236,9 +260,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     farm = _farm()
     bar: Any = JobsBar(sys.stderr)
-    if len(args.jobs) == 1 and farm.get(args.jobs[0]).kind == "finetune":  # steps and loss
+    first = farm.patience(bar.unavailable).run(farm.get, args.jobs[0])  # JobNotFound: exit 1
+    if len(args.jobs) == 1 and first.kind == "finetune":  # steps and loss
         bar = TrainingBar(sys.stderr, lambda job_id: farm.get(job_id).progress.loss)
-    records = farm.wait(args.jobs, timeout=args.timeout, on_progress=bar)
+    records = farm.wait(
+        args.jobs, timeout=args.timeout, on_progress=bar, on_unavailable=bar.unavailable
+    )
     for rec in records:
         _print_record(rec, False)
     return 0 if all(r.state.value == "succeeded" for r in records) else EXIT_FAILED

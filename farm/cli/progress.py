@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from farm.errors import TransientError
 
 ENDED = ("succeeded", "failed", "cancelled")
 
@@ -31,6 +34,19 @@ class LiveLine:
             self.stream.write("\n")
             self.stream.flush()
 
+    def unavailable(self, why: str | None) -> None:
+        """`Patience`'s callback: Redis went away (`why`), or came back (None)."""
+        if why is None:
+            self.last = ""  # the next status line is shown, even if it did not change
+            return
+        line = f"Redis unavailable, retrying… ({why})"
+        if self.tty:
+            self.stream.write(f"\r{line}\x1b[K")
+        else:  # a log: one line per outage, on stderr whatever the status lines use
+            sys.stderr.write(f"farm: {line}\n")
+        self.stream.flush()
+        self.last = line
+
 
 class JobsBar:
     """`Farm.wait`'s `on_progress`: a bar over the jobs' steps, on a terminal only."""
@@ -38,6 +54,8 @@ class JobsBar:
     def __init__(self, stream: Any) -> None:
         self.line = LiveLine(stream, only_tty=True)
         self.started = time.monotonic()
+        self.unavailable = self.line.unavailable
+        """`Farm.wait`'s `on_unavailable`: says so on the terminal while Redis is away."""
 
     def __call__(self, states: list[tuple[str, str | None, int, int]]) -> None:
         done = sum(s in ENDED for _, s, _, _ in states)
@@ -60,13 +78,17 @@ class TrainingBar:
         self.line = LiveLine(stream, only_tty=True)
         self.loss = loss
         self.started = time.monotonic()
+        self.unavailable = self.line.unavailable
 
     def __call__(self, states: list[tuple[str, str | None, int, int]]) -> None:
         job_id, state, step, total = states[0]
         if self.line.quiet:
             return
         frac = 1.0 if state in ENDED else (step / total if total else 0.0)
-        loss = self.loss(job_id)
+        try:
+            loss = self.loss(job_id)
+        except TransientError:  # Redis went away just now: the next beat shows it again
+            loss = None
         shown = f"  loss {loss:.4f}" if loss is not None else ""
         self.line.show(
             f"[{'#' * int(frac * 30):<30}] step {step}/{total or '?'}{shown}  {state}  "

@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any
 
-from farm.queue.registry import WorkerInfo
+from farm.state.registry import WorkerInfo
 
 
 def add_parser(sub: Any) -> None:
@@ -54,18 +54,15 @@ def table(workers: list[WorkerInfo], now: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from farm.client import Farm
-    from farm.queue.depth import queue_depths
-    from farm.queue.registry import read_workers
     from farm.queue.routing import FINETUNE_QUEUE, RENDER_QUEUE
 
     with Farm() as farm:
-        r, keys = farm.tracker.r, farm.tracker.keys
-        workers = read_workers(r, keys)
+        workers = farm.tracker.workers.read()
         now = time.time()
         queues = {RENDER_QUEUE, FINETUNE_QUEUE} | {
             q for w in workers if w.online(now) for q in w.queues
         }
-        depths = queue_depths(r, keys, queues)
+        depths = farm.tracker.queue_depths(queues)
     if args.json:
         print(
             json.dumps(

@@ -19,8 +19,6 @@ from urllib.parse import quote
 from farm.batches.batch import Batch
 from farm.errors import InvalidJob, JobNotFound
 from farm.jobs.record import JobRecord
-from farm.queue.depth import queue_lengths
-from farm.queue.registry import read_workers
 from farm.queue.routing import FINETUNE_QUEUE, RENDER_QUEUE
 
 if TYPE_CHECKING:
@@ -64,7 +62,7 @@ class DashboardData:
         """Queues, workers, batches and recent jobs: everything the front page polls."""
         now = time.time()
         jobs = self.recent_jobs()
-        workers = read_workers(self.farm.tracker.r, self.keys)
+        workers = self.farm.tracker.workers.read()
         queues = {RENDER_QUEUE, FINETUNE_QUEUE}
         queues.update(q for w in workers for q in w.queues)
         queues.update(j["queue"] for j in jobs if j.get("queue"))
@@ -79,7 +77,7 @@ class DashboardData:
 
     def queue_depths(self, queues: list[str]) -> list[dict[str, Any]]:
         """Messages waiting per queue, summed over kombu's priority lists (one round trip)."""
-        lengths = queue_lengths(self.farm.tracker.r, self.keys, queues)
+        lengths = self.farm.tracker.queue_lengths(queues)
         out = []
         for q, steps in lengths.items():
             by_step = {str(step): n for step, n in steps.items() if n}
@@ -87,7 +85,7 @@ class DashboardData:
         return out
 
     def batches(self) -> list[dict[str, Any]]:
-        names = self.farm.tracker.r.zrevrange(self.keys.batches, 0, RECENT_BATCHES - 1)
+        names = self.farm.tracker.batches.names(newest_first=True, limit=RECENT_BATCHES)
         out = []
         for name in names:
             try:
@@ -111,14 +109,7 @@ class DashboardData:
     def recent_jobs(self, limit: int = RECENT_JOBS) -> list[dict[str, Any]]:
         """The jobs whose state changed last, newest first. Read from the events stream, not
         the live index: the reconciler drops ended jobs from that one."""
-        ids: list[str] = []
-        events = self.farm.tracker.r.xrevrange(self.keys.events, count=limit * EVENTS_PER_JOB)
-        for _, entry in events:
-            job_id = entry.get("job")
-            if job_id and job_id not in ids:
-                ids.append(job_id)
-                if len(ids) == limit:
-                    break
+        ids = self.farm.tracker.recent_job_ids(limit, EVENTS_PER_JOB)
         records = self.farm.tracker.get_many(ids)
         return [self._summary(rec) for rec in records if rec is not None]
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 
-import redis
-
+from farm.errors import FarmError
 from farm.settings import FarmSettings
+from farm.state.connection import Connection
+from farm.state.tracker import Tracker
 
 TIMEOUT = 3.0
 """Seconds to connect and get an answer."""
@@ -23,17 +24,14 @@ def main() -> int:
         print("farm probe: FARM_REDIS_URL is not set", file=sys.stderr)
         return 1
     ca = str(settings.redis_ca_file) if settings.redis_ca_file else None
-    tls = {"ssl_ca_certs": ca} if settings.redis_url.startswith("rediss://") else {}
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, **tls
-    )
+    tracker = Tracker(Connection.from_url(settings.redis_url, ca, timeout=TIMEOUT))
     try:
-        client.ping()
-    except redis.RedisError as e:
-        print(f"farm probe: redis did not answer: {type(e).__name__}", file=sys.stderr)
+        tracker.ping()
+    except FarmError as e:  # the message names host:port, never the URL's password
+        print(f"farm probe: redis did not answer: {e}", file=sys.stderr)
         return 1
     finally:
-        client.close()
+        tracker.close()
     return 0
 
 

@@ -2,8 +2,6 @@
 
 app.py       the Celery app (Redis broker, JSON only, late acks) and `enqueue`
 routing.py   queue names, model affinity queues, `Router` (which queue a job goes to)
-registry.py  `WorkerInfo`: a worker's registry entry (the tracker reads and writes them)
-depth.py     how many messages wait in each queue
 flower.py    the farm's Celery app for Celery's own tools: `celery -A farm.queue.flower flower`
 
 May import: `farm.errors`, `farm.settings`, `farm.keys`, `farm.jobs`, celery, kombu.

@@ -13,15 +13,15 @@ from collections.abc import Iterable
 from celery import Celery
 from celery.utils.nodenames import anon_nodename
 
-from farm.queue.routing import FINETUNE_QUEUE, RENDER_QUEUE
+from farm.keys import PRIORITY_STEPS
+from farm.queue.routing import RENDER_QUEUE
 from farm.settings import FarmSettings
 
-__all__ = ["FINETUNE_QUEUE", "RENDER_QUEUE", "RUN_TASK", "enqueue", "make_celery"]
+__all__ = ["PRIORITY_STEPS", "RUN_TASK", "enqueue", "make_celery"]
 
 RUN_TASK = "farm.run"
 """The one task: run the job whose id is the message's only argument."""
 
-PRIORITY_STEPS = list(range(10))
 
 PUBLISH_BATCH = 1000
 """Messages buffered per Redis pipeline when enqueueing."""

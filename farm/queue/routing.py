@@ -1,11 +1,11 @@
 """Queue names, and model affinity: send a render to the workers that already hold its model warm.
 
 Loading a model is the costliest thing a worker does, so each worker advertises the models it
-holds warm (its `farm.queue.registry` entry) and consumes their queues, `render.<slug>`
+holds warm (its registry entry, `farm.state.registry`) and consumes their queues, `render.<slug>`
 (`model_queue`), before the general `render` queue. The client sends a render for
 model M to M's queue when some online worker consumes it, else to `render`:
 
-    >>> Router(tracker).queue_for(Txt2Img(model="tiny", prompt="a fox"))
+    >>> Router(tracker.workers.consumed_queues).queue_for(Txt2Img(model="tiny", prompt="a fox"))
     'render.tiny'          # a worker holding `tiny` is online
     'render'               # none is
 
@@ -25,9 +25,8 @@ import functools
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from typing import Any
-
-from farm.queue.registry import read_workers
 
 RENDER_QUEUE = "render"
 """The queue of txt2img, img2img, inpaint and style jobs."""
@@ -57,12 +56,6 @@ REFRESH_S = 2.0
 """How long a client trusts its view of which queues online workers consume."""
 
 
-def consumed_queues(r: Any, keys: Any, now: float | None = None) -> set[str]:
-    """The queues some online worker consumes now (from the worker registry)."""
-    now = time.time() if now is None else now
-    return {q for w in read_workers(r, keys) if w.online(now) for q in w.queues}
-
-
 def is_model_queue(queue: str) -> bool:
     return queue.startswith(RENDER_QUEUE + ".")
 
@@ -70,8 +63,9 @@ def is_model_queue(queue: str) -> bool:
 class Router:
     """Chooses each job's queue: its model's affinity queue when a warm worker is online."""
 
-    def __init__(self, tracker: Any, refresh_s: float = REFRESH_S) -> None:
-        self.tracker = tracker
+    def __init__(self, consumed: Callable[[], set[str]], refresh_s: float = REFRESH_S) -> None:
+        self.read_consumed = consumed
+        """Reads the queues online workers consume (`WorkerRegistry.consumed_queues`)."""
         self.refresh_s = refresh_s
         self._consumed: set[str] = set()
         self._read_at = float("-inf")
@@ -80,7 +74,7 @@ class Router:
         """Queues consumed by online workers: read at most every `refresh_s` (a batch of
         thousands of jobs reads the registry once, not once a job)."""
         if time.monotonic() - self._read_at > self.refresh_s:
-            self._consumed = consumed_queues(self.tracker.r, self.tracker.keys)
+            self._consumed = self.read_consumed()
             self._read_at = time.monotonic()
         return self._consumed
 

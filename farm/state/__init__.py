@@ -1,11 +1,17 @@
 """Job state in Redis: the only wing that talks to Redis.
 
+connection.py    the one Redis connection; `doing(what)` turns every Redis error into a
+                 `TransientError` (or `FarmError`) naming what was being done; `Patience`
+                 rides out a restart
 tracker.py       `Tracker`: records, state changes (one Lua script, fenced), leases, progress,
-                 events, the batch index, the worker registry, queue depths, locks; every
-                 Redis error becomes a `TransientError` naming what was being done
+                 events, dependents, retries, queue depths, locks; it holds the parts below
+batch_index.py   the batch index: metadata, slot order, slots
+registry.py      the worker registry: `WorkerInfo` entries, who consumes which queues
 scripts.py       the Lua scripts the tracker runs, `TRANSITIONS` rendered into them
 dependencies.py  jobs that wait for other jobs (a render chained to a fine-tune)
-reconciler.py    the safety net for at-least-once delivery: lost messages, expired leases
+reconciler.py    the safety net for at-least-once delivery: lost messages, expired leases,
+                 retries whose backoff ran out
 
-May import: `farm.errors`, `farm.settings`, `farm.keys`, `farm.jobs`, `farm.queue`, redis.
+Nothing outside this wing touches a Redis client. May import: `farm.errors`, `farm.settings`,
+`farm.keys`, `farm.jobs`, `farm.queue`, redis.
 """

@@ -47,26 +47,16 @@ class Released:
 
 def register(tracker: Tracker, records: Sequence[dict[str, Any]]) -> None:
     """Add each waiting record to the dependents of the jobs it waits for (before creating it)."""
-    waiting = [rec for rec in records if rec.get("depends_on")]
-    if not waiting:
-        return
-    pipe = tracker.r.pipeline(transaction=False)
-    for rec in waiting:
-        for parent in rec["depends_on"]:
-            key = tracker.keys.dependents(parent)
-            pipe.sadd(key, rec["id"])
-            pipe.expire(key, tracker.record_ttl)
-    pipe.execute()
+    tracker.add_dependents(records)
 
 
 def job_ended(tracker: Tracker, celery: Any, job_id: str) -> Released:
     """Release the jobs waiting for `job_id`, which has just ended."""
-    key = tracker.keys.dependents(job_id)
-    ids: list[str] = sorted(tracker.r.smembers(key))  # type: ignore[arg-type]  # decoded
+    ids = tracker.dependents(job_id)
     if not ids:
         return Released()
     done = release(tracker, celery, ids)
-    tracker.r.srem(key, *ids)
+    tracker.forget_dependents(job_id, ids)
     return done
 
 

@@ -11,7 +11,9 @@ process (workers take turns through a Redis lock) looks for:
 - `waiting` jobs whose dependencies have all ended or expired (a crash between a job's end and
   the release of its dependents): queued or failed (`farm.state.dependencies.release`);
 - `queued` jobs waiting in a model's affinity queue that no online worker consumes any more
-  (`farm.queue.routing.stranded`): re-sent to `render` at once, and their record's `queue` says so.
+  (`farm.queue.routing.stranded`): re-sent to `render` at once, and their record's `queue` says so;
+- jobs handed back with a backoff (`Tracker.schedule_retry`) whose time has come: their
+  messages are sent now (a worker never sleeps its backoff away).
 
 Re-sends go to the job's own queue, or to `render` when that queue is a stranded model queue.
 
@@ -22,20 +24,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from farm.jobs.state import JobState
 from farm.queue.app import enqueue
-from farm.queue.routing import RENDER_QUEUE, consumed_queues, stranded
+from farm.queue.routing import RENDER_QUEUE, stranded
 from farm.state import dependencies as deps
 from farm.state.tracker import Tracker
 
 log = logging.getLogger("farm.reconciler")
-
-SCAN_CHUNK = 1000
-"""Job records read per pipelined round trip."""
 
 
 @dataclass
@@ -50,16 +48,8 @@ class Report:
     """Waiting jobs queued because what they waited for had succeeded."""
     failed: list[str] = field(default_factory=list)
     """Waiting jobs failed because what they waited for failed, was cancelled or expired."""
-
-
-def _live_ids(tracker: Tracker) -> Iterator[list[str]]:
-    start = 0
-    while True:
-        ids = tracker.r.zrange(tracker.keys.jobs, start, start + SCAN_CHUNK - 1)
-        if not ids:
-            return
-        yield ids
-        start += SCAN_CHUNK
+    retried: list[str] = field(default_factory=list)
+    """Jobs handed back with a backoff whose time had come: their messages were sent."""
 
 
 def reconcile(
@@ -68,29 +58,20 @@ def reconcile(
     """One pass over the live jobs; what it handed back and re-enqueued."""
     now = time.time() if now is None else now
     report = Report()
-    consumed = consumed_queues(tracker.r, tracker.keys, now)
+    consumed = tracker.workers.consumed_queues(now)
 
     def target(queue: str | None) -> str:
         return RENDER_QUEUE if not queue or stranded(queue, consumed) else queue
 
-    for ids in _live_ids(tracker):
-        pipe = tracker.r.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hmget(
-                tracker.keys.job(job_id),
-                "state",
-                "token",
-                "lease_until",
-                "enqueued_at",
-                "created_at",
-                "priority",
-                "queue",
-            )
+    report.retried = _send_due_retries(tracker, celery, now, target)
+    for ids in tracker.live_ids():
+        fields = ("state", "token", "lease_until", "enqueued_at", "created_at", "priority", "queue")
         resend: list[tuple[str, str, int]] = []
         gone: list[str] = []
         waiting: list[str] = []
+        touched: dict[str, dict[str, Any]] = {}
         for job_id, (state, token, lease, enqueued, created, prio, queue) in zip(
-            ids, pipe.execute(), strict=True
+            ids, tracker.job_fields(ids, *fields), strict=True
         ):
             if state is None or JobState(state).terminal:
                 gone.append(job_id)
@@ -107,17 +88,18 @@ def reconcile(
             elif (
                 state == JobState.QUEUED and float(enqueued or created or now) < now - requeue_after
             ):
-                tracker.r.hset(tracker.keys.job(job_id), "enqueued_at", repr(now))
+                touched[job_id] = {"enqueued_at": repr(now)}
                 report.requeued.append(job_id)
                 resend.append((job_id, target(queue), int(prio or 0)))
             elif state == JobState.QUEUED and queue and stranded(queue, consumed):
-                tracker.r.hset(tracker.keys.job(job_id), "queue", RENDER_QUEUE)
+                touched[job_id] = {"queue": RENDER_QUEUE}
                 report.rerouted.append(job_id)
                 resend.append((job_id, RENDER_QUEUE, int(prio or 0)))
             elif state == JobState.WAITING:
                 waiting.append(job_id)
+        tracker.set_fields_many(touched)
         if gone:
-            tracker.r.zrem(tracker.keys.jobs, *gone)
+            tracker.forget(gone)
             report.forgotten += len(gone)
         if resend:
             enqueue(celery, resend)
@@ -134,3 +116,19 @@ def reconcile(
             len(report.rerouted),
         )
     return report
+
+
+def _send_due_retries(tracker: Tracker, celery: Any, now: float, target: Any) -> list[str]:
+    """Send the messages of handed-back jobs whose backoff has run out (each taken once)."""
+    ids = tracker.take_due_retries(now)
+    if not ids:
+        return []
+    send = []
+    for job_id, (state, prio, queue) in zip(
+        ids, tracker.job_fields(ids, "state", "priority", "queue"), strict=True
+    ):
+        if state == JobState.QUEUED:
+            send.append((job_id, target(queue), int(prio or 0)))
+    if send:
+        enqueue(celery, send)
+    return [job_id for job_id, _, _ in send]

@@ -164,3 +164,11 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', 'job', ARGV[2], 'state',
 return 1
 """
 )
+
+# Take the job ids whose retry is due (KEYS: the retries sorted set; ARGV: now, how many):
+# removed and returned in one step, so two reconcilers never both send one.
+TAKE_DUE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
+return ids
+"""

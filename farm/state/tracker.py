@@ -14,6 +14,12 @@ Micro-batching: a job's record carries its batch signature (`farm.jobs.signature
 into or out of `queued` keep that index in the same atomic step, so it lists exactly the queued
 jobs; `Tracker.claim_batch` pops up to n of them and claims each by the same rule as `claim`.
 The scripts themselves live in `farm.state.scripts`.
+
+The tracker owns the farm's Redis: nothing outside the state wing touches a Redis client.
+Each method runs its calls inside `Connection.doing(what)`, so any Redis error reaches the
+caller as a `TransientError` (or `FarmError`) that names what was being done. Its parts:
+`tracker.batches` (the batch index, `farm.state.batch_index`) and `tracker.workers` (the
+worker registry, `farm.state.registry`).
 """
 
 from __future__ import annotations
@@ -21,18 +27,21 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from farm.errors import FarmError, JobNotFound, StaleAttempt, TransientError
+from farm.errors import FarmError, JobNotFound, StaleAttempt
 from farm.jobs.record import JobRecord, Progress
 from farm.jobs.state import JobState
-from farm.keys import RedisKeys
+from farm.keys import PRIORITY_STEPS, RedisKeys
 from farm.settings import FarmSettings
 from farm.state import scripts
+from farm.state.batch_index import BatchIndex
+from farm.state.connection import Connection
+from farm.state.registry import WorkerRegistry
 
 EVENTS_MAXLEN = 100_000
 """Approximate length the events stream is trimmed to."""
@@ -59,21 +68,27 @@ def new_job_id(key: str | None = None) -> str:
     return uuid.uuid5(uuid.NAMESPACE_URL, f"render-farm:{key}").hex
 
 
-def _redis_errors() -> tuple[type[BaseException], ...]:
-    return (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+SCAN_CHUNK = 1000
+"""Job ids read per round trip when a pass walks every live job."""
 
 
 class Tracker:
     """Job records in Redis. One instance per process; it is thread-safe (redis-py pools)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "farm:", record_ttl: int = 7 * 86400):
-        self.r = client
+    def __init__(self, conn: Connection, prefix: str = "farm:", record_ttl: int = 7 * 86400):
+        self._conn = conn
+        self._r = conn.client  # this module's own calls; nothing outside the state wing
         self.keys = RedisKeys(prefix)
         self.record_ttl = record_ttl
-        self._transition = client.register_script(scripts.TRANSITION)
-        self._heartbeat = client.register_script(scripts.HEARTBEAT)
-        self._create = client.register_script(scripts.CREATE)
-        self._claim_batch = client.register_script(scripts.CLAIM_BATCH)
+        self.batches = BatchIndex(conn, self.keys)
+        """The batch index (`farm.state.batch_index`)."""
+        self.workers = WorkerRegistry(conn, self.keys)
+        """The worker registry (`farm.state.registry`)."""
+        self._transition = self._r.register_script(scripts.TRANSITION)
+        self._heartbeat = self._r.register_script(scripts.HEARTBEAT)
+        self._create = self._r.register_script(scripts.CREATE)
+        self._claim_batch = self._r.register_script(scripts.CLAIM_BATCH)
+        self._take_due = self._r.register_script(scripts.TAKE_DUE)
 
     @classmethod
     def from_url(
@@ -85,45 +100,56 @@ class Tracker:
     ) -> Tracker:
         """`redis://` or `rediss://` (TLS, the server verified against `ca_file` or the
         system's CAs); a password in the URL."""
-        tls = (
-            {"ssl_cert_reqs": "required", "ssl_ca_certs": ca_file}
-            if url.startswith("rediss://")
-            else {}
-        )
-        client = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            health_check_interval=10,
-            socket_keepalive=True,
-            retry_on_timeout=True,
-            **tls,
-        )
-        return cls(client, prefix, record_ttl)
+        return cls(Connection.from_url(url, ca_file), prefix, record_ttl)
 
     @classmethod
     def from_settings(cls, settings: FarmSettings) -> Tracker:
         ca = str(settings.redis_ca_file) if settings.redis_ca_file else None
         return cls.from_url(settings.redis_url or "", settings.key_prefix, settings.record_ttl, ca)
 
+    @property
+    def where(self) -> str:
+        """`host:port` of the Redis server (never its password)."""
+        return self._conn.where
+
+    def doing(self, what: str, job_id: str | None = None) -> Any:
+        """The error mapping of `Connection.doing`, for callers that group tracker calls."""
+        return self._conn.doing(what, job_id)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def ping(self) -> None:
+        """Raise `TransientError` unless the server answers."""
+        with self._conn.doing("checking that Redis answers"):
+            self._r.ping()
+
+    def server_config(self, name: str) -> str | None:
+        """One setting of the server's (`CONFIG GET name`), None where it may not be read."""
+        with self._conn.doing(f"reading the server's {name}"):
+            try:
+                value = self._r.config_get(name)
+            except redis.ResponseError:  # CONFIG renamed or forbidden (a managed Redis)
+                return None
+        return value.get(name) if isinstance(value, dict) else None
+
     # ------------------------------------------------------------------ create / read
 
     def create(self, records: Sequence[dict[str, Any]]) -> list[bool]:
         """Write new job records (pipelined); True where created, False where the id existed."""
-        pipe = self.r.pipeline(transaction=False)
-        for rec in records:
-            flat: list[Any] = []
-            for k, v in rec.items():
-                if v is None:
-                    continue
-                flat += [k, json.dumps(v) if isinstance(v, dict | list) else v]
-            keys = [self.keys.job(rec["id"]), self.keys.jobs, self.keys.events]
-            if rec.get("signature"):
-                keys.append(self.keys.signature(rec["signature"]))
-            self._create(keys=keys, args=[rec["created_at"], rec["id"], *flat], client=pipe)
-        try:
+        with self._conn.doing("creating jobs"):
+            pipe = self._r.pipeline(transaction=False)
+            for rec in records:
+                flat: list[Any] = []
+                for k, v in rec.items():
+                    if v is None:
+                        continue
+                    flat += [k, json.dumps(v) if isinstance(v, dict | list) else v]
+                keys = [self.keys.job(rec["id"]), self.keys.jobs, self.keys.events]
+                if rec.get("signature"):
+                    keys.append(self.keys.signature(rec["signature"]))
+                self._create(keys=keys, args=[rec["created_at"], rec["id"], *flat], client=pipe)
             return [bool(x) for x in pipe.execute()]
-        except _redis_errors() as e:
-            raise TransientError(f"Redis unavailable while creating jobs: {e}") from e
 
     def get(self, job_id: str) -> JobRecord:
         rec = self.get_many([job_id])[0]
@@ -133,35 +159,78 @@ class Tracker:
 
     def get_many(self, job_ids: Iterable[str]) -> list[JobRecord | None]:
         ids = list(job_ids)
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hgetall(self.keys.job(job_id))
-        try:
+        with self._conn.doing("reading job records"):
+            pipe = self._r.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(job_id))
             raw = pipe.execute()
-        except _redis_errors() as e:
-            raise TransientError(f"Redis unavailable: {e}") from e
         return [_record(job_id, h) if h else None for job_id, h in zip(ids, raw, strict=True)]
+
+    def job_fields(self, job_ids: Sequence[str], *fields: str) -> list[list[str | None]]:
+        """`fields` of each job's record, in one round trip (None where a field or record is
+        missing), in bounded pipelines."""
+        out: list[list[str | None]] = []
+        with self._conn.doing("reading job records"):
+            for start in range(0, len(job_ids), SCAN_CHUNK):
+                pipe = self._r.pipeline(transaction=False)
+                for job_id in job_ids[start : start + SCAN_CHUNK]:
+                    pipe.hmget(self.keys.job(job_id), list(fields))
+                out += pipe.execute()
+        return out
 
     def states(self, job_ids: Sequence[str]) -> list[tuple[str | None, int, int]]:
         """(state, step, total) per job, in one round trip; state None where missing."""
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hmget(self.keys.job(job_id), "state", "step", "total")
-        out = []
-        for state, step, total in pipe.execute():
-            out.append((state, int(step or 0), int(total or 0)))
-        return out
+        return [
+            (state, int(step or 0), int(total or 0))
+            for state, step, total in self.job_fields(job_ids, "state", "step", "total")
+        ]
+
+    def live_ids(self) -> Iterator[list[str]]:
+        """Every live job id (the `jobs` index), oldest first, a chunk at a time."""
+        start = 0
+        while True:
+            with self._conn.doing("listing live jobs"):
+                ids: list[str] = self._r.zrange(self.keys.jobs, start, start + SCAN_CHUNK - 1)  # type: ignore[assignment]
+            if not ids:
+                return
+            yield ids
+            start += SCAN_CHUNK
+
+    def forget(self, job_ids: Sequence[str]) -> None:
+        """Drop ended (or expired) jobs from the live index; their records stay until their TTL."""
+        if job_ids:
+            with self._conn.doing("pruning the live index"):
+                self._r.zrem(self.keys.jobs, *job_ids)
+
+    # ------------------------------------------------------------------ events
 
     def last_event_id(self) -> str:
-        last = self.r.xrevrange(self.keys.events, count=1)
+        with self._conn.doing("reading the events stream"):
+            last: Any = self._r.xrevrange(self.keys.events, count=1)
         return last[0][0] if last else "0-0"
 
     def wait_event(self, after: str, timeout: float) -> str:
         """Block until an event after `after` arrives or `timeout` passes; the newest id seen."""
-        res = self.r.xread({self.keys.events: after}, block=max(1, int(timeout * 1000)), count=1000)
+        with self._conn.doing("following the events stream"):
+            res: Any = self._r.xread(
+                {self.keys.events: after}, block=max(1, int(timeout * 1000)), count=1000
+            )
         if not res:
             return after
         return res[0][1][-1][0]
+
+    def recent_job_ids(self, limit: int, events_per_job: int = 8) -> list[str]:
+        """The jobs whose state changed last, newest first (from the events stream)."""
+        with self._conn.doing("reading the events stream"):
+            events: Any = self._r.xrevrange(self.keys.events, count=limit * events_per_job)
+        ids: list[str] = []
+        for _, entry in events:
+            job_id = entry.get("job")
+            if job_id and job_id not in ids:
+                ids.append(job_id)
+                if len(ids) == limit:
+                    break
+        return ids
 
     # ------------------------------------------------------------------ state changes
 
@@ -185,7 +254,7 @@ class Tracker:
             k: json.dumps(v) if isinstance(v, dict | list) else str(v)
             for k, v in (fields or {}).items()
         }
-        try:
+        with self._conn.doing(f"moving a job to {JobState(to).value}", job_id):
             status, state, new_token, attempt = self._transition(
                 keys=[self.keys.job(job_id), self.keys.events],
                 args=[
@@ -203,8 +272,6 @@ class Tracker:
                     self.keys.signature(""),
                 ],
             )
-        except _redis_errors() as e:
-            raise TransientError(f"Redis unavailable: {e}", job_id=job_id) from e
         if status == "missing":
             raise JobNotFound("no such job", job_id=job_id)
         return Transition(status, JobState(state), new_token, int(attempt))
@@ -223,7 +290,7 @@ class Tracker:
         """
         if n < 1:
             return []
-        try:
+        with self._conn.doing("claiming a batch"):
             flat = self._claim_batch(
                 keys=[self.keys.signature(signature), self.keys.events],
                 args=[
@@ -238,8 +305,6 @@ class Tracker:
                     self.keys.signature(""),
                 ],
             )
-        except _redis_errors() as e:
-            raise TransientError(f"Redis unavailable while claiming a batch: {e}") from e
         return [
             (flat[i], Transition("ok", JobState.RUNNING, flat[i + 1], int(flat[i + 2])))
             for i in range(0, len(flat), 3)
@@ -247,7 +312,8 @@ class Tracker:
 
     def queued_with(self, signature: str) -> list[str]:
         """Ids of the queued jobs with this batch signature, most urgent first."""
-        return self.r.zrange(self.keys.signature(signature), 0, -1)
+        with self._conn.doing("reading a batch signature's queued jobs"):
+            return self._r.zrange(self.keys.signature(signature), 0, -1)  # type: ignore[return-value]
 
     def finish(self, job_id: str, token: str, state: JobState, **fields: Any) -> Transition:
         """End an attempt (succeeded, failed, cancelled, or handed back as queued), fenced."""
@@ -262,10 +328,11 @@ class Tracker:
 
     def heartbeat(self, job_id: str, token: str, lease: float, step: int, total: int) -> bool:
         """Renew the lease and record progress; True if a cancel was requested."""
-        status, value = self._heartbeat(
-            keys=[self.keys.job(job_id)],
-            args=[token, repr(time.time() + lease), step, total],
-        )
+        with self._conn.doing("renewing a lease", job_id):
+            status, value = self._heartbeat(
+                keys=[self.keys.job(job_id)],
+                args=[token, repr(time.time() + lease), step, total],
+            )
         if status != "ok":
             raise StaleAttempt(
                 f"attempt {token} is no longer current (job is {value})", job_id=job_id
@@ -283,16 +350,14 @@ class Tracker:
         A fine-tune's beat carries its latest training loss too.
         """
         until = repr(time.time() + lease)
-        pipe = self.r.pipeline(transaction=False)
-        for job_id, token, step, total, *loss in beats:
-            args: list[str | int | float] = [token, until, step, total]
-            if loss and loss[0] is not None:
-                args.append(repr(float(loss[0])))
-            self._heartbeat(keys=[self.keys.job(job_id)], args=args, client=pipe)
-        try:
+        with self._conn.doing("renewing leases"):
+            pipe = self._r.pipeline(transaction=False)
+            for job_id, token, step, total, *loss in beats:
+                args: list[str | int | float] = [token, until, step, total]
+                if loss and loss[0] is not None:
+                    args.append(repr(float(loss[0])))
+                self._heartbeat(keys=[self.keys.job(job_id)], args=args, client=pipe)
             replies = pipe.execute()
-        except _redis_errors() as e:
-            raise TransientError(f"Redis unavailable: {e}") from e
         out = {}
         for (job_id, *_), (status, value) in zip(beats, replies, strict=True):
             out[job_id] = "stale" if status != "ok" else "cancel" if value == "1" else "ok"
@@ -303,16 +368,101 @@ class Tracker:
         t = self.transition(job_id, JobState.CANCELLED, expect=[JobState.QUEUED, JobState.WAITING])
         if t.ok or t.state != JobState.RUNNING:
             return t.state
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(self.keys.job(job_id), "cancel", "1")  # seen by the next heartbeat
-        pipe.publish(self.keys.cancels, job_id)  # seen at once by a listening worker
-        pipe.execute()
+        with self._conn.doing("asking a running job to stop", job_id):
+            pipe = self._r.pipeline(transaction=False)
+            pipe.hset(self.keys.job(job_id), "cancel", "1")  # seen by the next heartbeat
+            pipe.publish(self.keys.cancels, job_id)  # seen at once by a listening worker
+            pipe.execute()
         return JobState.RUNNING
+
+    def cancel_messages(self) -> Iterator[str]:
+        """Ids of running jobs whose cancel is published from now on (blocks; one worker's
+        listener thread follows it, and reconnects when it raises)."""
+        with self._conn.doing("following the cancel channel"):
+            pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(self.keys.cancels)
+            for message in pubsub.listen():
+                yield message["data"]
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         """Write non-state fields (the `error` of a failed delivery, say). Never `state`."""
         assert "state" not in fields and "token" not in fields
-        self.r.hset(self.keys.job(job_id), mapping=fields)
+        with self._conn.doing("writing a job's record", job_id):
+            self._r.hset(self.keys.job(job_id), mapping=fields)
+
+    def set_fields_many(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
+        """`set_fields` for several jobs (job id → fields), in one round trip."""
+        if not updates:
+            return
+        with self._conn.doing("writing job records"):
+            pipe = self._r.pipeline(transaction=False)
+            for job_id, fields in updates.items():
+                assert "state" not in fields and "token" not in fields
+                pipe.hset(self.keys.job(job_id), mapping=dict(fields))
+            pipe.execute()
+
+    # ------------------------------------------------------------------ retries with backoff
+
+    def schedule_retry(self, job_id: str, due: float) -> None:
+        """Send a handed-back job's message again at `due` (epoch seconds), not now: the
+        reconciler takes it from `RedisKeys.retries` once that time has come."""
+        with self._conn.doing("scheduling a retry", job_id):
+            self._r.zadd(self.keys.retries, {job_id: due})
+
+    def take_due_retries(self, now: float, n: int = SCAN_CHUNK) -> list[str]:
+        """Remove and return up to `n` job ids whose retry is due (atomic: each is taken once)."""
+        with self._conn.doing("taking due retries"):
+            return list(self._take_due(keys=[self.keys.retries], args=[repr(now), n]))
+
+    # ------------------------------------------------------------------ dependencies
+
+    def add_dependents(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Add each waiting record to the dependents of the jobs it waits for."""
+        waiting = [rec for rec in records if rec.get("depends_on")]
+        if not waiting:
+            return
+        with self._conn.doing("registering waiting jobs"):
+            pipe = self._r.pipeline(transaction=False)
+            for rec in waiting:
+                for parent in rec["depends_on"]:
+                    key = self.keys.dependents(parent)
+                    pipe.sadd(key, rec["id"])
+                    pipe.expire(key, self.record_ttl)
+            pipe.execute()
+
+    def dependents(self, job_id: str) -> list[str]:
+        """Ids of the jobs waiting for `job_id`, sorted."""
+        with self._conn.doing("reading waiting jobs", job_id):
+            return sorted(self._r.smembers(self.keys.dependents(job_id)))  # type: ignore[arg-type]
+
+    def forget_dependents(self, job_id: str, ids: Sequence[str]) -> None:
+        if ids:
+            with self._conn.doing("releasing waiting jobs", job_id):
+                self._r.srem(self.keys.dependents(job_id), *ids)
+
+    # ------------------------------------------------------------------ queues, locks
+
+    def queue_lengths(self, queues: Iterable[str]) -> dict[str, dict[int, int]]:
+        """Messages waiting per queue and kombu priority step, in one round trip (kombu keeps
+        one list per queue and step: `RedisKeys.broker_queue`)."""
+        names = sorted(set(queues))
+        with self._conn.doing("reading queue depths"):
+            pipe = self._r.pipeline(transaction=False)
+            for queue in names:
+                for step in PRIORITY_STEPS:
+                    pipe.llen(self.keys.broker_queue(queue, step))
+            sizes = iter(pipe.execute())
+        return {q: {step: next(sizes) for step in PRIORITY_STEPS} for q in names}
+
+    def queue_depths(self, queues: Iterable[str]) -> dict[str, int]:
+        """Messages waiting in each queue, every priority list counted: what `farm workers`,
+        the dashboard, metrics and KEDA read."""
+        return {q: sum(steps.values()) for q, steps in self.queue_lengths(queues).items()}
+
+    def try_lock(self, key: str, owner: str, seconds: float) -> bool:
+        """Take `key` for `seconds` unless someone holds it; whether this caller has it now."""
+        with self._conn.doing("taking a lock"):
+            return bool(self._r.set(key, owner, nx=True, px=max(1, int(seconds * 1000))))
 
 
 def _record(job_id: str, h: dict[str, str]) -> JobRecord:

@@ -10,6 +10,8 @@ import csv
 import io
 import json
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,8 +29,9 @@ from farm.batches.submit import submit_batch
 from farm.cli.demo import box_mask, sample_image
 from farm.jobs.masks import Box, Strokes, generate, parse_generator
 from farm.local.up import LocalFarm
-from farm.settings import FarmSettings
+from farm.settings import FarmSettings, settings_env
 from tests.support.cli import run_cli
+from tests.support.raw import raw
 
 MODEL = {"model": "tiny-inpaint", "num_inference_steps": 2}
 
@@ -241,7 +244,7 @@ def test_submit_one_job_with_a_generated_mask(farm, settings, data):
         "--image", data / "1.png", "--mask", "strokes:max_width=3",
     )  # fmt: skip
     assert bad.returncode == 2 and "mask_image: strokes max_width" in bad.stderr, bad.stderr
-    assert len(farm.tracker.r.zrange(farm.tracker.keys.jobs, 0, -1)) == 3
+    assert len(raw(farm).zrange(farm.tracker.keys.jobs, 0, -1)) == 3
 
 
 def test_csv_manifest_with_command_line_defaults(settings, data):
@@ -283,7 +286,7 @@ def test_kind_follows_the_row_unless_set(farm, data):
         submit_batch(farm, manifest, "tunes", defaults={"kind": "finetune"})
     problem = err.value.problems[0].message
     assert "batch rows are txt2img, img2img, inpaint, got 'finetune'" in problem
-    assert not farm.tracker.r.exists(farm.tracker.keys.batch("tunes"))
+    assert not raw(farm).exists(farm.tracker.keys.batch("tunes"))
 
 
 BAD_ROWS = [
@@ -350,9 +353,9 @@ def test_submit_that_died_before_indexing_is_completed(farm, settings, data):
     lost = batch.slots()[:2]
     # As if the first submit died after writing two records but before their messages and
     # their slots: the slots are missing, the queue is empty.
-    farm.tracker.r.hdel(farm.tracker.keys.batch_slots("cats"), *(s.id for s in lost))
-    for key in farm.tracker.r.scan_iter(f"{settings.key_prefix}celery:render*"):
-        farm.tracker.r.delete(key)
+    raw(farm).hdel(farm.tracker.keys.batch_slots("cats"), *(s.id for s in lost))
+    for key in raw(farm).scan_iter(f"{settings.key_prefix}celery:render*"):
+        raw(farm).delete(key)
     assert batch.status().counts == {"unsubmitted": 2, "queued": 2}
     result = submit_batch(farm, manifest, "cats", variations=2)
     assert (result.new, result.present, result.requeued) == (0, 4, 2)
@@ -493,7 +496,7 @@ def test_resume_after_a_killed_worker_renders_every_slot_exactly_once(resumed):
     records = {r.id: r for r in farm.tracker.get_many(ids)}
     assert all(r.state == JobState.SUCCEEDED for r in records.values())
     # Done exactly once: one `succeeded` event per job, and finished jobs were not run again.
-    events = farm.tracker.r.xrange(farm.tracker.keys.events)
+    events = raw(farm).xrange(farm.tracker.keys.events)
     succeeded = [e["job"] for _, e in events if e["state"] == "succeeded"]
     assert sorted(succeeded) == sorted(ids)
     for job_id in done_before:
@@ -598,3 +601,44 @@ def test_contact_sheet_shows_source_mask_and_outputs_per_row(resumed, tmp_path):
     # Row 1 (a mask file): source | mask | 2 outputs. Rows 2-3 (drawn masks, one per
     # variation): source | mask | output | mask | output. Cells of 32 px, 4 px apart.
     assert Image.open(out).size == (5 * 32 + 6 * 4, 3 * 32 + 4 * 4)
+
+
+def test_wait_and_watch_follow_slots_that_wait_for_a_fine_tune(farm, settings, tmp_path):
+    """A row chained to a fine-tune that has not ended is `waiting`: the batch is not done.
+    (Batch.wait used to return at once with {'waiting': 1}, and `farm batch wait` exit 1.)"""
+    from farm import Finetune, WaitTimeout
+
+    tune = farm.submit(
+        Finetune(model="tiny", images=[sample_image(0)], instance_prompt="sks", max_train_steps=1)
+    )  # no worker serves `finetune` here: it stays queued
+    rows = [{"prompt": "a fox", "loras": [f"job:{tune.id}"]}]
+    manifest = write_jsonl(tmp_path / "chained.jsonl", rows, {"model": "tiny", "kind": "txt2img"})
+    submit_batch(farm, manifest, "chained")
+    batch = Batch(farm, "chained")
+    assert batch.status().counts == {"waiting": 1}
+    with pytest.raises(WaitTimeout):
+        batch.wait(timeout=1)
+    waited = run_cli(settings, "batch", "wait", "chained", "--timeout", 1)
+    assert waited.returncode == 1 and "still not done" in waited.stderr, waited
+    watcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "farm",
+            "batch",
+            "status",
+            "chained",
+            "--watch",
+            "--interval",
+            "0.1",
+        ],
+        env=settings_env(settings),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)
+    assert watcher.poll() is None  # still following the waiting slot
+    farm.cancel(tune.id)  # the render can never run now: it fails, and the batch settles
+    out, _ = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0 and "failed 1" in out.splitlines()[-1], out
+    assert batch.wait(timeout=5).counts == {"failed": 1}

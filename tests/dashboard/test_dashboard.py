@@ -33,10 +33,10 @@ from farm.dashboard.server import DashboardServer
 from farm.jobs.record import JobRecord
 from farm.local.up import LocalFarm
 from farm.queue.app import enqueue
-from farm.queue.registry import read_workers
 from farm.queue.routing import RENDER_QUEUE
 from farm.settings import FarmSettings, settings_env
 from farm.state.reconciler import reconcile
+from tests.support.raw import raw
 
 STEPS = 2
 WINDOW = (1280, 900)
@@ -100,13 +100,13 @@ def worked(farm_settings, tmp_path_factory):
 
         assert Batch(farm, "shots").wait(timeout=180).all_succeeded
         # A batched job's own message is acknowledged later as a no-op: let the queue drain.
-        r, lists = farm.tracker.r, f"{settings.key_prefix}celery:{RENDER_QUEUE}*"
+        r, lists = raw(farm), f"{settings.key_prefix}celery:{RENDER_QUEUE}*"
         deadline = time.monotonic() + 60
         while any(r.llen(k) for k in r.keys(lists)) and time.monotonic() < deadline:
             time.sleep(0.1)
         # The worker's own registry entry, once it counts the four jobs.
         while time.monotonic() < deadline:
-            entries = read_workers(farm.tracker.r, farm.tracker.keys)
+            entries = farm.tracker.workers.read()
             if entries and entries[0].jobs_done >= 4 and entries[0].job is None:
                 break
             time.sleep(0.1)
@@ -158,7 +158,7 @@ def test_overview_lists_queues_workers_batches_and_jobs(api, worked):
     assert set(job_ids) <= set(listed) and len(listed) == 4
     # A reconciler pass drops ended jobs from the live index; the page still lists them.
     reconcile(farm.tracker, farm.celery, requeue_after=60)
-    assert farm.tracker.r.zcard(farm.tracker.keys.jobs) == 0
+    assert raw(farm).zcard(farm.tracker.keys.jobs) == 0
     again = json.loads(get(server, "/api/overview")[1])
     assert [j["id"] for j in again["jobs"]] == [j["id"] for j in data["jobs"]]
     for j in listed.values():
@@ -203,7 +203,7 @@ def test_queue_depth_counts_every_priority_list(redis_server, tmp_path):
         enqueue(farm.celery, [("a", RENDER_QUEUE, 0), ("b", RENDER_QUEUE, 5)])
         enqueue(farm.celery, [("c", RENDER_QUEUE, 9), ("d", RENDER_QUEUE, 9)])
         (render,) = DashboardData(farm).queue_depths([RENDER_QUEUE])
-        lists = farm.tracker.r.keys(f"{settings.key_prefix}celery:{RENDER_QUEUE}*")
+        lists = raw(farm).keys(f"{settings.key_prefix}celery:{RENDER_QUEUE}*")
     assert render["depth"] == 4 and len(render["by_step"]) == 3 == len(lists)
 
 

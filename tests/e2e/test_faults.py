@@ -23,6 +23,7 @@ from farm.settings import FarmSettings, settings_env
 from farm.state.reconciler import reconcile
 from farm.storage.s3 import S3Store
 from tests.support.checker import check, enable_versioning
+from tests.support.raw import raw
 from tests.support.tcp_proxy import TcpProxy
 
 SLOW = 300  # steps: a few seconds of rendering on one CPU thread
@@ -221,7 +222,7 @@ def test_reconciler_hands_back_expired_leases_and_resends_lost_messages(tmp_path
     with Farm(settings) as farm:  # no worker on this prefix
         stuck, lost = (farm.submit(Txt2Img(model="tiny", prompt="x")) for _ in range(2))
         queue = f"{settings.key_prefix}celery:{RENDER_QUEUE}"
-        farm.tracker.r.delete(*farm.tracker.r.keys(f"{queue}*"))  # both messages lost
+        raw(farm).delete(*raw(farm).keys(f"{queue}*"))  # both messages lost
         assert farm.tracker.claim(stuck.id, "ghost", lease=0.1).ok
         time.sleep(0.2)
         report = reconcile(farm.tracker, farm.celery, requeue_after=3600)
@@ -229,7 +230,7 @@ def test_reconciler_hands_back_expired_leases_and_resends_lost_messages(tmp_path
         assert stuck.status().state == JobState.QUEUED
         report = reconcile(farm.tracker, farm.celery, requeue_after=0, now=time.time() + 1)
         assert set(report.requeued) == {stuck.id, lost.id}
-        waiting = sum(farm.tracker.r.llen(k) for k in farm.tracker.r.keys(f"{queue}*"))
+        waiting = sum(raw(farm).llen(k) for k in raw(farm).keys(f"{queue}*"))
         assert waiting == 3  # one for the hand-back, one each for the re-sends
 
 

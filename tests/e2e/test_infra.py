@@ -31,6 +31,7 @@ from farm.keys import RedisKeys
 from farm.queue.app import PRIORITY_STEPS, enqueue
 from farm.queue.routing import RENDER_QUEUE
 from farm.settings import FarmSettings
+from tests.support.raw import raw
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
@@ -298,8 +299,8 @@ def test_keda_triggers_name_the_lists_kombu_writes(redis_url, tmp_path):
     assert settings.key_prefix == "farm:"  # the manifests assume the default prefix
     with Farm(settings) as farm:
         enqueue(farm.celery, [(f"job{p}", RENDER_QUEUE, p) for p in range(10)])
-        written = set(farm.tracker.r.keys(f"{settings.key_prefix}celery:{RENDER_QUEUE}*"))
-        assert all(farm.tracker.r.type(k) == "list" for k in written)
+        written = set(raw(farm).keys(f"{settings.key_prefix}celery:{RENDER_QUEUE}*"))
+        assert all(raw(farm).type(k) == "list" for k in written)
     names = {t["metadata"]["listName"] for t in triggers}
     assert names == written
     assert names == {RedisKeys().broker_queue(RENDER_QUEUE, s) for s in PRIORITY_STEPS}

@@ -22,6 +22,7 @@ from farm.queue.app import RUN_TASK, make_celery
 from farm.settings import FarmSettings
 from farm.storage import open_store
 from farm.storage.s3 import S3Store
+from tests.support.raw import raw
 from tests.support.tcp_proxy import TcpProxy
 
 REDIS_PASSWORD = "pw-" + uuid.uuid4().hex
@@ -74,7 +75,7 @@ def test_no_secrets_in_records_meta_or_logs(secure_farm, tmp_path):
         job = farm.submit(Txt2Img(model="tiny", prompt="x", seed=1, num_inference_steps=2))
         rec = job.wait(timeout=120)
         job.download(tmp_path)
-        raw_record = json.dumps(farm.tracker.r.hgetall(farm.tracker.keys.job(job.id)))
+        raw_record = json.dumps(raw(farm).hgetall(farm.tracker.keys.job(job.id)))
     written = [raw_record, rec.model_dump_json(), (tmp_path / "meta.json").read_text()]
     written += [p.read_text(errors="replace") for p in secure_farm.log_dir.glob("*.log")]
     for text in written:
@@ -136,7 +137,7 @@ def test_foreign_inputs_are_refused(redis_server, s3_server, tmp_path):
             with pytest.raises(InvalidJob) as err:
                 farm.submit(Img2Img(model="tiny", prompt="x", image=uri))
             assert err.value.field == "image"
-        assert not list(farm.tracker.r.scan_iter(f"{settings.key_prefix}*"))
+        assert not list(raw(farm).scan_iter(f"{settings.key_prefix}*"))
         assert open_store(settings).list() == []
 
 

@@ -16,7 +16,6 @@ import pytest
 from farm.cli.main import main as farm_main
 from farm.errors import InvalidJob
 from farm.local.launcher import parse_gpus, plan
-from farm.queue.registry import read_workers
 from farm.settings import FarmSettings, settings_env
 from farm.state.tracker import Tracker
 
@@ -67,7 +66,7 @@ def test_worker_many_starts_restarts_and_stops_its_children(redis_url, tmp_path)
     try:
 
         def workers():
-            return {w.name: w for w in read_workers(tracker.r, tracker.keys) if w.online()}
+            return {w.name: w for w in tracker.workers.read() if w.online()}
 
         deadline = time.monotonic() + 90
         while set(workers()) != {f"cpu0@{host}", f"cpu1@{host}"}:
@@ -84,7 +83,7 @@ def test_worker_many_starts_restarts_and_stops_its_children(redis_url, tmp_path)
         # SIGTERM to the parent stops every child, and each removes its entry.
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(60) == 0
-        assert read_workers(tracker.r, tracker.keys) == []
+        assert tracker.workers.read() == []
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)

@@ -19,11 +19,11 @@ from farm.cli.main import main as farm_main
 from farm.keys import RedisKeys
 from farm.local.launcher import Child, Supervisor, worker_command
 from farm.queue.app import make_celery
-from farm.queue.depth import queue_depths
-from farm.queue.registry import WorkerInfo, publish, read_workers
 from farm.queue.routing import Router, model_queue
 from farm.settings import FarmSettings, settings_env
 from farm.state.reconciler import reconcile
+from farm.state.registry import WorkerInfo
+from tests.support.raw import raw
 
 
 def free_port() -> int:
@@ -45,7 +45,7 @@ def job(seed: int, priority: int = 0, steps: int = 2) -> Txt2Img:
 
 
 def entries(farm: Farm) -> dict[str, WorkerInfo]:
-    return {w.name: w for w in read_workers(farm.tracker.r, farm.tracker.keys)}
+    return {w.name: w for w in farm.tracker.workers.read()}
 
 
 def wait_for(predicate, timeout: float = 90.0, what: str = "condition"):
@@ -132,7 +132,7 @@ def test_jobs_go_to_the_worker_holding_their_model_and_run_without_it(settings, 
             assert (rec.queue, rec.worker) == (model_queue("tiny"), "cold@test")
             # Every message was acknowledged, the one whose job changed the queues included.
             unacked = f"{settings.key_prefix}celery:unacked"
-            wait_for(lambda: farm.tracker.r.hlen(unacked) == 0, 10, what="no unacked message")
+            wait_for(lambda: raw(farm).hlen(unacked) == 0, 10, what="no unacked message")
     finally:
         sup.stop()
     with Farm(settings) as farm:
@@ -230,7 +230,7 @@ def test_an_evicted_models_queue_is_dropped_and_its_jobs_rerouted(settings, tmp_
 def test_reconciler_moves_jobs_stranded_in_a_model_queue(settings):
     keys = RedisKeys(settings.key_prefix)
     with Farm(settings) as farm:
-        r = farm.tracker.r
+        r = raw(farm)
         ghost = WorkerInfo(
             name="ghost@test",
             host="test",
@@ -241,10 +241,10 @@ def test_reconciler_moves_jobs_stranded_in_a_model_queue(settings):
             started_at=time.time(),
             heartbeat=time.time(),
         )
-        publish(r, keys, ghost)
-        assert Router(farm.tracker).queue_for(job(1)) == model_queue("tiny")
+        farm.tracker.workers.publish(ghost)
+        assert Router(farm.tracker.workers.consumed_queues).queue_for(job(1)) == model_queue("tiny")
         high, low = farm.submit(job(1, priority=9)), farm.submit(job(2, priority=0))
-        assert queue_depths(r, keys, ["render", model_queue("tiny")]) == {
+        assert farm.tracker.queue_depths(["render", model_queue("tiny")]) == {
             "render": 0,
             model_queue("tiny"): 2,  # its priority sub-lists counted too
         }
@@ -253,15 +253,15 @@ def test_reconciler_moves_jobs_stranded_in_a_model_queue(settings):
         celery = make_celery(farm.settings)
         assert reconcile(farm.tracker, celery, requeue_after=600).rerouted == []
         # It died (no heartbeat for a minute): the reconciler re-sends them to `render`.
-        publish(r, keys, ghost.model_copy(update={"heartbeat": time.time() - 60}))
+        farm.tracker.workers.publish(ghost.model_copy(update={"heartbeat": time.time() - 60}))
         report = reconcile(farm.tracker, celery, requeue_after=600)
         assert sorted(report.rerouted) == sorted([high.id, low.id])
         assert {farm.get(j.id).queue for j in (high, low)} == {"render"}
-        assert queue_depths(r, keys, ["render"]) == {"render": 2}
+        assert farm.tracker.queue_depths(["render"]) == {"render": 2}
         assert reconcile(farm.tracker, celery, requeue_after=600).rerouted == []  # once
         # Without any worker, new jobs go to the general queue.
         r.delete(keys.workers)
-        assert Router(farm.tracker).queue_for(job(3)) == "render"
+        assert Router(farm.tracker.workers.consumed_queues).queue_for(job(3)) == "render"
 
 
 def test_farm_workers_lists_the_registry(settings, capsys, monkeypatch):
@@ -270,10 +270,7 @@ def test_farm_workers_lists_the_registry(settings, capsys, monkeypatch):
             monkeypatch.setenv(name, value)
     now = time.time()
     with Farm(settings) as farm:
-        keys, r = farm.tracker.keys, farm.tracker.r
-        publish(
-            r,
-            keys,
+        farm.tracker.workers.publish(
             WorkerInfo(
                 name="cuda1@gpu7",
                 host="gpu7",
@@ -287,9 +284,7 @@ def test_farm_workers_lists_the_registry(settings, capsys, monkeypatch):
                 heartbeat=now - 3,
             ),
         )
-        publish(
-            r,
-            keys,
+        farm.tracker.workers.publish(
             WorkerInfo(
                 name="cpu0@box",
                 host="box",

@@ -9,13 +9,14 @@ import pytest
 from farm.errors import StaleAttempt
 from farm.jobs.state import TRANSITIONS, JobState
 from farm.state.tracker import Tracker, new_job_id
+from tests.support.raw import raw
 
 
 @pytest.fixture
 def tracker(redis_url):
     t = Tracker.from_url(redis_url, prefix=f"t{time.monotonic_ns()}:")
     yield t
-    t.r.close()
+    t.close()
 
 
 def make_job(tracker, state=JobState.QUEUED):
@@ -49,8 +50,8 @@ def test_every_transition_follows_the_table(tracker, src, dst):
 
 def test_terminal_records_expire(tracker):
     job_id = make_job(tracker, JobState.SUCCEEDED)
-    assert 0 < tracker.r.ttl(tracker.keys.job(job_id)) <= tracker.record_ttl
-    assert tracker.r.ttl(tracker.keys.job(make_job(tracker))) == -1
+    assert 0 < raw(tracker).ttl(tracker.keys.job(job_id)) <= tracker.record_ttl
+    assert raw(tracker).ttl(tracker.keys.job(make_job(tracker))) == -1
 
 
 def test_stale_attempt_cannot_overwrite(tracker):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.server
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -437,3 +439,20 @@ def test_open_store_refuses_other_urls(value: str) -> None:
     with pytest.raises(InvalidJob, match="FARM_STORAGE") as info:
         open_store(FarmSettings(storage=value))
     assert value.rstrip("/") in str(info.value)
+
+
+def test_a_folder_store_never_loads_boto3(tmp_path):
+    """`open_store` imports boto3 only for an s3:// store (it costs ~100 ms and a dependency a
+    local farm does not need)."""
+    code = (
+        "import sys\n"
+        "from farm.settings import FarmSettings\n"
+        "from farm.storage import open_store\n"
+        f"store = open_store(FarmSettings(storage={(tmp_path / 'store').as_uri()!r}))\n"
+        "store.put('a/b.txt', b'x')\n"
+        "assert store.get('a/b.txt') == b'x'\n"
+        "loaded = {'boto3', 'botocore'} & set(sys.modules)\n"
+        "assert not loaded, loaded\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]

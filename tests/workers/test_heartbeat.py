@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from farm.state.tracker import Tracker, new_job_id
+from tests.support.raw import raw
 from workers.heartbeat import CancelListener, Heartbeat
 
 
@@ -25,7 +26,7 @@ def test_cancel_stops_the_render_at_its_next_step(redis_url):
     claim = tracker.claim(job_id, "w", lease=60)
     listener = CancelListener(tracker)
     listener.start()
-    while not tracker.r.pubsub_numsub(tracker.keys.cancels)[0][1]:
+    while not raw(tracker).pubsub_numsub(tracker.keys.cancels)[0][1]:
         time.sleep(0.01)  # subscribed
     # A beat so rare it never comes during the test: only the channel can tell the render.
     with Heartbeat(tracker, {job_id: claim.token}, lease=60, interval=3600, cancels=listener) as hb:

@@ -20,6 +20,7 @@ from farm.local.up import LocalFarm
 from farm.settings import FarmSettings
 from farm.state.tracker import Tracker, new_job_id
 from farm.storage import open_store
+from tests.support.raw import raw
 
 # --------------------------------------------------------------------------- signatures
 
@@ -86,7 +87,7 @@ def test_an_input_too_small_to_render_is_refused_by_field():
 def tracker(redis_url):
     t = Tracker.from_url(redis_url, prefix=f"b{time.monotonic_ns()}:")
     yield t
-    t.r.close()
+    t.close()
 
 
 def create(tracker, signature="s1", priority=0, n=1) -> list[str]:
@@ -125,7 +126,7 @@ def test_claim_batch_claims_each_job_with_its_own_attempt_and_lease(tracker):
         rec = tracker.get(job_id)
         assert (rec.state, rec.attempt, rec.worker) == (JobState.RUNNING, 1, "w") and t.ok
         assert t.attempt == 1 and t.token.startswith("1:")
-        lease = float(tracker.r.hget(tracker.keys.job(job_id), "lease_until"))
+        lease = float(raw(tracker).hget(tracker.keys.job(job_id), "lease_until"))
         assert time.time() + 25 < lease <= time.time() + 30
         tracker.finish(job_id, t.token, JobState.SUCCEEDED)  # its own token fences its writes
     assert tracker.queued_with("s1") == ids[3:]
@@ -152,7 +153,7 @@ def test_stale_ids_in_the_index_are_dropped_not_claimed(tracker):
     ids = create(tracker, n=3)
     # An id left behind (say, by an older writer) whose job is already running elsewhere.
     tracker.claim(ids[0], "w", 30)
-    tracker.r.zadd(tracker.keys.signature("s1"), {ids[0]: 0})
+    raw(tracker).zadd(tracker.keys.signature("s1"), {ids[0]: 0})
 
     claimed = tracker.claim_batch("s1", "w2", lease=30, n=3)
 

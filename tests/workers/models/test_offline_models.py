@@ -24,6 +24,7 @@ from farm.local.up import LocalFarm
 from farm.settings import FarmSettings
 from tests.support.cli import run_cli
 from tests.support.hub_server import HubServer
+from tests.support.raw import raw
 
 COMMIT = "a1b2c3d4" * 5
 STEPS = 2
@@ -109,14 +110,14 @@ def test_a_cached_repo_id_runs_offline_and_equals_the_builtin(farm):
 
 
 def test_an_unknown_repo_id_is_refused_at_submit_with_nothing_stored(farm):
-    keys_before = set(farm.tracker.r.keys("*"))
+    keys_before = set(raw(farm).keys("*"))
     res = submit_txt2img(farm, "org/absent")
     assert res.returncode == 2
     assert (
         "model: 'org/absent'" in res.stderr and "not in the local Hugging Face cache" in res.stderr
     )
     assert "farm models pull org/absent" in res.stderr
-    assert set(farm.tracker.r.keys("*")) == keys_before
+    assert set(raw(farm).keys("*")) == keys_before
 
 
 def test_a_worker_that_cannot_resolve_fails_the_job_with_the_reason(farm):

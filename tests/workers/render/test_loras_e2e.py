@@ -29,6 +29,7 @@ from farm.settings import FarmSettings, settings_env
 from farm.state.reconciler import reconcile
 from farm.state.tracker import Tracker, new_job_id
 from farm.storage import open_store
+from tests.support.raw import raw
 
 STEPS = 2
 
@@ -131,7 +132,7 @@ def test_bad_adapter_refs_fail_at_submit_with_nothing_stored(settings, lora_file
             f"job:{failed}": f"fine-tune job:{failed} failed: loss went NaN at step 3",
             f"job:{empty}": "succeeded but no adapter is stored",
         }
-        jobs_before = set(tracker.r.keys(tracker.keys.job("*")))
+        jobs_before = set(raw(tracker).keys(tracker.keys.job("*")))
         stored_before = farm.store.list("")
         for ref, why in cases.items():
             # The good local adapter first: its upload must not happen either.
@@ -140,9 +141,9 @@ def test_bad_adapter_refs_fail_at_submit_with_nothing_stored(settings, lora_file
             with pytest.raises(InvalidJob, match=why) as err:
                 farm.submit(spec)
             assert err.value.field.startswith("loras"), ref
-        assert set(tracker.r.keys(tracker.keys.job("*"))) == jobs_before
+        assert set(raw(tracker).keys(tracker.keys.job("*"))) == jobs_before
         assert farm.store.list("") == stored_before
-        assert not tracker.r.keys(tracker.keys.dependents("*"))
+        assert not raw(tracker).keys(tracker.keys.dependents("*"))
 
 
 def test_cli_lora_flags(settings, lora_file, monkeypatch, capsys):
@@ -256,7 +257,7 @@ def test_chained_render_waits_for_its_finetune_then_runs_with_its_adapter(
     # Not claimable: not in its batch signature's index, no message, and a claim is refused.
     assert farm.tracker.queued_with(rec.signature) == []
     assert farm.tracker.claim(job.id, "thief", 30).status == "illegal"
-    assert farm.tracker.r.smembers(farm.tracker.keys.dependents(parent)) == {job.id}
+    assert raw(farm).smembers(farm.tracker.keys.dependents(parent)) == {job.id}
     time.sleep(1.0)  # the worker is idle and listening: it is given nothing
     assert job.status().state == JobState.WAITING
 
@@ -322,7 +323,7 @@ def test_the_reconciler_releases_what_a_crashed_worker_left_waiting(farm, traine
     # A fine-tune whose record expired while a render waited: the render fails.
     parent = finetune_record(farm.tracker)
     job = farm.submit(styled(f"job:{parent}", seed=13))
-    farm.tracker.r.delete(farm.tracker.keys.job(parent))
+    raw(farm).delete(farm.tracker.keys.job(parent))
     report = reconcile(farm.tracker, farm.celery, requeue_after=600)
     assert report.failed == [job.id]
     assert job.status().error == f"lora job:{parent} is gone (its record expired)"

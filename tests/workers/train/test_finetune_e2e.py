@@ -27,12 +27,12 @@ from farm.errors import InvalidJob
 from farm.jobs.specs import Finetune
 from farm.keys import ADAPTER_FILE, adapter_file_key, checkpoints_prefix
 from farm.local.up import LocalFarm
-from farm.queue.registry import read_workers
 from farm.queue.routing import FINETUNE_QUEUE
 from farm.settings import FarmSettings
 from farm.storage import open_store
 from farm.storage.s3 import S3Store
 from tests.support.cli import run_cli
+from tests.support.raw import raw
 
 TRAIN = {"resolution": 32, "rank": 8, "learning_rate": 3e-2, "train_batch_size": 2, "seed": 1}
 """Fast and reliable on the tiny model: 32 px, a learning rate that moves the loss in tens of
@@ -124,7 +124,7 @@ def wait_step(farm, job_id, at_least, timeout=120):
 
 
 def done_by_workers(farm) -> int:
-    return sum(w.jobs_done for w in read_workers(farm.tracker.r, farm.tracker.keys))
+    return sum(w.jobs_done for w in farm.tracker.workers.read())
 
 
 def test_finetune_from_a_folder_stores_an_adapter_diffusers_loads(farm, photos, exported, tmp_path):
@@ -339,12 +339,12 @@ def test_invalid_finetune_fails_at_submit_with_nothing_stored(farm, photos, tmp_
         images = farm.store.uri(images.removeprefix("STORE:").rstrip("/")) + "/"
     # Job records, not the live index: the worker's reconciler prunes ended jobs from that.
     records = farm.tracker.keys.job("*")
-    jobs_before = set(farm.tracker.r.keys(records))
+    jobs_before = set(raw(farm).keys(records))
     inputs_before = farm.store.list("inputs/")
     with pytest.raises(InvalidJob) as e:
         farm.submit({"kind": "finetune", "model": "tiny", **spec, "images": images})
     assert e.value.field == field
-    assert set(farm.tracker.r.keys(records)) == jobs_before
+    assert set(raw(farm).keys(records)) == jobs_before
     assert farm.store.list("inputs/") == inputs_before
 
 
@@ -414,7 +414,7 @@ def test_finetunes_go_to_their_own_queue(redis_server, tmp_path, photos):
     with Farm(settings) as farm:
         job = farm.submit(Finetune(model="tiny", images=str(photos), instance_prompt="x"))
         assert farm.get(job.id).queue == FINETUNE_QUEUE
-        queues = farm.tracker.r.keys(f"{settings.key_prefix}celery:*")
+        queues = raw(farm).keys(f"{settings.key_prefix}celery:*")
         assert any(k.startswith(f"{settings.key_prefix}celery:finetune") for k in queues)
         assert not any(k.startswith(f"{settings.key_prefix}celery:render") for k in queues)
     assert open_store(settings).list("inputs/")  # its images were stored, content-addressed
