@@ -7,38 +7,33 @@
     >>> job.wait(timeout=600)              # raises JobFailed / JobCancelled / WaitTimeout
     >>> job.download("out/")               # out/0.png, out/mask.png, out/meta.json
 
-Submitting is validate → upload inputs → write records → enqueue, in that order: a spec that
-fails validation leaves nothing in Redis or storage.
+Submitting goes through the one submit pipeline (`farm.submit`): prepare and validate every
+spec, store the inputs, write the records, enqueue: a spec that fails validation leaves
+nothing in Redis or storage.
 """
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from farm.errors import InvalidJob, JobCancelled, JobFailed, WaitTimeout
-from farm.inputs import images
-from farm.inputs import loras as adapters
-from farm.inputs.models import check_resolvable, check_visible_model
-from farm.jobs.masks import MaskGenerator
+from farm.errors import JobCancelled, JobFailed, WaitTimeout
+from farm.inputs.models import check_visible_model
 from farm.jobs.record import JobRecord
-from farm.jobs.signature import batch_signature
-from farm.jobs.specs import Inpaint, Style, Txt2Img, parse_spec
+from farm.jobs.specs import parse_spec
 from farm.jobs.state import JobState
-from farm.keys import ADAPTER_FILE, input_key
+from farm.keys import ADAPTER_FILE
 from farm.queue.routing import Router
 from farm.settings import FarmSettings, resolve_settings
 from farm.state import dependencies as deps
 from farm.state.connection import Patience
-from farm.state.tracker import Tracker, new_job_id
+from farm.state.tracker import Tracker
 from farm.storage import ObjectStore, open_store
+from farm.submit import Submission
 
 ProgressFn = Callable[[Sequence[JobRecord | tuple[str, str | None, int, int]]], None]
-
-_URI_SCHEMES = ("s3://", "file://")
 
 
 class JobHandle:
@@ -89,9 +84,6 @@ class Farm:
         self._store: ObjectStore | None = None
         self._checked_models: set[str] = set()
         self._celery: Any = None
-        self.known_inputs: dict[str, Any] = {}
-        """Store URI → decoded image, for inputs already read and checked in this process
-        (`farm.batch_submit` fills it per chunk), so `submit` does not fetch them again."""
 
     @property
     def store(self) -> ObjectStore:
@@ -130,118 +122,19 @@ class Farm:
         A spec with an idempotency `key` that was submitted before is not submitted again:
         its handle points at the existing job.
         """
-        # 1. Validate every spec and decode every input image.
         parsed = [parse_spec(s) for s in specs]
-        uploads: dict[str, bytes] = {}
-        records = [self._prepare(spec, uploads) for spec in parsed]
-        # 2. Upload the inputs not yet stored (content-addressed: each once).
-        self.upload_inputs(uploads)
-        self._write(records)
+        sub = Submission(self)
+        records = [sub.prepare(spec) for spec in parsed]  # every check, nothing written
+        sub.store_inputs()  # content-addressed: each input once
+        sub.write(records)
         return [JobHandle(self, rec["id"]) for rec in records]
 
-    def _write(self, records: list[dict[str, Any]]) -> list[bool]:
-        """3. Write the records; 4. enqueue those that are new (a `waiting` one when the jobs
-        it waits for have ended: `farm.state.dependencies`). True where a record was new."""
-        deps.register(self.tracker, records)
-        created = self.tracker.create(records)
-        from farm.queue.app import enqueue
-
-        new = [rec for rec, fresh in zip(records, created, strict=True) if fresh]
-        enqueue(
-            self.celery,
-            (
-                (rec["id"], rec["queue"], rec["priority"])
-                for rec in new
-                if not rec.get("depends_on")
-            ),
-        )
-        waiting = [rec["id"] for rec in new if rec.get("depends_on")]
-        if waiting:  # a job it waits for may have ended before it was registered
-            deps.release(self.tracker, self.celery, waiting)
-        return created
-
-    def _prepare(self, spec: Any, uploads: dict[str, bytes]) -> dict[str, Any]:
-        """The record of a validated spec; its input images checked and queued for upload."""
-        if spec.model not in self._checked_models:
-            check_visible_model(spec.model, self.settings.models_dir, self.settings.model_check)
-            self._checked_models.add(spec.model)
-        updates: dict[str, Any] = {}
-        if spec.seed is None:
-            updates["seed"] = secrets.randbits(32)
-        image = None
-        depends_on: list[str] = []
-        if getattr(spec, "loras", None):
-            updates["loras"], depends_on = adapters.prepare_loras(
-                spec.loras, uploads, tracker=self.tracker, store=self.store
-            )
-        if spec.kind == "finetune":  # training images and captions, resolved to store URIs
-            from farm.inputs.training_data import training_set
-
-            updates.update(training_set(spec, self.store, uploads))
-        elif not isinstance(spec, Txt2Img):
-            image = self._input(spec.image, "image", uploads, updates, mask=False)
-            if isinstance(spec, Inpaint) and isinstance(spec.mask_image, MaskGenerator):
-                # Drawn by the worker at the image's size: nothing to decode or upload here;
-                # its seed is written down (the job's, unless it has its own).
-                if spec.mask_image.seed is None:
-                    updates["mask_image"] = spec.model_copy(update=updates).mask_generator()
-            elif isinstance(spec, Inpaint):
-                mask = self._input(spec.mask_image, "mask_image", uploads, updates, mask=True)
-                images.check_mask_matches(image, mask)
-        if isinstance(spec, Style):  # the reference image, stored once like `image`
-            check_resolvable(
-                spec.ip_adapter,
-                self.settings.model_check,
-                self.settings.models_dir,
-                field="ip_adapter",
-            )
-            self._input(spec.ip_adapter_image, "ip_adapter_image", uploads, updates, mask=False)
-        spec = spec.model_copy(update=updates)
-        job_id = new_job_id(spec.key)
-        return {
-            "id": job_id,
-            "kind": spec.kind,
-            "state": (JobState.WAITING if depends_on else JobState.QUEUED).value,
-            "depends_on": depends_on or None,
-            "spec": spec.model_dump(mode="json", exclude_none=True),
-            "priority": spec.priority,
-            "created_at": repr(time.time()),
-            "attempt": 0,
-            "signature": batch_signature(spec, image.size if image is not None else None),
-            "queue": self.router.queue_for(spec),
-        }
-
-    def upload_inputs(self, items: dict[str, bytes]) -> int:
-        """Store the content-addressed inputs not stored yet; how many were uploaded."""
-        return self.store.put_missing(items)
-
-    def _input(
-        self,
-        value: Any,
-        field: str,
-        uploads: dict[str, bytes],
-        updates: dict[str, Any],
-        *,
-        mask: bool,
-    ) -> Any:
-        """Decode and check one input; set `updates[field]` to the URI it will be read from."""
-        if isinstance(value, str) and value.startswith(_URI_SCHEMES):
-            img = self.known_inputs.get(value)
-            if img is None:
-                data = self.store.get_uri(value, field=field)
-                img = images.load_image_input(data, field=field)
-            updates[field] = value
-        elif isinstance(value, str) and "://" in value:
-            raise InvalidJob(
-                f"{field}: only local paths, s3:// and file:// URIs, got {value!r}", field=field
-            )
-        else:
-            img = images.load_image_input(value, field=field)
-            data = images.encode_png(images.as_mask(img) if mask else img.convert("RGB"))
-            key = input_key(images.sha256_hex(data))
-            uploads[key] = data
-            updates[field] = self.store.uri(key)
-        return images.as_mask(img) if mask else img
+    def check_model(self, ref: str) -> None:
+        """Refuse a model this machine can see that a worker would refuse (`farm.inputs.models`);
+        each ref once per process."""
+        if ref not in self._checked_models:
+            check_visible_model(ref, self.settings.models_dir, self.settings.model_check)
+            self._checked_models.add(ref)
 
     # ------------------------------------------------------------------ follow
 

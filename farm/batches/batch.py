@@ -25,9 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from farm.errors import InvalidJob, JobNotFound, WaitTimeout
-from farm.inputs import images
 from farm.jobs.specs import parse_spec
-from farm.jobs.state import JobState
 
 if TYPE_CHECKING:
     from farm.client import Farm
@@ -236,54 +234,33 @@ class Batch:
         is. Safe to repeat after a crash: the new id is deterministic, so a retry that died
         between writing the job and the index is completed, not doubled.
         """
-        from farm.queue.app import enqueue
+        from farm.submit import Submission
 
         wanted = {"failed", "cancelled"} if cancelled else {"failed"}
         todo = [s for s in self.slots() if s.state in wanted and s.job]
+        sub = Submission(self.farm)  # one resolver: inputs the retries share are read once
         new_ids: list[str] = []
         for start in range(0, len(todo), READ_CHUNK):
             chunk = todo[start : start + READ_CHUNK]
             records = self.farm.tracker.get_many(s.job or "" for s in chunk)
             fresh, updates = [], {}
-            self.farm.known_inputs.clear()
             for s, rec in zip(chunk, records, strict=True):
                 if rec is None:
                     continue
-                self._remember_inputs(rec.spec)
                 generation = int(s.info.get("generation", 0)) + 1
                 spec = parse_spec({**rec.spec, "key": slot_key(self.name, s.id, generation)})
-                fresh.append(self.farm._prepare(spec, {}))
+                fresh.append(sub.prepare(spec))
                 info = {**s.info, "job": fresh[-1]["id"], "generation": generation}
                 info["history"] = [*s.info.get("history", []), s.job]
                 updates[s.id] = info
             # New jobs are written and sent as any submit's (a row chained to an unfinished
             # fine-tune waits for it); one written by a retry that died before sending its
             # message is sent now.
-            created = self.farm._write(fresh)
-            again = [rec for rec, new in zip(fresh, created, strict=True) if not new]
-            states = self.farm.tracker.states([rec["id"] for rec in again])
-            enqueue(
-                self.farm.celery,
-                (
-                    (rec["id"], rec["queue"], rec["priority"])
-                    for rec, (state, _, _) in zip(again, states, strict=True)
-                    if state == JobState.QUEUED
-                ),
-            )
+            sub.store_inputs()
+            sub.write(fresh, resend_present=True)
             self.index.set_slots(self.name, updates)
             new_ids += [rec["id"] for rec in fresh]
-        self.farm.known_inputs.clear()
         return new_ids
-
-    def _remember_inputs(self, spec: dict[str, Any]) -> None:
-        """Decode a spec's stored inputs once for all the retries that share them (a generated
-        mask is a generator, not an input: the worker draws it)."""
-        known = self.farm.known_inputs
-        for name, mask in (("image", False), ("mask_image", True)):
-            uri = spec.get(name)
-            if isinstance(uri, str) and uri not in known:
-                img = images.load_image_input(self.farm.store.get_uri(uri, field=name), field=name)
-                known[uri] = images.as_mask(img) if mask else img
 
 
 def list_batches(farm: Farm) -> Iterator[tuple[str, dict[str, Any]]]:

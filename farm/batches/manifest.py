@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from farm.errors import InvalidJob
-from farm.inputs.resolver import URI_SCHEMES, InputCatalog, InputInfo
+from farm.inputs.resolver import URI_SCHEMES, InputInfo, InputResolver
 from farm.jobs.masks import MaskGenerator, parse_generator
 from farm.jobs.specs import SPECS, parse_spec
 
 if TYPE_CHECKING:
-    from farm.client import Farm
+    from farm.submit import Submission
 
 MAX_PROBLEMS = 20
 """Bad rows reported at once; validation stops after this many."""
@@ -227,7 +227,7 @@ def resolve_row(
     raw: dict[str, Any],
     base: dict[str, Any],
     folder: Path,
-    catalog: InputCatalog,
+    inputs: InputResolver,
 ) -> Row:
     """One row merged over the batch's defaults (`base`), checked, its inputs read once."""
     # 1. Split the row into job fields and labels.
@@ -279,10 +279,10 @@ def resolve_row(
     if kind != "txt2img":
         out.image_given = str(image_given)
         src = _source(image_given, folder, "image")
-        out.image = catalog.info(src, mask=False, field="image")
+        out.image = inputs.info(src, mask=False, field="image")
     if kind == "inpaint" and mask_gen is None:
         out.mask_given = mask_given if isinstance(mask_given, str) else None
-        out.mask = catalog.info(_source(mask_given, folder, "mask"), mask=True, field="mask")
+        out.mask = inputs.info(_source(mask_given, folder, "mask"), mask=True, field="mask")
         if out.image and out.mask.size != out.image.size:
             (iw, ih), (mw, mh) = out.image.size, out.mask.size
             raise InvalidJob(f"mask: mask is {mw}x{mh} but the image is {iw}x{ih}", field="mask")
@@ -349,14 +349,14 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
 
 
 def validate_rows(
-    farm: Farm,
+    sub: Submission,
     path: Path,
     raw_rows: Iterable[tuple[int, dict[str, Any] | str]],
     base: dict[str, Any],
-    catalog: InputCatalog,
 ) -> list[Row]:
     """Every row resolved and checked as the client would check its job, nothing written;
-    `InvalidManifest` naming up to `MAX_PROBLEMS` bad rows by line."""
+    `InvalidManifest` naming up to `MAX_PROBLEMS` bad rows by line. Inputs are read through
+    the submission's resolver, so the submit that follows reads none of them again."""
     rows: list[Row] = []
     problems: list[Problem] = []
     tried: set[str] = set()
@@ -364,12 +364,12 @@ def validate_rows(
         try:
             if isinstance(raw, str):
                 raise InvalidJob(raw)
-            row = resolve_row(line, raw, base, path.parent, catalog)
+            row = resolve_row(line, raw, base, path.parent, sub.inputs)
             # The client's own checks see the fields and the inputs, not the prompts: rows
             # that differ only in prompts pass or fail them alike.
             alike = _dry_run_key(row)
             if alike not in tried:
-                _dry_run(farm, row, catalog)
+                _dry_run(sub, row)
                 tried.add(alike)
             rows.append(row)
         except InvalidJob as e:
@@ -389,23 +389,14 @@ def _dry_run_key(row: Row) -> str:
     return json.dumps([fields, [i if isinstance(i, str | None) else i.sha256 for i in inputs]])
 
 
-def _dry_run(farm: Farm, row: Row, catalog: InputCatalog) -> None:
-    """Prepare the row's job as `submit` would (every check the client makes), write nothing."""
+def _dry_run(sub: Submission, row: Row) -> None:
+    """Prepare the row's job through the submit pipeline as a dry run: every check the client
+    makes, nothing encoded, stored or written."""
     spec: dict[str, Any] = {**row.fields, "seed": 0}
-    try:
-        if row.image:
-            spec["image"] = _stand_in(row.image)
-            farm.known_inputs[spec["image"]] = catalog.image(row.image.source, mask=False)
-        if row.mask:
-            spec["mask_image"] = _stand_in(row.mask)
-            farm.known_inputs[spec["mask_image"]] = catalog.image(row.mask.source, mask=True)
-        elif row.mask_gen:
-            spec["mask_image"] = row.mask_gen  # checked as it is, never drawn here
-        farm._prepare(parse_spec(spec), {})
-    finally:
-        farm.known_inputs.clear()
-
-
-def _stand_in(info: InputInfo) -> str:
-    src = info.source
-    return src if src.startswith(URI_SCHEMES) else Path(src).as_uri()
+    if row.image:
+        spec["image"] = row.image.source
+    if row.mask:
+        spec["mask_image"] = row.mask.source
+    elif row.mask_gen:
+        spec["mask_image"] = row.mask_gen  # checked as it is, never drawn here
+    sub.prepare(parse_spec(spec), dry=True)

@@ -44,14 +44,12 @@ from typing import TYPE_CHECKING, Any
 from farm.batches.batch import check_name, slot_key
 from farm.batches.manifest import Row, normalize, read_rows, validate_rows
 from farm.errors import InvalidJob
-from farm.inputs import images
-from farm.inputs.resolver import URI_SCHEMES, InputCatalog, InputInfo
 from farm.inputs.uploader import UploadHelper
 from farm.jobs.masks import MaskGenerator
 from farm.jobs.specs import parse_spec
 from farm.jobs.state import JobState
-from farm.keys import input_key
-from farm.state import dependencies as deps
+from farm.queue.routing import RENDER_QUEUE
+from farm.submit import Submission
 
 if TYPE_CHECKING:
     from farm.client import Farm
@@ -146,8 +144,8 @@ def submit_batch(
     base_seed = _setting(settings, "seed", seed, 0, 2**63 - 1)
     base = {k: v for k, v in settings.items() if k not in ("variations", "seed")}
     # 2. Every row checked, each distinct input read once, before anything is written.
-    catalog = InputCatalog(farm.store)
-    rows = validate_rows(farm, path, raw_rows, base, catalog)
+    sub = Submission(farm)
+    rows = validate_rows(sub, path, raw_rows, base)
     # 3. The slots, and the batch's index.
     planned = list(_plan(rows, variations, base_seed))
     _write_index(farm, name, path, base, len(rows), variations, base_seed, planned)
@@ -155,18 +153,17 @@ def submit_batch(
     # Chunk n's inputs upload in the background while chunk n+1 is prepared and chunk n-1's
     # records and messages are written; a chunk's records wait for its own inputs.
     result = SubmitResult(name, len(rows), variations, len(planned))
-    encoded: dict[tuple[str, bool], str] = {}
     pending: tuple[Future[int], _Chunk, int] | None = None
     with _uploader(farm, big=len(planned) > chunk_size) as uploader:
         for start in range(0, len(planned), chunk_size):
             batch = planned[start : start + chunk_size]
-            chunk = _prepare_chunk(farm, name, batch, catalog, encoded, result)
-            upload = uploader.submit(chunk.uploads)
+            chunk = _prepare_chunk(sub, name, batch, result)
+            upload = uploader.submit(sub.inputs.take_uploads())
             if pending:
-                _finish(farm, name, pending, result, len(planned), on_chunk)
+                _finish(sub, name, pending, result, len(planned), on_chunk)
             pending = (upload, chunk, start + len(batch))
         if pending:
-            _finish(farm, name, pending, result, len(planned), on_chunk)
+            _finish(sub, name, pending, result, len(planned), on_chunk)
     result.seconds = time.monotonic() - t0
     return result
 
@@ -192,11 +189,11 @@ class _ThreadUploads:
         self.pool.shutdown(wait=True)
 
     def submit(self, items: dict[str, bytes]) -> Future[int]:
-        return self.pool.submit(self.farm.upload_inputs, items)
+        return self.pool.submit(self.farm.store.put_missing, items)
 
 
 def _finish(
-    farm: Farm,
+    sub: Submission,
     name: str,
     pending: tuple[Future[int], _Chunk, int],
     result: SubmitResult,
@@ -205,7 +202,7 @@ def _finish(
 ) -> None:
     upload, chunk, done = pending
     upload.result()
-    _commit_chunk(farm, name, chunk, result)
+    _commit_chunk(sub, name, chunk, result)
     if on_chunk:
         on_chunk(done, total)
 
@@ -274,21 +271,15 @@ class _Chunk:
     records: list[dict[str, Any]] = field(default_factory=list)
     todo: list[tuple[Planned, dict[str, Any] | None]] = field(default_factory=list)
     index: dict[str, dict[str, Any]] = field(default_factory=dict)
-    uploads: dict[str, bytes] = field(default_factory=dict)
     lost: list[tuple[str, int]] = field(default_factory=list)
     """(id, priority) of jobs found running on an expired lease: their worker died, and a
     new message lets another worker take them over (`Tracker.claim`)."""
 
 
 def _prepare_chunk(
-    farm: Farm,
-    name: str,
-    chunk: list[Planned],
-    catalog: InputCatalog,
-    encoded: dict[tuple[str, bool], str],
-    result: SubmitResult,
+    sub: Submission, name: str, chunk: list[Planned], result: SubmitResult
 ) -> _Chunk:
-    tracker = farm.tracker
+    tracker = sub.farm.tracker
     out = _Chunk()
     # 1. Which slots already have a job (whose record has not expired).
     old = tracker.batches.slots(name, [p.slot for p in chunk])
@@ -304,22 +295,18 @@ def _prepare_chunk(
         else:
             out.todo.append((p, info))
     result.present += len(out.index)
-    # 2. The records of the others: inputs from the decode cache, masks drawn.
-    try:
-        for p, info in out.todo:
-            generation = int(info.get("generation", 0)) if info else 0
-            spec = {**p.row.fields, "seed": p.seed, "key": slot_key(name, p.slot, generation)}
-            if p.row.image:
-                spec["image"] = _input_uri(farm, catalog, p.row.image, False, encoded, out.uploads)
-            if p.row.mask:
-                spec["mask_image"] = _input_uri(
-                    farm, catalog, p.row.mask, True, encoded, out.uploads
-                )
-            elif p.row.mask_gen:  # drawn by the worker, with the slot's seed
-                spec["mask_image"] = _seeded(p.row.mask_gen, p.mask_seed)
-            out.records.append(farm._prepare(parse_spec(spec), out.uploads))  # + LoRA files
-    finally:
-        farm.known_inputs.clear()
+    # 2. The records of the others, through the submit pipeline: inputs from the resolver
+    #    (each distinct one decoded and encoded once), generated masks as generators.
+    for p, info in out.todo:
+        generation = int(info.get("generation", 0)) if info else 0
+        spec = {**p.row.fields, "seed": p.seed, "key": slot_key(name, p.slot, generation)}
+        if p.row.image:
+            spec["image"] = p.row.image.source
+        if p.row.mask:
+            spec["mask_image"] = p.row.mask.source
+        elif p.row.mask_gen:  # drawn by the worker, with the slot's seed
+            spec["mask_image"] = _seeded(p.row.mask_gen, p.mask_seed)
+        out.records.append(sub.prepare(parse_spec(spec)))
     return out
 
 
@@ -328,58 +315,15 @@ def _seeded(gen: MaskGenerator, seed: int) -> MaskGenerator:
     return gen if gen.seed is not None else gen.model_copy(update={"seed": seed})
 
 
-def _commit_chunk(farm: Farm, name: str, chunk: _Chunk, result: SubmitResult) -> None:
-    """Records, then messages, then the index: a slot is written only once its job is."""
-    from farm.queue.app import enqueue
-    from farm.queue.routing import RENDER_QUEUE
-
-    tracker = farm.tracker
-    deps.register(tracker, chunk.records)  # rows whose LoRA is an unfinished fine-tune
-    created = tracker.create(chunk.records)
-    again = [rec["id"] for rec, new in zip(chunk.records, created, strict=True) if not new]
-    states = tracker.states(again)
-    queued = {i for i, (s, _, _) in zip(again, states, strict=True) if s == JobState.QUEUED}
-    resend = [
-        (rec["id"], rec["queue"], rec["priority"])
-        for rec, new in zip(chunk.records, created, strict=True)
-        if (new and not rec.get("depends_on")) or rec["id"] in queued
-    ]
-    resend += [(job_id, RENDER_QUEUE, priority) for job_id, priority in chunk.lost]
-    enqueue(farm.celery, resend)
-    waiting = [
-        r["id"]
-        for r, new in zip(chunk.records, created, strict=True)
-        if new and r.get("depends_on")
-    ]
-    if waiting:
-        deps.release(tracker, farm.celery, waiting)
-    result.new += sum(created)
-    result.requeued += len(queued) + len(chunk.lost)
-    result.present += len(again)
+def _commit_chunk(sub: Submission, name: str, chunk: _Chunk, result: SubmitResult) -> None:
+    """Records, then messages, then the index: a slot is written only once its job is. A job
+    found written but never indexed (a submit that died between the two) and still queued
+    gets its message again, and so does one running on an expired lease (its worker died)."""
+    lost = [(job_id, RENDER_QUEUE, priority) for job_id, priority in chunk.lost]
+    written = sub.write(chunk.records, resend_present=True, also_send=lost)
+    result.new += written.new
+    result.requeued += written.resent
+    result.present += len(chunk.records) - written.new
     for (p, info), rec in zip(chunk.todo, chunk.records, strict=True):
         chunk.index[p.slot] = _slot_info(p, rec["id"], info)
-    tracker.batches.set_slots(name, chunk.index)
-
-
-def _input_uri(
-    farm: Farm,
-    catalog: InputCatalog,
-    info: InputInfo,
-    mask: bool,
-    encoded: dict[tuple[str, bool], str],
-    uploads: dict[str, bytes],
-) -> str:
-    """The store URI a job reads this input from; the input queued for upload once."""
-    img = catalog.image(info.source, mask=mask)
-    if info.source.startswith(URI_SCHEMES):
-        uri = info.source
-    else:
-        key = encoded.get((info.source, mask))
-        if key is None:
-            data = images.encode_png(img)
-            key = input_key(images.sha256_hex(data))
-            encoded[(info.source, mask)] = key
-            uploads[key] = data
-        uri = farm.store.uri(key)
-    farm.known_inputs[uri] = img
-    return uri
+    sub.farm.tracker.batches.set_slots(name, chunk.index)

@@ -19,20 +19,19 @@ anything is written, and a bad ref is an `InvalidJob` naming it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from farm.errors import InvalidJob, JobNotFound
 from farm.jobs.specs import LoraRef
 from farm.jobs.state import JobState
-from farm.keys import adapter_input_key, adapter_key
+from farm.keys import adapter_key
 from farm.state.tracker import Tracker
-from farm.storage import ObjectNotFound, ObjectStore
+from farm.storage import ObjectStore
 
-URI_SCHEMES = ("s3://", "file://")
+if TYPE_CHECKING:
+    from farm.inputs.resolver import InputResolver
 
 MAX_HEADER_BYTES = 100 << 20
 """The largest safetensors header accepted (the limit the safetensors library itself sets)."""
@@ -93,15 +92,12 @@ def check_safetensors(data: bytes, what: str) -> dict[str, Any]:
 
 
 def prepare_loras(
-    loras: Sequence[LoraRef],
-    uploads: dict[str, bytes],
-    *,
-    tracker: Tracker,
-    store: ObjectStore,
+    loras: Sequence[LoraRef], inputs: InputResolver, tracker: Tracker, *, dry: bool = False
 ) -> tuple[list[LoraRef], list[str]]:
     """(the loras as a worker reads them, the ids of the fine-tunes the render must wait for).
 
-    Local files go into `uploads` (key → bytes) for the caller to store with the other inputs.
+    Local files and store URIs go through the input resolver (`InputResolver.adapter`:
+    checked, and local files queued for upload with the other inputs).
     """
     out: list[LoraRef] = []
     waits: list[str] = []
@@ -109,16 +105,10 @@ def prepare_loras(
         ref = lora.ref
         if ref.startswith("job:"):
             job_id = ref.removeprefix("job:")
-            if _must_wait(tracker, store, job_id) and job_id not in waits:
+            if _must_wait(tracker, inputs.store, job_id) and job_id not in waits:
                 waits.append(job_id)
-        elif ref.startswith(URI_SCHEMES):
-            _check_stored(store, ref)
         else:
-            data = _read_local(ref)
-            check_safetensors(data, repr(ref))
-            key = adapter_input_key(hashlib.sha256(data).hexdigest())
-            uploads[key] = data
-            ref = store.uri(key)
+            ref = inputs.adapter(ref, FIELD, dry=dry)
         out.append(lora.model_copy(update={"ref": ref}))
     return out, waits
 
@@ -148,27 +138,3 @@ def _must_wait(tracker: Tracker, store: ObjectStore, job_id: str) -> bool:
             )
         return False
     return True
-
-
-def _check_stored(store: ObjectStore, uri: str) -> None:
-    """An adapter URI exists: in the farm's store, or (only if allowed) outside it."""
-    key = store.key_of(uri)
-    if key is not None:
-        if not store.exists(key):
-            raise InvalidJob(f"{FIELD}: no such object {uri!r}", field=FIELD)
-        return
-    try:
-        data = store.get_uri(uri, field=FIELD)  # InvalidJob unless foreign URIs are allowed
-    except ObjectNotFound:
-        raise InvalidJob(f"{FIELD}: no such object {uri!r}", field=FIELD) from None
-    check_safetensors(data, repr(uri))
-
-
-def _read_local(ref: str) -> bytes:
-    path = Path(ref).expanduser()
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise InvalidJob(f"{FIELD}: no such file {ref!r}", field=FIELD) from None
-    except OSError as e:
-        raise InvalidJob(f"{FIELD}: cannot read {ref!r} ({e.strerror or e})", field=FIELD) from None

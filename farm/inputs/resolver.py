@@ -1,71 +1,132 @@
-"""Inputs read once: each distinct image or mask file decoded a single time per submit.
+"""The one input resolver: whatever a job names as an input becomes a checked picture, the URI
+a worker reads it from, and (for local inputs) bytes to upload, content-addressed, once.
 
-A 10,000-row manifest over 200 pictures decodes 200 pictures: `InputCatalog.info` reads and
-checks a path or store URI once (its sha256 and size are kept for good), and
-`InputCatalog.image` hands out the decoded picture from a bounded LRU, decoding it again only
-after eviction, so memory stays flat however many distinct inputs a manifest has.
+    >>> inputs = InputResolver(store)
+    >>> uri, img = inputs.image("cat.png", "image")                 # a path, bytes, PIL image
+    >>> uri, mask = inputs.image("s3://b/farm/inputs/….png", "mask_image", mask=True)
+    >>> inputs.adapter("style.safetensors")                          # a local LoRA file
+    >>> inputs.take_uploads()                                        # {"inputs/<sha>.png": b"…"}
+
+Renders, manifests, fine-tunes (their training images) and LoRA refs all go through it, so an
+input is decoded, checked and encoded by one rule wherever it comes from:
+
+- a local path, bytes or a PIL image is decoded (`farm.inputs.images`: formats, bombs, EXIF
+  orientation, RGB; `L` for masks), encoded as PNG and stored at `inputs/<sha256>.png`;
+- an `s3://` / `file://` URI is read from the farm's store (outside it only with
+  `FARM_ALLOW_FOREIGN_INPUTS`), decoded and checked, and used where it is;
+- anything else with `://` is refused: the farm never fetches URLs.
+
+Each distinct path or URI is read and decoded once per resolver: what a file is (its sha256
+and size) is kept for good, decoded pixels in a bounded LRU, and the URI a local file was
+stored at, so a 10,000-row manifest over 200 pictures decodes and encodes 200 pictures.
+
+A dry run (`dry=True`) checks everything and encodes and uploads nothing: manifest validation
+prepares one job per distinct row this way before anything is written.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from farm.errors import InvalidJob
 from farm.inputs import images
+from farm.inputs.loras import check_safetensors
+from farm.keys import adapter_input_key, input_key
 from farm.storage import ObjectNotFound, ObjectStore
 
 URI_SCHEMES = ("s3://", "file://")
+"""The URIs a job may name: objects in the farm's store."""
+
+CACHE_BYTES = 256 << 20
+"""Decoded pixels a resolver keeps (least recently used go first)."""
 
 
 @dataclass(frozen=True, slots=True)
 class InputInfo:
-    """What validation learnt of one input file: its content hash and size."""
+    """What a resolver learnt of one input file: its content hash and size."""
 
     source: str
     sha256: str
     size: tuple[int, int]
 
 
-class InputCatalog:
-    """Each distinct input decoded once; decoded pixels kept in a bounded LRU.
+def is_uri(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(URI_SCHEMES)
 
-    `info` reads and checks a path or store URI (its sha256 and size are kept for good);
-    `image` gives the decoded picture (RGB, or `L` for masks), decoding again after eviction.
-    """
 
-    def __init__(self, store: ObjectStore, cache_bytes: int = 256 << 20) -> None:
+def refuse_urls(value: Any, field: str, label: str | None = None) -> None:
+    """`InvalidJob` for a URL the farm will not fetch (http://, and anything not s3/file);
+    `label` names the place in the message (`images[2]`), `field` the spec field."""
+    if isinstance(value, str) and "://" in value and not is_uri(value):
+        raise InvalidJob(
+            f"{label or field}: only local paths, s3:// and file:// URIs, got {value!r}",
+            field=field,
+        )
+
+
+class InputResolver:
+    """Inputs read, checked and stored once; see the module docstring."""
+
+    def __init__(self, store: ObjectStore, cache_bytes: int = CACHE_BYTES) -> None:
         self.store = store
         self.cache_bytes = cache_bytes
+        self.uploads: dict[str, bytes] = {}
+        """Key → bytes of what local inputs need stored, until `take_uploads`."""
         self._info: dict[tuple[str, bool], InputInfo | InvalidJob] = {}
-        self._lru: OrderedDict[tuple[str, bool], Image.Image] = OrderedDict()
+        self._pixels: OrderedDict[tuple[str, bool], Image.Image] = OrderedDict()
         self._held = 0
+        self._stored: dict[tuple[str, bool], str] = {}  # a local source → its store URI
 
-    def _read(self, source: str, field: str) -> bytes:
-        if source.startswith(URI_SCHEMES):
-            try:
-                return self.store.get_uri(source, field=field)
-            except ObjectNotFound:
-                raise InvalidJob(f"{field}: no such object {source!r}", field=field) from None
-        try:
-            return Path(source).read_bytes()
-        except FileNotFoundError:
-            raise InvalidJob(f"{field}: no such file {source!r}", field=field) from None
-        except OSError as e:
-            raise InvalidJob(
-                f"{field}: cannot read {source!r} ({e.strerror or e})", field=field
-            ) from None
+    # ------------------------------------------------------------------ images
 
-    def _decode(self, source: str, mask: bool, field: str) -> tuple[bytes, Image.Image]:
-        data = self._read(source, field)
-        img = images.load_image_input(data, field=field)
-        return data, images.as_mask(img) if mask else img
+    def image(
+        self, value: Any, field: str, *, mask: bool = False, dry: bool = False
+    ) -> tuple[str, Image.Image]:
+        """(the URI a worker reads it from, the picture as the worker will see it).
+
+        `dry`: check it, but neither encode nor queue an upload (the URI is then a stand-in
+        for a local input: its `file://` path, or `memory:` for bytes and PIL images).
+        """
+        refuse_urls(value, field)
+        if is_uri(value):
+            return value, self.picture(value, mask=mask, field=field)
+        if isinstance(value, str | os.PathLike):
+            source = os.fspath(value)
+            picture = self.picture(source, mask=mask, field=field)
+            key = (source, mask)
+            if dry:
+                return self._stored.get(key) or Path(
+                    source
+                ).expanduser().absolute().as_uri(), picture
+            if key not in self._stored:
+                self._stored[key] = self._store(picture)
+            return self._stored[key], picture
+        picture = images.load_image_input(value, field=field)  # bytes or a PIL image
+        picture = images.as_mask(picture) if mask else picture
+        return ("memory:" if dry else self._store(picture)), picture
+
+    def picture(self, source: str, *, mask: bool = False, field: str | None = None) -> Image.Image:
+        """The decoded picture at a path or store URI (RGB, `L` for masks), decoded once while
+        it stays in the LRU."""
+        key = (source, mask)
+        img = self._pixels.get(key)
+        if img is not None:
+            self._pixels.move_to_end(key)
+            return img
+        img = self._decode(source, mask, field or ("mask_image" if mask else "image"))[1]
+        self._remember(key, img)
+        return img
 
     def info(self, source: str, *, mask: bool, field: str) -> InputInfo:
+        """What the file at a path or store URI is (sha256 of its bytes, size), read once; a
+        bad file is the same `InvalidJob` every time it is asked for."""
         key = (source, mask)
         known = self._info.get(key)
         if known is None:
@@ -80,19 +141,65 @@ class InputCatalog:
             raise InvalidJob(str(known), field=known.field)
         return known
 
-    def image(self, source: str, *, mask: bool) -> Image.Image:
-        key = (source, mask)
-        img = self._lru.get(key)
-        if img is None:
-            img = self._decode(source, mask, "mask" if mask else "image")[1]
-            self._remember(key, img)
-        else:
-            self._lru.move_to_end(key)
-        return img
+    # ------------------------------------------------------------------ adapters
+
+    def adapter(self, ref: str, field: str = "loras", *, dry: bool = False) -> str:
+        """A LoRA file a job names → the URI workers read it from: a store URI checked to
+        exist (and, outside the store, to be safetensors); a local `.safetensors` checked
+        (its header, read without torch) and queued for upload as `inputs/<sha256>.safetensors`."""
+        if is_uri(ref):
+            key = self.store.key_of(ref)
+            if key is not None:
+                if not self.store.exists(key):
+                    raise InvalidJob(f"{field}: no such object {ref!r}", field=field)
+                return ref
+            check_safetensors(self._read(ref, field), repr(ref))  # foreign, if allowed
+            return ref
+        data = self._read(ref, field)
+        check_safetensors(data, repr(ref))
+        key = adapter_input_key(hashlib.sha256(data).hexdigest())
+        if not dry:
+            self.uploads[key] = data
+        return self.store.uri(key)
+
+    # ------------------------------------------------------------------ uploads
+
+    def take_uploads(self) -> dict[str, bytes]:
+        """What was queued for upload since the last call (the caller stores it)."""
+        out, self.uploads = self.uploads, {}
+        return out
+
+    # ------------------------------------------------------------------ internals
+
+    def _store(self, picture: Image.Image) -> str:
+        data = images.encode_png(picture)
+        key = input_key(images.sha256_hex(data))
+        self.uploads[key] = data
+        return self.store.uri(key)
+
+    def _read(self, source: str, field: str) -> bytes:
+        if is_uri(source):
+            try:
+                return self.store.get_uri(source, field=field)
+            except ObjectNotFound:
+                raise InvalidJob(f"{field}: no such object {source!r}", field=field) from None
+        try:
+            return Path(source).expanduser().read_bytes()
+        except FileNotFoundError:
+            raise InvalidJob(f"{field}: no such file {source!r}", field=field) from None
+        except OSError as e:
+            raise InvalidJob(
+                f"{field}: cannot read {source!r} ({e.strerror or e})", field=field
+            ) from None
+
+    def _decode(self, source: str, mask: bool, field: str) -> tuple[bytes, Image.Image]:
+        data = self._read(source, field)
+        img = images.load_image_input(data, field=field)
+        return data, images.as_mask(img) if mask else img
 
     def _remember(self, key: tuple[str, bool], img: Image.Image) -> None:
-        self._lru[key] = img
+        self._pixels[key] = img
         self._held += img.width * img.height * len(img.getbands())
-        while self._held > self.cache_bytes and len(self._lru) > 1:
-            _, old = self._lru.popitem(last=False)
+        while self._held > self.cache_bytes and len(self._pixels) > 1:
+            _, old = self._pixels.popitem(last=False)
             self._held -= old.width * old.height * len(old.getbands())

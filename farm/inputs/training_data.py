@@ -1,6 +1,6 @@
 """A fine-tune's training set, resolved at submit into store URIs and one caption per image.
 
-    >>> updates = training_set(spec, store, uploads)
+    >>> updates = training_set(spec, InputResolver(store))
     >>> updates
     {'images': ['s3://bucket/farm/inputs/<sha>.png', ...], 'captions': ['a photo of sks dog', ...]}
 
@@ -26,17 +26,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from farm.errors import InvalidJob
-from farm.inputs import images
+from farm.inputs.resolver import InputResolver, is_uri, refuse_urls
 from farm.jobs.specs import Finetune
-from farm.keys import input_key
-from farm.storage import ObjectNotFound, ObjectStore
+from farm.storage import ObjectStore
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST = "metadata.jsonl"
 MAX_IMAGES = 10_000
 """More training images than this in one job is refused (a prefix listed by mistake)."""
-
-_URI_SCHEMES = ("s3://", "file://")
 
 
 class _Item:
@@ -50,13 +47,14 @@ class _Item:
         self.caption = caption
 
 
-def training_set(spec: Finetune, store: ObjectStore, uploads: dict[str, bytes]) -> dict[str, Any]:
-    """`{"images": [URI, ...], "captions": [str, ...]}` for the stored spec; local images are
-    added to `uploads` (key → PNG bytes) for the client to store with the other inputs."""
+def training_set(spec: Finetune, inputs: InputResolver, *, dry: bool = False) -> dict[str, Any]:
+    """`{"images": [URI, ...], "captions": [str, ...]}` for the stored spec; every image goes
+    through the input resolver (local ones queued for upload with the other inputs)."""
+    store = inputs.store
     # 1. Which images, and the captions their folder or prefix supplies.
     if isinstance(spec.images, list):
-        items = [_list_item(store, x, i) for i, x in enumerate(spec.images)]
-    elif spec.images.startswith(_URI_SCHEMES):
+        items = [_list_item(x, i) for i, x in enumerate(spec.images)]
+    elif is_uri(spec.images):
         items = _prefix_items(store, spec.images)
     elif "://" in spec.images:
         raise InvalidJob(
@@ -88,36 +86,17 @@ def training_set(spec: Finetune, store: ObjectStore, uploads: dict[str, bytes]) 
                 )
             item.caption = prompt
     # 3. Every image decoded and checked; local ones queued for upload, content-addressed.
-    uris = [_stored_uri(store, item, uploads) for item in items]
+    uris = [inputs.image(item.source, f"images ({item.name})", dry=dry)[0] for item in items]
     return {"images": uris, "captions": [item.caption for item in items]}
-
-
-def _stored_uri(store: ObjectStore, item: _Item, uploads: dict[str, bytes]) -> str:
-    if isinstance(item.source, str) and item.source.startswith(_URI_SCHEMES):
-        try:
-            data = store.get_uri(item.source, field="images")
-        except ObjectNotFound:
-            raise InvalidJob(f"images: no such object {item.source!r}", field="images") from None
-        images.load_image_input(data, field=f"images ({item.name})")
-        return item.source
-    img = images.load_image_input(item.source, field=f"images ({item.name})")
-    data = images.encode_png(img.convert("RGB"))
-    key = input_key(images.sha256_hex(data))
-    uploads[key] = data
-    return store.uri(key)
 
 
 # --------------------------------------------------------------------------- sources
 
 
-def _list_item(store: ObjectStore, value: Any, index: int) -> _Item:
-    if isinstance(value, str) and value.startswith(_URI_SCHEMES):
+def _list_item(value: Any, index: int) -> _Item:
+    if is_uri(value):
         return _Item(value, value.rsplit("/", 1)[-1])
-    if isinstance(value, str) and "://" in value:
-        raise InvalidJob(
-            f"images[{index}]: only local paths, s3:// and file:// URIs, got {value!r}",
-            field="images",
-        )
+    refuse_urls(value, "images", f"images[{index}]")
     if isinstance(value, str):
         path = Path(value).expanduser()
         if not path.is_file():

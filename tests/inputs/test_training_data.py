@@ -10,6 +10,7 @@ from PIL import Image
 
 from farm.errors import InvalidJob
 from farm.inputs import images
+from farm.inputs.resolver import InputResolver
 from farm.inputs.training_data import training_set
 from farm.jobs.specs import Finetune
 from farm.keys import input_key
@@ -38,8 +39,9 @@ def finetune(images, **kw) -> Finetune:
 
 
 def test_folder_images_sorted_uploaded_with_sidecar_manifest_and_prompt(store, folder):
-    uploads: dict[str, bytes] = {}
-    out = training_set(finetune(str(folder), instance_prompt="sks"), store, uploads)
+    inputs = InputResolver(store)
+    out = training_set(finetune(str(folder), instance_prompt="sks"), inputs)
+    uploads = inputs.take_uploads()
     assert out["captions"] == ["sks", "a blue square", "green"]  # a.jpg, b.png, c.webp
     assert len(out["images"]) == 3 and len(uploads) == 3
     for uri, (key, data) in zip(out["images"], uploads.items(), strict=True):
@@ -49,14 +51,14 @@ def test_folder_images_sorted_uploaded_with_sidecar_manifest_and_prompt(store, f
 
 def test_missing_caption_without_prompt_names_the_image(store, folder):
     with pytest.raises(InvalidJob, match="'a.jpg' has no caption") as e:
-        training_set(finetune(str(folder)), store, {})
+        training_set(finetune(str(folder)), InputResolver(store))
     assert e.value.field == "captions"
 
 
 def test_captions_list_must_match_the_images(store, folder):
     with pytest.raises(InvalidJob, match="2 captions for 3 images"):
-        training_set(finetune(str(folder), captions=["x", "y"]), store, {})
-    out = training_set(finetune(str(folder), captions=["x", "y", "z"]), store, {})
+        training_set(finetune(str(folder), captions=["x", "y"]), InputResolver(store))
+    out = training_set(finetune(str(folder), captions=["x", "y", "z"]), InputResolver(store))
     assert out["captions"] == ["x", "y", "z"]
 
 
@@ -72,7 +74,7 @@ def test_bad_sources_are_refused(store, tmp_path, source, message):
     (tmp_path / "empty").mkdir()
     path = source if "://" in source else str(tmp_path / source)
     with pytest.raises(InvalidJob, match=message) as e:
-        training_set(finetune(path, instance_prompt="sks"), store, {})
+        training_set(finetune(path, instance_prompt="sks"), InputResolver(store))
     assert e.value.field == "images"
 
 
@@ -82,8 +84,9 @@ def test_store_prefix_is_listed_with_sidecars(store):
     store.put("train/dog2.png", images.encode_png(picture("black")))
     store.put("train/deeper/skip.png", images.encode_png(picture("gray")))
     store.put("training-other/x.png", images.encode_png(picture("gray")))
-    uploads: dict[str, bytes] = {}
-    out = training_set(finetune(store.uri("train"), instance_prompt="sks dog"), store, uploads)
+    inputs = InputResolver(store)
+    out = training_set(finetune(store.uri("train"), instance_prompt="sks dog"), inputs)
+    uploads = inputs.take_uploads()
     assert out["images"] == [store.uri("train/dog1.png"), store.uri("train/dog2.png")]
     assert out["captions"] == ["a white dog", "sks dog"]
     assert uploads == {}  # already in the store: used where they are
@@ -91,18 +94,23 @@ def test_store_prefix_is_listed_with_sidecars(store):
 
 def test_store_prefix_without_images_or_outside_the_store(store):
     with pytest.raises(InvalidJob, match="no training images"):
-        training_set(finetune(store.uri("nothing") + "/", instance_prompt="x"), store, {})
+        training_set(
+            finetune(store.uri("nothing") + "/", instance_prompt="x"), InputResolver(store)
+        )
     outside = "s3://some-other-bucket/photos/" if store.uri("").startswith("s3") else "file:///etc/"
     with pytest.raises(InvalidJob, match="outside this farm's storage"):
-        training_set(finetune(outside, instance_prompt="x"), store, {})
+        training_set(finetune(outside, instance_prompt="x"), InputResolver(store))
 
 
 def test_a_list_of_images_and_a_broken_one(store, folder, tmp_path):
     out = training_set(
-        finetune([str(folder / "b.png"), picture("red")], instance_prompt="sks"), store, {}
+        finetune([str(folder / "b.png"), picture("red")], instance_prompt="sks"),
+        InputResolver(store),
     )
     assert out["captions"] == ["a blue square", "sks"]
     (tmp_path / "broken.png").write_bytes((folder / "b.png").read_bytes()[:60])
     with pytest.raises(InvalidJob) as e:
-        training_set(finetune([str(tmp_path / "broken.png")], instance_prompt="x"), store, {})
+        training_set(
+            finetune([str(tmp_path / "broken.png")], instance_prompt="x"), InputResolver(store)
+        )
     assert "broken.png" in str(e.value)

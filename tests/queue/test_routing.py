@@ -23,6 +23,7 @@ from farm.queue.routing import Router, model_queue
 from farm.settings import FarmSettings, settings_env
 from farm.state.reconciler import reconcile
 from farm.state.registry import WorkerInfo
+from farm.submit import Submission
 from tests.support.raw import raw
 
 
@@ -208,7 +209,7 @@ def test_an_evicted_models_queue_is_dropped_and_its_jobs_rerouted(settings, tmp_
             assert e.queues == [model_queue("tiny-inpaint"), "render"]  # render.tiny dropped
             # A job whose only message sits in the dropped queue: nobody takes it, until the
             # worker's reconciler (every second here) re-sends it to `render`.
-            rec = farm._prepare(job(6), {}) | {"queue": model_queue("tiny")}
+            rec = Submission(farm).prepare(job(6)) | {"queue": model_queue("tiny")}
             farm.tracker.create([rec])
             enqueue(farm.celery, [(rec["id"], model_queue("tiny"), 0)])
             done = farm.wait([rec["id"]], timeout=120)[0]

@@ -29,6 +29,7 @@ from farm.settings import FarmSettings, settings_env
 from farm.state.reconciler import reconcile
 from farm.state.tracker import Tracker, new_job_id
 from farm.storage import open_store
+from farm.submit import Submission
 from tests.support.raw import raw
 
 STEPS = 2
@@ -297,11 +298,12 @@ def test_a_render_registered_as_its_finetune_ends_is_released(farm, trainer, lor
     """The submitter reads the fine-tune running, the fine-tune ends (finding nothing to
     release), then the render is written: the submitter's own re-check queues it."""
     parent = finetune_record(farm.tracker)
-    uploads: dict[str, bytes] = {}
-    records = [farm._prepare(parse_spec(styled(f"job:{parent}", seed=11)), uploads)]
+    sub = Submission(farm)
+    records = [sub.prepare(parse_spec(styled(f"job:{parent}", seed=11)))]
     assert records[0]["state"] == JobState.WAITING
     run_parent(trainer, parent, lora_file.read_bytes())
-    farm._write(records)
+    sub.store_inputs()
+    sub.write(records)
     assert farm.get(records[0]["id"]).state != JobState.WAITING
     assert farm.wait([records[0]["id"]], timeout=120)[0].state == JobState.SUCCEEDED
 

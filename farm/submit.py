@@ -1,0 +1,175 @@
+"""The one submit pipeline: prepare → validate → write → enqueue → release → re-send.
+
+Every way a job enters the farm goes through a `Submission`: `Farm.submit_many`, a batch's
+chunks (`farm.batches.submit`), a batch's retries (`Batch.retry`), and manifest validation,
+which prepares one job per distinct row as a dry run (nothing encoded, stored or written).
+
+    >>> sub = Submission(farm)
+    >>> records = [sub.prepare(parse_spec(s)) for s in specs]   # 1-2: checked, nothing written
+    >>> sub.store_inputs()                                     # inputs, content-addressed
+    >>> sub.write(records)                                     # 3-6
+
+1. Prepare: a seed for a spec without one, every input resolved (`InputResolver`: checked,
+   given its content key, queued for upload), LoRA refs resolved (a render naming an
+   unfinished fine-tune waits for it), the model checked where this machine can see it, the
+   batch signature and the queue chosen.
+2. Validate: everything the client can check is checked in step 1; the first problem is an
+   `InvalidJob` naming the field, before anything is stored.
+3. Write: the records (`Tracker.create`: a record whose id exists is left alone; ids derive
+   from idempotency keys), after registering waiting ones with what they wait for.
+4. Enqueue: one message per new record that is not waiting.
+5. Release: a waiting record whose dependencies ended before it was registered is queued (or
+   failed) now (`farm.state.dependencies`).
+6. Re-send: when asked, records found already written and still queued get their message
+   again (a submit that died between writing and enqueueing), plus any `also_send`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from farm.inputs import images
+from farm.inputs.loras import prepare_loras
+from farm.inputs.models import check_resolvable
+from farm.inputs.resolver import InputResolver
+from farm.jobs.masks import MaskGenerator
+from farm.jobs.signature import batch_signature
+from farm.jobs.specs import Inpaint, Style, Txt2Img
+from farm.jobs.state import JobState
+from farm.queue.app import enqueue
+from farm.state import dependencies
+from farm.state.tracker import new_job_id
+
+if TYPE_CHECKING:
+    from farm.client import Farm
+
+
+@dataclass
+class Written:
+    """What `Submission.write` did."""
+
+    created: list[bool]
+    """Per record: True where it was new, False where a record with its id existed."""
+    resent: int = 0
+    """Messages sent again for records that were present and still queued (or `also_send`)."""
+
+    @property
+    def new(self) -> int:
+        return sum(self.created)
+
+
+class Submission:
+    """One submit through the pipeline: one input resolver, then one or more writes."""
+
+    def __init__(self, farm: Farm, inputs: InputResolver | None = None) -> None:
+        self.farm = farm
+        self.inputs = inputs or InputResolver(farm.store)
+
+    # ------------------------------------------------------------------ 1-2
+
+    def prepare(self, spec: Any, *, dry: bool = False) -> dict[str, Any]:
+        """The record of a parsed spec, every client check made; nothing is written.
+
+        `dry`: inputs are checked but not encoded or queued for upload (manifest validation).
+        """
+        farm = self.farm
+        farm.check_model(spec.model)
+        updates: dict[str, Any] = {}
+        if spec.seed is None:
+            updates["seed"] = secrets.randbits(32)
+        image = None
+        depends_on: list[str] = []
+        if getattr(spec, "loras", None):
+            updates["loras"], depends_on = prepare_loras(
+                spec.loras, self.inputs, farm.tracker, dry=dry
+            )
+        if spec.kind == "finetune":  # training images and captions, resolved to store URIs
+            from farm.inputs.training_data import training_set
+
+            updates.update(training_set(spec, self.inputs, dry=dry))
+        elif not isinstance(spec, Txt2Img):
+            updates["image"], image = self.inputs.image(spec.image, "image", dry=dry)
+            if isinstance(spec, Inpaint) and isinstance(spec.mask_image, MaskGenerator):
+                # Drawn by the worker at the image's size: nothing to decode or upload here;
+                # its seed is written down (the job's, unless it has its own).
+                if spec.mask_image.seed is None:
+                    updates["mask_image"] = spec.model_copy(update=updates).mask_generator()
+            elif isinstance(spec, Inpaint):
+                updates["mask_image"], mask = self.inputs.image(
+                    spec.mask_image, "mask_image", mask=True, dry=dry
+                )
+                images.check_mask_matches(image, mask)
+        if isinstance(spec, Style):  # the reference image, stored once like `image`
+            check_resolvable(
+                spec.ip_adapter,
+                farm.settings.model_check,
+                farm.settings.models_dir,
+                field="ip_adapter",
+            )
+            updates["ip_adapter_image"], _ = self.inputs.image(
+                spec.ip_adapter_image, "ip_adapter_image", dry=dry
+            )
+        spec = spec.model_copy(update=updates)
+        return {
+            "id": new_job_id(spec.key),
+            "kind": spec.kind,
+            "state": (JobState.WAITING if depends_on else JobState.QUEUED).value,
+            "depends_on": depends_on or None,
+            "spec": spec.model_dump(mode="json", exclude_none=True),
+            "priority": spec.priority,
+            "created_at": repr(time.time()),
+            "attempt": 0,
+            "signature": batch_signature(spec, image.size if image is not None else None),
+            "queue": farm.router.queue_for(spec),
+        }
+
+    # ------------------------------------------------------------------ 3-6
+
+    def store_inputs(self, uploads: dict[str, bytes] | None = None) -> int:
+        """Store the inputs prepared so far (or `uploads`) that are not stored yet; how many."""
+        items = self.inputs.take_uploads() if uploads is None else uploads
+        return self.farm.store.put_missing(items) if items else 0
+
+    def write(
+        self,
+        records: Sequence[dict[str, Any]],
+        *,
+        resend_present: bool = False,
+        also_send: Iterable[tuple[str, str, int]] = (),
+    ) -> Written:
+        """Write the records, send the new ones' messages, release the waiting ones; with
+        `resend_present`, re-send the messages of records already written and still queued."""
+        tracker, celery = self.farm.tracker, self.farm.celery
+        # 3. Records, after registering the waiting ones with what they wait for.
+        dependencies.register(tracker, records)
+        created = tracker.create(records)
+        # 4. Messages for the new records that are not waiting.
+        send = [
+            (rec["id"], rec["queue"], rec["priority"])
+            for rec, new in zip(records, created, strict=True)
+            if new and not rec.get("depends_on")
+        ]
+        # 6. Records already there and still queued: their message may never have been sent.
+        resent = list(also_send)
+        if resend_present:
+            again = [rec for rec, new in zip(records, created, strict=True) if not new]
+            states = tracker.states([rec["id"] for rec in again])
+            resent += [
+                (rec["id"], rec["queue"], rec["priority"])
+                for rec, (state, _, _) in zip(again, states, strict=True)
+                if state == JobState.QUEUED
+            ]
+        enqueue(celery, [*send, *resent])
+        # 5. A job it waits for may have ended before it was registered.
+        waiting = [
+            rec["id"]
+            for rec, new in zip(records, created, strict=True)
+            if new and rec.get("depends_on")
+        ]
+        if waiting:
+            dependencies.release(tracker, celery, waiting)
+        return Written(created, len(resent))
