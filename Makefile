@@ -1,4 +1,4 @@
-# `make demo` and `make test` each set up .venv from nothing, then run.
+# `make demo` and `make test` each set up .venv from nothing, then run (`make test` lints first).
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,11 +17,14 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/farm demo --out demo-out
 
-test: $(VENV)/.installed
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# ruff's lint and format checks over everything, mypy over the light side (pyproject.toml)
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check farm workers tests bench
+	$(VENV)/bin/ruff format --check farm workers tests bench
+	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed
 	$(PY) bench/overhead.py

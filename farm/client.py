@@ -179,13 +179,12 @@ class Farm:
                     patience.run(self.tracker.get, job_id)  # raises JobNotFound
             if on_progress:
                 on_progress([(i, s, a, b) for i, (s, a, b) in zip(ids, states, strict=True)])
-            if all(JobState(s).terminal for s, _, _ in states):
+            ended = [s is not None and JobState(s).terminal for s, _, _ in states]
+            if all(ended):
                 break
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                pending = [
-                    i for i, (s, _, _) in zip(ids, states, strict=True) if not JobState(s).terminal
-                ]
+                pending = [i for i, done in zip(ids, ended, strict=True) if not done]
                 raise WaitTimeout(
                     f"{len(pending)} job(s) still not done after {timeout}s: {', '.join(pending[:5])}",
                     job_id=pending[0] if len(pending) == 1 else None,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -126,7 +126,7 @@ class WorkerMetrics:
         except OSError as e:  # a port in use must not keep the worker from rendering
             log.error("metrics endpoint on port %d not started: %s", port, e)
 
-    def ended(self, held: Iterable[Any], outcomes: dict[str, str]) -> None:
+    def ended(self, held: Iterable[Any], outcomes: Mapping[str, str]) -> None:
         for job in held:
             self.jobs.labels(job.record.kind, outcomes.get(job.id, "unknown")).inc()
 

@@ -12,6 +12,7 @@ process in `Runtime` and reused by every job.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import threading
 import time
@@ -28,23 +29,30 @@ from farm.queue.routing import RENDER_QUEUE
 from farm.settings import FarmSettings
 from workers.faults import inject
 from workers.heartbeat import Heartbeat
-from workers.outcomes import dead_letter, end, finish_stored, job_objects, settle, stopped
+from workers.outcomes import (
+    Limits,
+    Outcome,
+    Stop,
+    dead_letter,
+    end,
+    finish_stored,
+    settle,
+    stopped,
+)
 from workers.runtime import Held, Runtime, load_input
 
 log = logging.getLogger("farm.worker")
 
 
-def run_job(rt: Runtime, job_id: str) -> str:
-    """Run one job, with the compatible queued jobs it gathers, to their end.
-
-    Returns the state job `job_id` ended in, or `skipped`.
-    """
+def run_job(rt: Runtime, job_id: str) -> Outcome:
+    """Run one job, with the compatible queued jobs it gathers, to their end; how job
+    `job_id` ended."""
     t0 = time.perf_counter()
     # 1. Claim: a duplicate or stale message finds the job claimed or done, and stops here.
     claim = rt.tracker.claim(job_id, rt.name, rt.settings.lease_seconds)
     if not claim.ok:
         log.info("job %s is %s: message acknowledged, nothing run", job_id, claim.state.value)
-        return "skipped"
+        return Outcome.SKIPPED
     # 2. Gather: queued jobs with the same batch signature join it, each with its own claim.
     #    A job that has used up its attempts (it kills its worker every time) is dead-lettered.
     held = [Held(rt.tracker.get(job_id), claim.token, claim.attempt)]
@@ -58,7 +66,7 @@ def run_job(rt: Runtime, job_id: str) -> str:
     held += _gather(rt, held[0])
     held = [job for job in held if not dead_letter(rt, job)]
     if not held:
-        return JobState.FAILED.value
+        return Outcome.FAILED
     # 3-7. Read, render, store, finish.
     outcomes = _run_held(rt, held)
     rt.jobs_done += len(held)
@@ -97,9 +105,9 @@ def _gather(rt: Runtime, lead: Held) -> list[Held]:
     ]
 
 
-def _run_held(rt: Runtime, held: list[Held]) -> dict[str, str]:
+def _run_held(rt: Runtime, held: list[Held]) -> dict[str, Outcome]:
     """Run the held jobs as one batch, falling back to one by one; job id → how it ended."""
-    outcomes: dict[str, str] = {}
+    outcomes: dict[str, Outcome] = {}
     lease = rt.settings.lease_seconds
     tokens = {job.id: job.token for job in held}
     with Heartbeat(
@@ -110,7 +118,7 @@ def _run_held(rt: Runtime, held: list[Held]) -> dict[str, str]:
         ready = []
         for job in held:
             try:
-                if job.attempt > 1 and (ended := finish_stored(rt, job)):
+                if job.attempt > 1 and (ended := finish_stored(rt, job, meta_key(job.id), _stored)):
                     outcomes[job.id] = ended
                     hb.release(job.id)
                     continue
@@ -124,7 +132,12 @@ def _run_held(rt: Runtime, held: list[Held]) -> dict[str, str]:
     return outcomes
 
 
-def _run_batch(rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, str]) -> None:
+def _stored(meta: dict[str, Any]) -> dict[str, Any]:
+    """The record's fields of a render whose earlier attempt stored everything."""
+    return {"outputs": meta["outputs"], "mask": meta.get("mask") or ""}
+
+
+def _run_batch(rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, Outcome]) -> None:
     """Render, store and finish `jobs` as one call. Out of memory: retry each half; any other
     failure of a batch: one by one, so a bad job fails alone."""
     if not jobs:
@@ -185,7 +198,7 @@ def _read_inputs(rt: Runtime, job: Held) -> None:
 
 
 def _render_and_store(
-    rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, str]
+    rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, Outcome]
 ) -> None:
     """Render `jobs` (one batch signature) as one call, store and finish each; into `outcomes`."""
     from workers.render.ip_adapter import load_for
@@ -209,14 +222,13 @@ def _render_and_store(
         #    the time limit stops it.
         inject(rt.settings.fault_injection, [job.spec for job in jobs])
         watch = hb.watch(ids)
-        deadline = time.monotonic() + rt.settings.time_limit
-        stop: list[str] = []
+        limits = Limits(rt, rt.settings.time_limit, "FARM_TIME_LIMIT")
+        stop: list[Stop] = []
 
         def on_step(step: int, total: int) -> bool:
-            if rt.stopping:
-                stop.append("shutdown")
-            elif time.monotonic() > deadline:
-                stop.append("time limit")
+            reason = limits.reason()
+            if reason is not None:
+                stop.append(reason)
             return watch(step, total) or bool(stop)
 
         results = render_batch(
@@ -232,7 +244,9 @@ def _render_and_store(
     rt.metrics.rendered(lead.kind, len(jobs), t_render - t_load)
     hb.beat()  # a cancel or takeover that came during the last step counts too
     if stop:
-        stopped(rt, jobs, hb, outcomes, stop[0])
+        for job in jobs:
+            outcomes[job.id] = stopped(rt, job, hb, stop[0], limits, "running")
+            hb.release(job.id)
         return
     # 6. Outputs of the jobs still wanted, before their state: deterministic keys, so a rerun
     #    rewrites the same objects. A cancelled job ends without outputs.
@@ -240,11 +254,9 @@ def _render_and_store(
     for job, result in zip(jobs, results, strict=True):
         if job.id in hb.stale:
             log.warning("job %s: attempt %s superseded while rendering", job.id, job.token)
-            outcomes[job.id] = "stale"
+            outcomes[job.id] = Outcome.STALE
         elif job.id in hb.cancelled or result.interrupted:
-            outcomes[job.id] = end(
-                rt, job.id, job.token, JobState.CANCELLED, error="cancelled while running"
-            )
+            outcomes[job.id] = stopped(rt, job, hb, Stop.CANCEL, limits, "running")
         else:
             done.append((job, result))
             continue
@@ -271,8 +283,7 @@ def _render_and_store(
     for job, result in done:
         outcomes[job.id] = end(
             rt,
-            job.id,
-            job.token,
+            job,
             JobState.SUCCEEDED,
             outputs=[rt.store.uri(output_key(job.id, i)) for i in range(len(result.images))],
             mask=rt.store.uri(mask_key(job.id)) if result.mask_used is not None else "",
@@ -283,13 +294,43 @@ def _render_and_store(
         hb.release(job.id)
 
 
+def job_objects(
+    rt: Runtime, job: Held, result: Any, batch: list[str], timings: dict[str, float]
+) -> dict[str, bytes]:
+    """One job's outputs, mask and meta.json, at its own deterministic keys."""
+    job_id, spec = job.id, job.spec
+    objects = {output_key(job_id, i): images.encode_png(img) for i, img in enumerate(result.images)}
+    if result.mask_used is not None:
+        objects[mask_key(job_id)] = images.encode_png(result.mask_used)
+    meta = {
+        "job_id": job_id,
+        "kind": spec.kind,
+        "spec": job.record.spec,
+        "seed": spec.seed,
+        "model": spec.model,
+        "height": result.height,
+        "width": result.width,
+        "steps": result.steps,
+        "worker": rt.name,
+        "device": str(rt.device),
+        "attempt": job.attempt,
+        "batch": {"size": len(batch), "jobs": batch},
+        "versions": rt.versions,
+        "timings": timings,
+        "outputs": [rt.store.uri(output_key(job_id, i)) for i in range(len(result.images))],
+        "mask": rt.store.uri(mask_key(job_id)) if result.mask_used is not None else None,
+    }
+    objects[meta_key(job_id)] = json.dumps(meta, indent=2).encode()
+    return objects
+
+
 def register(rt: Runtime) -> None:
     """Bind the `farm.run` task to this process's runtime."""
 
     @rt.celery.task(name=RUN_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def run(job_id: str) -> str:
         with rt.presence.running(job_id):  # the registry shows it; then queues follow models
-            return run_job(rt, job_id)
+            return run_job(rt, job_id).value
 
 
 def run_worker(
@@ -346,7 +387,7 @@ def run_worker(
         rt.stopping = True  # the job in hand stops at its next step and is handed back
 
     worker_shutting_down.connect(on_shutdown, weak=False)
-    Reconciler(rt).start()
+    threading.Thread(target=reconcile_in_turn, args=(rt,), name="reconciler", daemon=True).start()
     rt.presence.consumer = worker.consumer
     rt.presence.start()
     log.info("worker %s serving %s on %s", rt.name, ",".join(queues), rt.device)
@@ -356,22 +397,21 @@ def run_worker(
         rt.presence.stop()
 
 
-class Reconciler(threading.Thread):
-    """Every `reconcile_interval`, one worker of the farm (a Redis lock) runs a reconciler pass."""
+def reconcile_in_turn(rt: Runtime) -> None:
+    """The worker's reconciler thread: every `reconcile_interval`, a pass if it is this
+    worker's turn (`farm.state.reconciler.take_turn`); Redis away: the next interval."""
+    from farm.state.reconciler import take_turn
 
-    def __init__(self, rt: Runtime) -> None:
-        super().__init__(name="reconciler", daemon=True)
-        self.rt = rt
-
-    def run(self) -> None:
-        from farm.state.reconciler import reconcile
-
-        rt, interval = self.rt, self.rt.settings.reconcile_interval
-        lock = rt.tracker.keys.reconciler_lock
-        while not rt.stopping:
-            time.sleep(interval)
-            try:
-                if rt.tracker.try_lock(lock, rt.name, interval):
-                    reconcile(rt.tracker, rt.celery, requeue_after=rt.settings.requeue_after)
-            except Exception as e:  # Redis away: try again next time
-                log.warning("reconciler pass failed: %s", e)
+    interval = rt.settings.reconcile_interval
+    while not rt.stopping:
+        time.sleep(interval)
+        try:
+            take_turn(
+                rt.tracker,
+                rt.celery,
+                rt.name,
+                interval=interval,
+                requeue_after=rt.settings.requeue_after,
+            )
+        except Exception as e:
+            log.warning("reconciler pass failed: %s", e)

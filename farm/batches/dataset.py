@@ -166,5 +166,5 @@ def contact_sheet(batch: Batch, out: str | Path, rows: int = 16, cell: int = 128
             grid.append(cells)
     if not grid:
         grid = [[Image.new("RGB", (cell, cell), "lightgray")]]
-    images.contact_sheet(grid, cell=cell).save(out)
+    images.grid(grid, cell=cell).save(out)
     return len(grid)

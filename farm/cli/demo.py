@@ -30,6 +30,7 @@ def sample_image(seed: int) -> Image.Image:
     b = [rng.randrange(256) for _ in range(3)]
     img = Image.new("RGB", (SIZE, SIZE))
     px = img.load()
+    assert px is not None
     for y in range(SIZE):
         t = y / (SIZE - 1)
         row = tuple(int(a[c] * (1 - t) + b[c] * t) for c in range(3))
@@ -117,7 +118,7 @@ def run_demo(out: Path, workers: int = 1, n_images: int = 4, variations: int = 2
                 ]
             rows.append(row)
     sheet_path = out / "contact-sheet.png"
-    images.contact_sheet(rows).save(sheet_path)
+    images.grid(rows).save(sheet_path)
     print(f"demo: {len(jobs) - len(failed)}/{len(jobs)} jobs succeeded")
     print(f"demo: results in {out / 'jobs'}")
     print(f"demo: contact sheet (input | mask | outputs) at {sheet_path}")

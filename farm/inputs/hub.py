@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from farm.errors import InvalidJob
-from farm.inputs.models import hf_cache_dir, is_repo_id
+from farm.inputs.models import hf_cache_dir
+from farm.jobs.refs import is_repo_id
 
 PULL_PATTERNS = (
     "*.safetensors",

@@ -129,14 +129,14 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def contact_sheet(rows: list[list[Image.Image]], cell: int = 128, gap: int = 4) -> Image.Image:
+def grid(rows: list[list[Image.Image]], cell: int = 128, gap: int = 4) -> Image.Image:
     """A grid for looking at results: one row per job (e.g. input | mask | outputs).
 
     Each image is scaled to fit a `cell`-pixel square, keeping its aspect, and centred in it;
     rows may differ in length. White background, `gap` pixels between cells.
     """
     if not rows or cell < 1 or gap < 0:
-        raise ValueError("contact_sheet needs at least one row, cell >= 1 and gap >= 0")
+        raise ValueError("grid needs at least one row, cell >= 1 and gap >= 0")
     cols = max(1, max(len(r) for r in rows))
     sheet = Image.new(
         "RGB", (cols * cell + (cols + 1) * gap, len(rows) * cell + (len(rows) + 1) * gap), "white"

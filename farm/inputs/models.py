@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from farm.errors import InvalidJob
-from farm.jobs.refs import BUILTIN_IP_ADAPTERS, BUILTIN_MODELS
+from farm.jobs.refs import BUILTIN_MODELS, is_repo_id
 
 _PICKLE = {".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"}
 
@@ -42,30 +42,35 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     return snapshot if snapshot.is_dir() else None
 
 
+def local_path(ref: str, models_dir: Path | None = None, *, field: str = "model") -> Path:
+    """Where a local model ref points: under `models_dir` when one is set (relative refs),
+    resolved. With `models_dir` set, every local path, absolute or relative, must lie inside
+    it once symlinks are resolved: the one containment rule, at submit and on workers."""
+    path = Path(ref).expanduser()
+    if models_dir is None:
+        return path.resolve()
+    root = Path(models_dir).expanduser().resolve()
+    full = (root / path).resolve()  # an absolute `path` replaces `root` here
+    if not full.is_relative_to(root):
+        raise InvalidJob(
+            f"{field} {ref!r}: resolves outside the models folder {str(root)!r} (FARM_MODELS_DIR)",
+            field=field,
+        )
+    return full
+
+
 def visible_model(ref: str, models_dir: Path | None = None) -> Path | None:
-    """The file or folder `ref` names, if this machine can see it; None otherwise."""
+    """The file or folder `ref` names, if this machine can see it; None otherwise.
+    `InvalidJob` for a path that leaves `models_dir`."""
     if ref in BUILTIN_MODELS:
         return None
-    path = Path(ref).expanduser()
-    if models_dir is not None and not path.is_absolute():
-        path = Path(models_dir) / path
+    path = local_path(ref, models_dir)
     if path.exists():
         return path
-    if "/" in ref and not ref.startswith(("/", ".", "~")):
+    if is_repo_id(ref):
         repo_id, _, revision = ref.partition("@")
         return cached_snapshot(repo_id, revision or None)
     return None
-
-
-def is_repo_id(ref: str) -> bool:
-    """Whether `ref` names a Hugging Face repo (`org/name[@revision]`) rather than a path."""
-    return (
-        ref not in BUILTIN_MODELS
-        and ref not in BUILTIN_IP_ADAPTERS
-        and ref.count("/") == 1 + ref.partition("@")[2].count("/")
-        and not ref.startswith(("/", ".", "~"))
-        and not ref.endswith(".safetensors")
-    )
 
 
 def check_resolvable(

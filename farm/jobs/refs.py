@@ -25,8 +25,26 @@ BUILTIN_SIZES = {"tiny": 8_511_760, "tiny-inpaint": 8_517_520, "tiny-ip-adapter"
 """Bytes of each built-in's float32 weights once built (they have no files), for `farm models
 list` without importing torch; tests/workers/builtin/test_tiny.py checks them against the builders."""
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}(@[\w./-]{1,128})?$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}(@[\w./-]{1,128})?$")
+"""`org/name[@revision]`, as the Hugging Face Hub names repos."""
+
 _PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+
+_PATH_STARTS = ("/", "./", "../", "~")
+
+
+def is_repo_id(ref: str) -> bool:
+    """Whether `ref` names a Hugging Face repo (`org/name[@revision]`) rather than a built-in
+    or a path: the one rule, at submit and on workers. (Where both could be meant, a local
+    folder of that name wins: resolvers look on disk first.)"""
+    return (
+        ref not in BUILTIN_MODELS
+        and ref not in BUILTIN_IP_ADAPTERS
+        and not ref.startswith(_PATH_STARTS)
+        and not ref.endswith(".safetensors")
+        and ".." not in ref
+        and REPO_ID.match(ref) is not None
+    )
 
 
 def check_model_ref(ref: str) -> str:
@@ -46,12 +64,9 @@ def check_model_ref(ref: str) -> str:
         raise ValueError(f"{ref!r}: model refs are a built-in name, org/name, or a local path")
     if ".." in ref.replace("\\", "/").split("/"):
         raise ValueError(f"{ref!r} escapes its folder ('..' is not allowed in model refs)")
-    looks_like_path = ref.startswith(("/", "./", "~")) or ref.endswith(".safetensors")
-    if not looks_like_path and _REPO_ID.match(ref):
-        if ".." in ref:
-            raise ValueError(f"{ref!r} is not a valid repo id")
+    if is_repo_id(ref):
         return ref
-    if looks_like_path or os.sep in ref:
+    if ref.startswith(_PATH_STARTS) or ref.endswith(".safetensors") or os.sep in ref:
         return ref
     raise ValueError(
         f"{ref!r} is not a built-in model ({', '.join(BUILTIN_MODELS)}), a repo id (org/name) "

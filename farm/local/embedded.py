@@ -176,7 +176,7 @@ class RedisServer(ChildProcess):
         return self.dir / "redis.log"
 
     def client(self, **kwargs: object) -> redis.Redis:
-        return redis.Redis.from_url(self.url, **kwargs)  # type: ignore[arg-type]
+        return redis.Redis.from_url(self.url, **kwargs)
 
     def _write_config(self) -> Path:
         lines = [

@@ -53,13 +53,13 @@ class BatchIndex:
             return []
         with self._conn.doing(f"reading batch {name!r}"):
             raw = self._conn.client.hmget(self._keys.batch_slots(name), list(slot_ids))
-        return [json.loads(v) if v else None for v in raw]  # type: ignore[union-attr]
+        return [json.loads(v) if v else None for v in raw]
 
     def set_slots(self, name: str, entries: Mapping[str, Mapping[str, Any]]) -> None:
         """Write slot entries (slot id → entry)."""
         if not entries:
             return
-        mapping = {slot: json.dumps(entry) for slot, entry in entries.items()}
+        mapping: dict[Any, Any] = {slot: json.dumps(entry) for slot, entry in entries.items()}
         with self._conn.doing(f"writing batch {name!r}"):
             self._conn.client.hset(self._keys.batch_slots(name), mapping=mapping)
 

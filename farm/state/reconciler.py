@@ -17,6 +17,9 @@ process (workers take turns through a Redis lock) looks for:
 
 Re-sends go to the job's own queue, or to `render` when that queue is a stranded model queue.
 
+Every worker runs `take_turn` every `FARM_RECONCILE_INTERVAL`; the Redis lock
+(`RedisKeys.reconciler_lock`) makes it one pass per interval across the farm.
+
 A duplicate message is harmless: it finds its job claimed or done and is acknowledged.
 """
 
@@ -132,3 +135,12 @@ def _send_due_retries(tracker: Tracker, celery: Any, now: float, target: Any) ->
     if send:
         enqueue(celery, send)
     return [job_id for job_id, _, _ in send]
+
+
+def take_turn(
+    tracker: Tracker, celery: Any, owner: str, *, interval: float, requeue_after: float
+) -> Report | None:
+    """A pass, if no other process has taken this interval's turn (the lock); else None."""
+    if not tracker.try_lock(tracker.keys.reconciler_lock, owner, interval):
+        return None
+    return reconcile(tracker, celery, requeue_after=requeue_after)

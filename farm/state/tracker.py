@@ -388,7 +388,7 @@ class Tracker:
         """Write non-state fields (the `error` of a failed delivery, say). Never `state`."""
         assert "state" not in fields and "token" not in fields
         with self._conn.doing("writing a job's record", job_id):
-            self._r.hset(self.keys.job(job_id), mapping=fields)
+            self._r.hset(self.keys.job(job_id), mapping=dict[Any, Any](fields))
 
     def set_fields_many(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
         """`set_fields` for several jobs (job id → fields), in one round trip."""
@@ -398,7 +398,7 @@ class Tracker:
             pipe = self._r.pipeline(transaction=False)
             for job_id, fields in updates.items():
                 assert "state" not in fields and "token" not in fields
-                pipe.hset(self.keys.job(job_id), mapping=dict(fields))
+                pipe.hset(self.keys.job(job_id), mapping=dict[Any, Any](fields))
             pipe.execute()
 
     # ------------------------------------------------------------------ retries with backoff

@@ -16,9 +16,9 @@ from farm.inputs.images import (
     MAX_SIDE,
     as_mask,
     check_mask_matches,
-    contact_sheet,
     decode_image,
     encode_png,
+    grid,
     load_image_input,
     sha256_hex,
 )
@@ -215,12 +215,12 @@ def test_sha256_hex() -> None:
 # --------------------------------------------------------------------------- contact sheet
 
 
-def test_contact_sheet_is_a_white_grid_sized_by_its_longest_row() -> None:
+def test_grid_is_white_and_sized_by_its_longest_row() -> None:
     rows = [
         [gradient((64, 64)), as_mask(gradient((64, 64))), gradient((96, 48))],
         [gradient((16, 32))],
     ]
-    sheet = contact_sheet(rows, cell=50)
+    sheet = grid(rows, cell=50)
 
     gap = 4
     assert sheet.mode == "RGB"
@@ -230,6 +230,6 @@ def test_contact_sheet_is_a_white_grid_sized_by_its_longest_row() -> None:
     assert sheet.getpixel((gap + 25, gap + 25)) != (255, 255, 255)  # first image is there
 
 
-def test_contact_sheet_needs_a_row() -> None:
+def test_grid_needs_a_row() -> None:
     with pytest.raises(ValueError):
-        contact_sheet([])
+        grid([])

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from farm import Farm
 from farm.errors import InvalidJob
 from farm.inputs.models import check_resolvable, check_visible_model, visible_model
 
@@ -72,3 +73,30 @@ def test_hub_cache_snapshot_is_checked(copy, tmp_path, monkeypatch):
     check_resolvable("./org/absent")  # a path: the workers may see it, this machine need not
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-cache-here"))
     check_visible_model("org/absent")  # no cache on this machine: left to the worker
+
+
+def test_a_model_outside_the_models_folder_is_refused_at_submit(redis_url, tmp_path):
+    """FARM_MODELS_DIR confines local model refs on workers; the submitter applies the same
+    rule, so such a job is refused at once (exit 2, nothing written) instead of failing on a
+    worker later."""
+    from farm.settings import FarmSettings
+    from tests.support.cli import run_cli
+    from tests.support.raw import raw
+
+    models, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
+    models.mkdir()
+    (elsewhere / "sd").mkdir(parents=True)
+    (elsewhere / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (models / "link").symlink_to(elsewhere / "sd")  # inside by name, outside once resolved
+    settings = FarmSettings(
+        redis_url=redis_url,
+        storage=(tmp_path / "store").as_uri(),
+        home=tmp_path,
+        models_dir=models,
+    )
+    for ref in (str(elsewhere / "sd"), "./link"):
+        res = run_cli(settings, "submit", "txt2img", "--model", ref, "--prompt", "a fox")
+        assert res.returncode == 2, res.stderr
+        assert "resolves outside the models folder" in res.stderr, res.stderr
+    with Farm(settings) as farm:
+        assert not raw(farm).keys("*")

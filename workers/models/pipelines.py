@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import gc
 import json
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -49,7 +48,8 @@ from diffusers.loaders.single_file_utils import SingleFileComponentError
 
 from farm.errors import InvalidJob, TransientError
 from farm.inputs.hub import PULL_PATTERNS
-from farm.jobs.refs import BUILTIN_MODELS, check_model_ref
+from farm.inputs.models import local_path
+from farm.jobs.refs import BUILTIN_MODELS, check_model_ref, is_repo_id
 from workers.builtin.tiny import build_tiny
 
 KINDS = ("txt2img", "img2img", "inpaint")
@@ -60,7 +60,6 @@ _AUTO_PIPELINES = {
 }
 _COMPONENT_LIBRARIES = ("diffusers", "transformers")
 _CONFIG_SUFFIX = ".config"
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 
 SourceKind = Literal["builtin", "hub", "folder", "single_file"]
 
@@ -93,7 +92,7 @@ def resolve_model(ref: str, models_dir: Path | None = None) -> ModelSource:
     except ValueError as e:
         raise _invalid(ref, str(e)) from None
 
-    path = _local_path(ref, models_dir)
+    path = local_path(ref, models_dir)  # the containment rule the submitter applies too
     explicit_path = ref.startswith(("/", "./", "../", "~")) or ref.endswith(".safetensors")
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -105,7 +104,7 @@ def resolve_model(ref: str, models_dir: Path | None = None) -> ModelSource:
         if path.suffix != ".safetensors":
             raise _invalid(ref, "only diffusers folders and .safetensors checkpoints are loaded")
         return ModelSource("single_file", str(path), config=str(_single_file_config(ref, path)))
-    if explicit_path or not _REPO_ID.match(ref):
+    if explicit_path or not is_repo_id(ref):
         raise _invalid(ref, f"no such file or folder: {str(path)!r}")
     return _resolve_hub(ref)
 
@@ -114,17 +113,6 @@ def _invalid(ref: str, message: str) -> InvalidJob:
     if repr(ref) not in message:
         message = f"model {ref!r}: {message}"
     return InvalidJob(message, field="model")
-
-
-def _local_path(ref: str, models_dir: Path | None) -> Path:
-    path = Path(ref).expanduser()
-    if models_dir is None:
-        return path.resolve()
-    root = Path(models_dir).expanduser().resolve()
-    full = (root / path).resolve()  # an absolute `path` replaces `root` here
-    if not full.is_relative_to(root):
-        raise _invalid(ref, f"resolves outside the models folder {str(root)!r}")
-    return full
 
 
 def _resolve_hub(ref: str) -> ModelSource:

@@ -38,7 +38,8 @@ from diffusers import DiffusionPipeline, StableDiffusionImg2ImgPipeline
 
 from farm.errors import InvalidJob
 from farm.inputs.hub import PULL_PATTERNS
-from farm.jobs.refs import BUILTIN_IP_ADAPTERS, check_ip_adapter_ref
+from farm.inputs.models import local_path
+from farm.jobs.refs import BUILTIN_IP_ADAPTERS, check_ip_adapter_ref, is_repo_id
 from farm.jobs.specs import Style
 
 _HELD = "_farm_ip_adapters"
@@ -61,16 +62,14 @@ def resolve_ip_adapter(
     ref: str, weight_name: str | None = None, models_dir: Path | None = None
 ) -> AdapterSource:
     """Where `ref` points, or `InvalidJob` naming it. Reads only local files."""
-    from workers.models.pipelines import _local_path
-
     ref = ref.strip()
     if ref in BUILTIN_IP_ADAPTERS:
         return AdapterSource(ref, builtin=ref)
     try:
         check_ip_adapter_ref(ref)
-        path = _local_path(ref, models_dir)
-    except (ValueError, InvalidJob) as e:
+    except ValueError as e:
         raise _invalid(ref, str(e)) from None
+    path = local_path(ref, models_dir, field="ip_adapter")
     if path.is_file():
         if path.suffix != ".safetensors":
             raise _invalid(ref, "only .safetensors IP-Adapter weights are loaded")
@@ -95,7 +94,7 @@ def _invalid(ref: str, message: str) -> InvalidJob:
 def _cached_folder(ref: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    if ref.startswith(("/", ".", "~")) or ref.count("/") != 1 + ref.partition("@")[2].count("/"):
+    if not is_repo_id(ref):
         raise _invalid(ref, "no such file or folder")
     repo_id, _, revision = ref.partition("@")
     try:

@@ -34,7 +34,7 @@ from farm.jobs.state import JobState
 from farm.keys import ADAPTER_FILE, adapter_file_key, adapter_key
 from farm.storage import ObjectStore
 from workers.heartbeat import Heartbeat
-from workers.outcomes import dead_letter, end, hand_back, settle
+from workers.outcomes import Limits, Outcome, Stop, dead_letter, end, finish_stored, settle, stopped
 from workers.runtime import Held, Runtime, load_input
 from workers.train import checkpoints
 from workers.train.checkpoints import Checkpoint
@@ -45,20 +45,23 @@ OUTPUT_FILES = (ADAPTER_FILE, "loss.json", "loss.png")
 """What a fine-tune's record lists as outputs, the adapter first; `meta.json` is its meta."""
 
 
-def run_finetune(rt: Runtime, job: Held) -> str:
-    """Run one claimed fine-tune to its end; the state it ended in (or `stale`)."""
+def run_finetune(rt: Runtime, job: Held) -> Outcome:
+    """Run one claimed fine-tune to its end; how it ended."""
     # Attempts that moved the checkpoint on do not count toward FARM_MAX_DELIVERIES: a long
     # fine-tune on preemptible machines may be stopped many times and still finish.
     counted = replace(job, attempt=attempts_without_progress(rt.store, job.id, job.attempt))
-    if dead_letter(rt, counted):
-        return JobState.FAILED.value
+    if dead_letter(rt, job, attempts=counted.attempt):
+        return Outcome.FAILED
     lease = rt.settings.lease_seconds
     with Heartbeat(
         rt.tracker, {job.id: job.token}, lease, interval=min(0.2, lease / 3), cancels=rt.cancels
     ) as hb:
         try:
             # 1. A retried job whose earlier attempt stored everything is just finished.
-            outcome = (job.attempt > 1 and _finish_stored(rt, job)) or _train(rt, job, hb)
+            stored = adapter_file_key(job.id, "meta.json")
+            outcome = (job.attempt > 1 and finish_stored(rt, job, stored, _stored)) or _train(
+                rt, job, hb
+            )
         except Exception as e:
             outcome = settle(rt, counted, e)
         hb.release(job.id)
@@ -66,7 +69,18 @@ def run_finetune(rt: Runtime, job: Held) -> str:
     return outcome
 
 
-def _train(rt: Runtime, job: Held, hb: Heartbeat) -> str:
+def _stored(meta: dict[str, Any]) -> dict[str, Any]:
+    """The record's fields of a fine-tune whose earlier attempt stored everything."""
+    loss = meta["final_loss"]
+    return {
+        "outputs": meta["outputs"],
+        "step": meta["steps"],
+        "total": meta["steps"],
+        "loss": loss if loss is not None else "",
+    }
+
+
+def _train(rt: Runtime, job: Held, hb: Heartbeat) -> Outcome:
     from workers.train.loss_plot import loss_curve_png
     from workers.train.train_lora import LoraTrainer
 
@@ -82,16 +96,15 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> str:
     # 3. The warm pipeline renders use; the trainer adds its LoRA layers and removes them after.
     pipe: Any = rt.cache.get(spec.model, "txt2img")  # a StableDiffusionPipeline (4-channel)
     t_load = time.perf_counter()
-    stop: list[str] = []
+    stop: list[Stop] = []
     watch = hb.watch([job.id])
-    deadline = time.monotonic() + rt.settings.finetune_time_limit
+    limits = Limits(rt, rt.settings.finetune_time_limit, "FARM_FINETUNE_TIME_LIMIT")
 
     def on_step(step: int, total: int, loss: float) -> bool:
         hb.report_loss(job.id, loss)
-        if rt.stopping:
-            stop.append("shutdown")
-        elif time.monotonic() > deadline:
-            stop.append("time limit")
+        reason = limits.reason()
+        if reason is not None:
+            stop.append(reason)
         return watch(step, total) or bool(stop)
 
     def on_checkpoint(ckpt: Checkpoint) -> None:
@@ -119,9 +132,9 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> str:
         finished = trainer.run(on_step, on_checkpoint)
         hb.beat()  # a cancel or takeover that came during the last step counts too
         if not finished or job.id in hb.cancelled or job.id in hb.stale:
-            if stop == ["shutdown"] and job.id not in hb.stale | hb.cancelled:
+            if stop == [Stop.SHUTDOWN] and job.id not in hb.stale | hb.cancelled:
                 on_checkpoint(trainer.snapshot())  # the next attempt loses no step
-            return _stopped(rt, job, hb, stop[0] if stop else "cancel")
+            return stopped(rt, job, hb, stop[0] if stop else Stop.CANCEL, limits, "training")
         adapter = trainer.adapter_bytes()
         losses, resumed_from = trainer.losses, trainer.resumed_from
     t_train = time.perf_counter()
@@ -168,8 +181,7 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> str:
     # 7. Succeeded, if this attempt is still the current one.
     return end(
         rt,
-        job.id,
-        job.token,
+        job,
         JobState.SUCCEEDED,
         outputs=uris,
         meta=rt.store.uri(meta_key),
@@ -191,45 +203,6 @@ def attempts_without_progress(store: ObjectStore, job_id: str, attempt: int) -> 
         log.warning("fine-tune %s: cannot read its checkpoints (%s)", job_id, e)
         return attempt
     return attempt - int(written_by) if written_by else attempt
-
-
-def _stopped(rt: Runtime, job: Held, hb: Heartbeat, reason: str) -> str:
-    """A fine-tune stopped between steps: superseded, cancelled, handed back on shutdown (to
-    resume from its checkpoint elsewhere), or failed past its time limit."""
-    if job.id in hb.stale:
-        return "stale"
-    if job.id in hb.cancelled or reason == "cancel":
-        return end(rt, job.id, job.token, JobState.CANCELLED, error="cancelled while training")
-    if reason == "shutdown":
-        return hand_back(rt, job.id, job.token, 0, "worker shut down", backoff=False)
-    limit = rt.settings.finetune_time_limit
-    return end(
-        rt,
-        job.id,
-        job.token,
-        JobState.FAILED,
-        error=f"time limit exceeded: {limit:g} s (FARM_FINETUNE_TIME_LIMIT)",
-    )
-
-
-def _finish_stored(rt: Runtime, job: Held) -> str | None:
-    """Finish from what an earlier attempt stored: meta.json is written last."""
-    try:
-        meta = json.loads(rt.store.get(adapter_file_key(job.id, "meta.json")))
-    except KeyError:  # ObjectNotFound: not stored yet
-        return None
-    log.info("fine-tune %s: adapter stored by attempt %s; finishing it", job.id, meta["attempt"])
-    return end(
-        rt,
-        job.id,
-        job.token,
-        JobState.SUCCEEDED,
-        outputs=meta["outputs"],
-        meta=rt.store.uri(adapter_file_key(job.id, "meta.json")),
-        step=meta["steps"],
-        total=meta["steps"],
-        loss=meta["final_loss"] if meta["final_loss"] is not None else "",
-    )
 
 
 def _precision(pipe: Any, spec: Finetune) -> str:

@@ -222,12 +222,13 @@ def trainer(farm_settings):
 def run_parent(trainer, parent: str, adapter: bytes | None, state=JobState.SUCCEEDED, **fields):
     """Claim the fine-tune, store its adapter, and end it as its worker would."""
     from workers.outcomes import end
+    from workers.runtime import Held
 
     t = trainer.tracker.claim(parent, trainer.name, 30)
     assert t.ok
     if adapter is not None:
         trainer.store.put(adapter_key(parent), adapter)
-    return end(trainer, parent, t.token, state, **fields)
+    return end(trainer, Held(trainer.tracker.get(parent), t.token, t.attempt), state, **fields)
 
 
 def diffusers_with_lora(folder, lora_file, spec: Txt2Img) -> np.ndarray:
