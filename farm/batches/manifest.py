@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from farm.errors import InvalidJob
 from farm.inputs.resolver import URI_SCHEMES, InputInfo, InputResolver
 from farm.jobs.masks import MaskGenerator, parse_generator
-from farm.jobs.specs import SPECS, parse_spec
+from farm.jobs.specs import SHORT_NAMES, SPECS, parse_spec
 
 if TYPE_CHECKING:
     from farm.submit import Submission
@@ -59,12 +59,9 @@ JOB_FIELDS = frozenset().union(*(cls.model_fields for cls in SPECS.values())) - 
 }
 """Spec fields a row, the defaults block or the command line may set."""
 
-ALIASES = {
-    "steps": "num_inference_steps",
-    "num_images": "num_images_per_prompt",
-    "mask_image": "mask",
-}
-"""Short names (the CLI's flags) and diffusers' `mask_image`, mapped onto canonical fields."""
+ALIASES = {**SHORT_NAMES, "mask_image": "mask"}
+"""Short names (`farm.jobs.specs.SHORT_NAMES`) and diffusers' `mask_image`, mapped onto the
+canonical fields."""
 
 BATCH_FIELDS = frozenset({"variations"})
 """Batch-wide settings: allowed in the defaults block and on the command line, not in rows."""

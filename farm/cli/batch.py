@@ -24,27 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from farm.cli.flags import BATCH_FLAGS, add_flags, given
 from farm.cli.progress import LiveLine
 from farm.errors import EXIT_FAILED, EXIT_INVALID, InvalidJob
-from farm.jobs.specs import flag_field
-
-DEFAULT_FLAGS = (
-    "kind",
-    "model",
-    "prompt",
-    "prompt_template",
-    "negative_prompt",
-    "mask",
-    "steps",
-    "guidance_scale",
-    "strength",
-    "scheduler",
-    "width",
-    "height",
-    "num_images",
-    "priority",
-)
-"""Flags that set the defaults every row gets (rows override them); fields per `flag_field`."""
 
 
 def add_parser(sub: Any) -> None:
@@ -59,18 +41,13 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--model", help="tiny, tiny-inpaint, org/name, folder, .safetensors")
     s.add_argument("--variations", type=int, help="jobs per row (default 1)")
     s.add_argument("--seed", type=int, help="every job's seed derives from it (default 0)")
-    s.add_argument("--prompt")
     s.add_argument("--prompt-template", help='filled from each row: "a photo of a {label}"')
-    s.add_argument("--negative-prompt")
-    s.add_argument("--mask", help="mask for rows without one: box, strokes, full or a path")
-    s.add_argument("--steps", type=int, help="num_inference_steps")
-    s.add_argument("--guidance-scale", type=float)
-    s.add_argument("--strength", type=float)
-    s.add_argument("--scheduler")
-    s.add_argument("--width", type=int)
-    s.add_argument("--height", type=int)
-    s.add_argument("--num-images", type=int, help="num_images_per_prompt")
-    s.add_argument("--priority", type=int, help="0..9, higher runs sooner")
+    add_flags(
+        s,
+        BATCH_FLAGS,
+        mask="mask for rows without one: box, strokes, full (with parameters) or a path",
+        prompt="the prompt of rows without one",
+    )
     s.add_argument(
         "--set",
         action="append",
@@ -148,9 +125,10 @@ def _defaults(args: argparse.Namespace) -> dict[str, Any]:
         if not eq or not field.strip():
             raise InvalidJob(f"--set: expected FIELD=VALUE, got {item!r}", field="set")
         out[field.strip()] = _value(text)
-    for flag in DEFAULT_FLAGS:
+    for flag in ("kind", "model", "prompt_template"):
         if getattr(args, flag) is not None:
-            out[flag_field(flag)] = getattr(args, flag)
+            out[flag] = getattr(args, flag)
+    out.update(given(args, BATCH_FLAGS))
     return out
 
 

@@ -21,6 +21,7 @@ from farm.cli import batch as cli_batch
 from farm.cli import finetune as cli_finetune
 from farm.cli import models as cli_models
 from farm.cli import workers as cli_workers
+from farm.cli.flags import SUBMIT_FLAGS, add_flags, given
 from farm.cli.progress import JobsBar, TrainingBar
 from farm.errors import (
     EXIT_FAILED,
@@ -34,30 +35,8 @@ from farm.errors import (
 from farm.inputs.loras import parse_lora_flag
 from farm.jobs.masks import parse_generator
 from farm.jobs.record import JobRecord
-from farm.jobs.specs import SCHEDULERS, flag_field
 from farm.local.up import LOCAL_QUEUES
 from farm.settings import FarmSettings
-
-SUBMIT_FLAGS = (
-    "negative_prompt",
-    "steps",
-    "guidance_scale",
-    "strength",
-    "scheduler",
-    "width",
-    "height",
-    "num_images",
-    "seed",
-    "key",
-    "priority",
-    "image",
-    "mask",
-    "style_image",
-    "style_scale",
-    "ip_adapter",
-    "ip_adapter_weight_name",
-)
-"""`farm submit`'s job flags; `--mask` fills `mask_image`, the rest `farm.jobs.specs.flag_field`."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -96,28 +75,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--model", required=True, help="tiny, tiny-inpaint, org/name, folder, .safetensors"
     )
-    s.add_argument("--prompt", help="required by txt2img, img2img and inpaint")
-    s.add_argument("--negative-prompt")
-    s.add_argument("--image", help="input image: path or s3:// URI")
-    s.add_argument(
-        "--mask",
-        help="mask (white = repaint): path, s3:// URI, or a generator drawn by the worker: "
-        "box, strokes, full, with parameters (strokes:max_width=0.2,seed=7)",
-    )
-    s.add_argument("--style-image", help="style: the reference image (ip_adapter_image)")
-    s.add_argument("--style-scale", type=float, help="style: ip_adapter_scale (default 0.6)")
-    s.add_argument("--ip-adapter", help="style: IP-Adapter ref (default tiny-ip-adapter for tiny)")
-    s.add_argument("--ip-adapter-weight-name", help="style: weights file in the adapter's folder")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--steps", type=int, help="num_inference_steps")
-    s.add_argument("--guidance-scale", type=float)
-    s.add_argument("--strength", type=float)
-    s.add_argument("--scheduler", help=", ".join(SCHEDULERS))
-    s.add_argument("--width", type=int)
-    s.add_argument("--height", type=int)
-    s.add_argument("--num-images", type=int, help="num_images_per_prompt")
-    s.add_argument("--priority", type=int, help="0..9, higher runs sooner")
-    s.add_argument("--key", help="idempotency key: the same key submits once")
+    add_flags(s, SUBMIT_FLAGS)
     s.add_argument(
         "--lora",
         action="append",
@@ -224,14 +182,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.kind == "finetune":
         return cli_finetune.submit(args, _farm(), _print_record)
     cli_finetune.refuse_flags(args)
-    spec: dict[str, Any] = {"kind": args.kind, "model": args.model}
-    if args.prompt is not None:
-        spec["prompt"] = args.prompt
-    for flag in SUBMIT_FLAGS:
-        field = "mask_image" if flag == "mask" else flag_field(flag)
-        value = getattr(args, flag)
-        if value is not None:
-            spec[field] = value
+    spec: dict[str, Any] = {"kind": args.kind, "model": args.model, **given(args, SUBMIT_FLAGS)}
     if args.mask is not None:
         spec["mask_image"] = parse_generator(args.mask, "mask_image") or args.mask
     if args.lora:

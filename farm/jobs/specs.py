@@ -298,17 +298,14 @@ JobSpec = Annotated[Txt2Img | Img2Img | Inpaint | Style | Finetune, Field(discri
 
 RENDER_KINDS = ("txt2img", "img2img", "inpaint", "style")
 
-FLAG_FIELDS = {
+SHORT_NAMES = {
     "steps": "num_inference_steps",
     "num_images": "num_images_per_prompt",
     "style_image": "ip_adapter_image",
     "style_scale": "ip_adapter_scale",
 }
-"""Command-line flags whose spec field has diffusers' longer name; other flags are the field."""
-
-
-def flag_field(flag: str) -> str:
-    return FLAG_FIELDS.get(flag, flag)
+"""Short names for the fields whose diffusers name is long: CLI flags (`--steps`) and
+manifest columns (`steps`) accept both."""
 
 
 SPECS: dict[str, type[BaseModel]] = {
