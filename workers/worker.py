@@ -73,7 +73,7 @@ def run_job(rt: Runtime, job_id: str) -> Outcome:
     rt.metrics.ended(held, outcomes)
     for job in held:
         log.info(
-            "job %s (%s, %s, batch of %d): %s in %.2fs",
+            "job %s (%s, %s, micro-batch of %d): %s in %.2fs",
             job.id,
             job.record.kind,
             job.record.spec.get("model"),
@@ -106,7 +106,7 @@ def _gather(rt: Runtime, lead: Held) -> list[Held]:
 
 
 def _run_held(rt: Runtime, held: list[Held]) -> dict[str, Outcome]:
-    """Run the held jobs as one batch, falling back to one by one; job id → how it ended."""
+    """Run the held jobs as one micro-batch, falling back to one by one; job id → how it ended."""
     outcomes: dict[str, Outcome] = {}
     lease = rt.settings.lease_seconds
     tokens = {job.id: job.token for job in held}
@@ -128,7 +128,7 @@ def _run_held(rt: Runtime, held: list[Held]) -> dict[str, Outcome]:
                 outcomes[job.id] = settle(rt, job, e)
                 hb.release(job.id)
         # 4-7. One pipeline call for them all.
-        _run_batch(rt, ready, hb, outcomes)
+        _run_micro_batch(rt, ready, hb, outcomes)
     return outcomes
 
 
@@ -137,9 +137,11 @@ def _stored(meta: dict[str, Any]) -> dict[str, Any]:
     return {"outputs": meta["outputs"], "mask": meta.get("mask") or ""}
 
 
-def _run_batch(rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, Outcome]) -> None:
+def _run_micro_batch(
+    rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, Outcome]
+) -> None:
     """Render, store and finish `jobs` as one call. Out of memory: retry each half; any other
-    failure of a batch: one by one, so a bad job fails alone."""
+    failure of a micro-batch: one by one, so a bad job fails alone."""
     if not jobs:
         return
     try:
@@ -150,19 +152,19 @@ def _run_batch(rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str,
     pending = [job for job in jobs if job.id not in outcomes]
     if _out_of_memory(error) and len(pending) > 1:
         half = len(pending) // 2
-        log.warning("batch of %d ran out of memory; retrying halves", len(pending))
-        _run_batch(rt, pending[:half], hb, outcomes)
-        _run_batch(rt, pending[half:], hb, outcomes)
+        log.warning("micro-batch of %d ran out of memory; retrying halves", len(pending))
+        _run_micro_batch(rt, pending[:half], hb, outcomes)
+        _run_micro_batch(rt, pending[half:], hb, outcomes)
         return
     if len(pending) > 1:
         log.warning(
-            "batch of %d failed (%s: %s); running its jobs one by one",
+            "micro-batch of %d failed (%s: %s); running its jobs one by one",
             len(pending),
             type(error).__name__,
             error,
         )
         for job in pending:
-            _run_batch(rt, [job], hb, outcomes)
+            _run_micro_batch(rt, [job], hb, outcomes)
         return
     for job in pending:
         if _out_of_memory(error):
