@@ -30,7 +30,7 @@ import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from farm.inputs import images
 from farm.inputs.loras import prepare_loras
@@ -41,11 +41,27 @@ from farm.jobs.signature import batch_signature
 from farm.jobs.specs import Inpaint, Style, Txt2Img
 from farm.jobs.state import JobState
 from farm.queue.app import enqueue
+from farm.queue.routing import Router
+from farm.settings import FarmSettings
 from farm.state import dependencies
-from farm.state.tracker import new_job_id
+from farm.state.tracker import Tracker, new_job_id
+from farm.storage import ObjectStore
 
-if TYPE_CHECKING:
-    from farm.client import Farm
+
+class Parts(Protocol):
+    """What a submission needs of a farm (`farm.client.Farm` has it all)."""
+
+    settings: FarmSettings
+    tracker: Tracker
+    router: Router
+
+    @property
+    def store(self) -> ObjectStore: ...
+
+    @property
+    def celery(self) -> Any: ...
+
+    def check_model(self, ref: str) -> None: ...
 
 
 @dataclass
@@ -65,7 +81,7 @@ class Written:
 class Submission:
     """One submit through the pipeline: one input resolver, then one or more writes."""
 
-    def __init__(self, farm: Farm, inputs: InputResolver | None = None) -> None:
+    def __init__(self, farm: Parts, inputs: InputResolver | None = None) -> None:
         self.farm = farm
         self.inputs = inputs or InputResolver(farm.store)
 

@@ -1,6 +1,7 @@
 """The `farm` command: one module per command group, one flag table.
 
 main.py      the parser, the commands of one job, and `main`
+handoff.py   `farm worker`, `farm models verify|export`: exec `python -m workers`
 flags.py     the one flag table: render flags ↔ spec fields, for `farm submit` and batches
 batch.py     `farm batch ...`
 finetune.py  `farm submit finetune` flags

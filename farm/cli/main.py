@@ -9,7 +9,6 @@ stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ from farm.cli import finetune as cli_finetune
 from farm.cli import models as cli_models
 from farm.cli import workers as cli_workers
 from farm.cli.flags import SUBMIT_FLAGS, add_flags, given
+from farm.cli.handoff import hand_off
 from farm.cli.progress import JobsBar, TrainingBar
 from farm.errors import (
     EXIT_FAILED,
@@ -238,22 +238,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.gpus or args.workers:
         return cli_workers.run_many(args)
     return hand_off(args.argv)
-
-
-def hand_off(argv: Sequence[str]) -> int:
-    """Run a command of the heavy side (`farm worker`, `farm models verify|export`) in this
-    process's place: `python -m workers ARGV`, parsed by the same `parser()`. The light side
-    never imports torch; a machine without it gets one line saying what to install."""
-    missing = [m for m in ("torch", "diffusers", "workers") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise FarmError(
-            f"`farm {argv[0] if argv else ''}` needs the worker side ({', '.join(missing)} "
-            "missing): pip install torch==2.13.0 'render-farm[worker]'"
-        )
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "workers", *argv])
-    return 0  # not reached: exec replaced this process
 
 
 def cmd_up(args: argparse.Namespace) -> int:

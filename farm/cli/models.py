@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from farm.cli.handoff import hand_off
 from farm.errors import EXIT_FAILED
 from farm.jobs.refs import BUILTIN_IP_ADAPTERS, BUILTIN_MODELS, BUILTIN_SIZES
 
@@ -78,14 +79,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from farm.cli.main import hand_off
-
     return hand_off(args.argv)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from farm.cli.main import hand_off
-
     return hand_off(args.argv)
 
 

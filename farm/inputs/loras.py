@@ -19,7 +19,6 @@ anything is written, and a bad ref is an `InvalidJob` naming it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,9 +31,6 @@ from farm.storage import ObjectStore
 
 if TYPE_CHECKING:
     from farm.inputs.resolver import InputResolver
-
-MAX_HEADER_BYTES = 100 << 20
-"""The largest safetensors header accepted (the limit the safetensors library itself sets)."""
 
 FIELD = "loras"
 
@@ -52,43 +48,6 @@ def parse_lora_flag(text: str) -> dict[str, Any]:
         except ValueError:
             pass
     return {"ref": text}
-
-
-def check_safetensors(data: bytes, what: str) -> dict[str, Any]:
-    """The JSON header of a safetensors file, or `InvalidJob`: anything else is refused.
-
-    The format is an 8-byte little-endian header length, a JSON object of tensor name →
-    dtype, shape and data offsets, then the tensors' bytes. Read here without torch.
-    """
-
-    def refuse(why: str) -> InvalidJob:
-        return InvalidJob(f"{FIELD}: {what} is not a safetensors file ({why})", field=FIELD)
-
-    if len(data) < 8:
-        raise refuse(f"{len(data)} bytes")
-    size = int.from_bytes(data[:8], "little")
-    if size < 2 or size > MAX_HEADER_BYTES or 8 + size > len(data):
-        raise refuse(f"header length {size} does not fit a {len(data)}-byte file")
-    try:
-        header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, ValueError):
-        raise refuse("its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise refuse("its header is not a JSON object")
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    if not tensors:
-        raise refuse("it holds no tensors")
-    body = len(data) - 8 - size
-    for name, info in tensors.items():
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= body
-        ):
-            raise refuse(f"tensor {name!r} has no valid data offsets")
-    return header
 
 
 def prepare_loras(

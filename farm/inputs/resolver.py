@@ -27,6 +27,7 @@ prepares one job per distinct row this way before anything is written.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,7 +38,6 @@ from PIL import Image
 
 from farm.errors import InvalidJob
 from farm.inputs import images
-from farm.inputs.loras import check_safetensors
 from farm.keys import adapter_input_key, input_key
 from farm.storage import ObjectNotFound, ObjectStore
 
@@ -46,6 +46,9 @@ URI_SCHEMES = ("s3://", "file://")
 
 CACHE_BYTES = 256 << 20
 """Decoded pixels a resolver keeps (least recently used go first)."""
+
+MAX_HEADER_BYTES = 100 << 20
+"""The largest safetensors header accepted (the limit the safetensors library itself sets)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,43 @@ def refuse_urls(value: Any, field: str, label: str | None = None) -> None:
             f"{label or field}: only local paths, s3:// and file:// URIs, got {value!r}",
             field=field,
         )
+
+
+def check_safetensors(data: bytes, what: str, field: str = "loras") -> dict[str, Any]:
+    """The JSON header of a safetensors file, or `InvalidJob`: anything else is refused.
+
+    The format is an 8-byte little-endian header length, a JSON object of tensor name →
+    dtype, shape and data offsets, then the tensors' bytes. Read here without torch.
+    """
+
+    def refuse(why: str) -> InvalidJob:
+        return InvalidJob(f"{field}: {what} is not a safetensors file ({why})", field=field)
+
+    if len(data) < 8:
+        raise refuse(f"{len(data)} bytes")
+    size = int.from_bytes(data[:8], "little")
+    if size < 2 or size > MAX_HEADER_BYTES or 8 + size > len(data):
+        raise refuse(f"header length {size} does not fit a {len(data)}-byte file")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (UnicodeDecodeError, ValueError):
+        raise refuse("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise refuse("its header is not a JSON object")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not tensors:
+        raise refuse("it holds no tensors")
+    body = len(data) - 8 - size
+    for name, info in tensors.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= body
+        ):
+            raise refuse(f"tensor {name!r} has no valid data offsets")
+    return header
 
 
 class InputResolver:
@@ -153,10 +193,10 @@ class InputResolver:
                 if not self.store.exists(key):
                     raise InvalidJob(f"{field}: no such object {ref!r}", field=field)
                 return ref
-            check_safetensors(self._read(ref, field), repr(ref))  # foreign, if allowed
+            check_safetensors(self._read(ref, field), repr(ref), field)  # foreign, if allowed
             return ref
         data = self._read(ref, field)
-        check_safetensors(data, repr(ref))
+        check_safetensors(data, repr(ref), field)
         key = adapter_input_key(hashlib.sha256(data).hexdigest())
         if not dry:
             self.uploads[key] = data
