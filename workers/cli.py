@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 from farm.cli.main import guarded, parser
 from farm.errors import InvalidJob
-from farm.jobs.refs import BUILTIN_IP_ADAPTERS
 from farm.settings import FarmSettings, resolve_settings
 
 
@@ -38,15 +37,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.name in BUILTIN_IP_ADAPTERS:
-        from workers.builtin.tiny_ip_adapter import export_tiny_ip_adapter
+    from workers.builtin.families import export_builtin
 
-        print(export_tiny_ip_adapter(args.dir))
-        return 0
-    from workers.builtin.tiny import export_single_file, export_tiny
-
-    print(export_tiny(args.name, args.dir))
+    if args.single_file and args.name not in ("tiny", "tiny-inpaint"):
+        raise InvalidJob(
+            f"--single-file: only the Stable Diffusion 1.x built-ins have an original-layout "
+            f"checkpoint, not {args.name!r}",
+            field="single_file",
+        )
+    print(export_builtin(args.name, args.dir))
     if args.single_file:
+        from workers.builtin.tiny import export_single_file
+
         print(export_single_file(args.name, args.dir / f"{args.name}.safetensors"))
     return 0
 

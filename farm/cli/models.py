@@ -49,7 +49,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from farm.inputs.models import hf_cache_dir
 
     for name, what in (BUILTIN_MODELS | BUILTIN_IP_ADAPTERS).items():
-        print(f"{name:16} built-in {human_size(BUILTIN_SIZES[name]):>9}  {what}")
+        print(f"{name:21} built-in {human_size(BUILTIN_SIZES[name]):>9}  {what}")
     models = cached_models()
     print(f"# {hf_cache_dir()}: {len(models)} cached model(s)")
     for model in models:

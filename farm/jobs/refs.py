@@ -13,17 +13,35 @@ import re
 BUILTIN_MODELS = {
     "tiny": "txt2img/img2img: a tiny Stable Diffusion (4-channel UNet), seeded random weights",
     "tiny-inpaint": "inpaint: a tiny Stable Diffusion inpainting model (9-channel UNet)",
+    "tiny-sdxl": "txt2img/img2img: a tiny SDXL (two text encoders, size conditioning)",
+    "tiny-sdxl-inpaint": "inpaint: a tiny SDXL inpainting model (9-channel UNet)",
+    "tiny-sd3": "txt2img/img2img: a tiny SD3 (MMDiT transformer, three text encoders)",
+    "tiny-flux": "txt2img/img2img: a tiny FLUX.1 (transformer, CLIP and T5 encoders)",
+    "tiny-flux-fill": "inpaint: a tiny FLUX.1 Fill (masked image and mask as extra inputs)",
 }
+"""Built-in models, built offline with seeded random weights: one or two per family."""
 
 BUILTIN_IP_ADAPTERS = {
     "tiny-ip-adapter": "IP-Adapter for `tiny`: a tiny CLIP image encoder and image projection, "
     "seeded random weights",
+    "tiny-sdxl-ip-adapter": "IP-Adapter for `tiny-sdxl`: a tiny CLIP image encoder and image "
+    "projection, seeded random weights",
 }
-"""Built-in IP-Adapters (`ip_adapter` of a style job); the default for the built-in `tiny`."""
+"""Built-in IP-Adapters (`ip_adapter` of a style job); each the default for its built-in."""
 
-BUILTIN_SIZES = {"tiny": 8_511_760, "tiny-inpaint": 8_517_520, "tiny-ip-adapter": 188_968}
+BUILTIN_SIZES = {
+    "tiny": 8_511_760,
+    "tiny-inpaint": 8_517_520,
+    "tiny-sdxl": 3_039_684,
+    "tiny-sdxl-inpaint": 3_040_044,
+    "tiny-sd3": 2_077_492,
+    "tiny-flux": 870_224,
+    "tiny-flux-fill": 880_464,
+    "tiny-ip-adapter": 188_968,
+    "tiny-sdxl-ip-adapter": 132_392,
+}
 """Bytes of each built-in's float32 weights once built (they have no files), for `farm models
-list` without importing torch; tests/workers/builtin/test_tiny.py checks them against the builders."""
+list` without importing torch; tests/workers/builtin/ check them against the builders."""
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}(@[\w./-]{1,128})?$")
 """`org/name[@revision]`, as the Hugging Face Hub names repos."""

@@ -6,7 +6,6 @@ tiny_sd3.py         `tiny-sd3`: an MMDiT transformer, three text encoders, flow 
 tiny_flux.py        `tiny-flux`, `tiny-flux-fill`: FLUX.1's transformer, CLIP + T5, flow matching
 components.py       what the families share: tokenizers (CLIP, T5) built locally, the 16-channel VAE
 families.py         name → pipeline class and family; build and export any built-in
-sizes.py            float32 weight bytes of each built-in, for `farm models list` without torch
 defaults.py         each family's pipeline defaults, read from diffusers itself
 tiny_lora.py        tiny LoRA adapters for `tiny`
 lora.py             tiny LoRA adapters for the SDXL, SD3 and Flux built-ins

@@ -75,6 +75,32 @@ def export_family_tiny(name: str, out_dir: str | Path) -> Path:
     return out
 
 
+def build_builtin(name: str) -> DiffusionPipeline:
+    """Any built-in model (`farm.jobs.refs.BUILTIN_MODELS`), fresh, float32, on the CPU."""
+    if name in FAMILY_MODELS:
+        return build_family_tiny(name)
+    from workers.builtin.tiny import build_tiny
+
+    return build_tiny(name)
+
+
+def export_builtin(name: str, out_dir: str | Path) -> Path:
+    """Any built-in model or IP-Adapter as the folder diffusers loads it from."""
+    if name in FAMILY_MODELS:
+        return export_family_tiny(name, out_dir)
+    if name == "tiny-sdxl-ip-adapter":
+        from workers.builtin.sdxl_ip_adapter import export_sdxl_ip_adapter
+
+        return export_sdxl_ip_adapter(out_dir)
+    if name == "tiny-ip-adapter":
+        from workers.builtin.tiny_ip_adapter import export_tiny_ip_adapter
+
+        return export_tiny_ip_adapter(out_dir)
+    from workers.builtin.tiny import export_tiny
+
+    return export_tiny(name, out_dir)
+
+
 def build_components(name: str) -> dict[str, Any]:
     """A built-in's components built afresh, bypassing the cache (to check determinism)."""
     _, builder = _lookup(name)

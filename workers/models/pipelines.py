@@ -10,7 +10,7 @@ weights (diffusers' `from_pipe`), so a model costs one load whatever kind of job
 
 Refs, and what each resolves to (`resolve_model`):
 
-    tiny, tiny-inpaint         built in (`workers.builtin.tiny`), no files at all
+    tiny, tiny-sdxl, …         built in (`workers.builtin`), no files at all
     org/name[@revision]        the local Hugging Face cache only, never the network
     path/to/folder             a diffusers folder (with `model_index.json`)
     path/to/model.safetensors  one original-layout checkpoint; its diffusers config is the
@@ -50,7 +50,7 @@ from farm.errors import InvalidJob, TransientError
 from farm.inputs.hub import PULL_PATTERNS
 from farm.inputs.models import local_path
 from farm.jobs.refs import BUILTIN_MODELS, check_model_ref, is_repo_id
-from workers.builtin.tiny import build_tiny
+from workers.builtin.families import build_builtin
 
 KINDS = ("txt2img", "img2img", "inpaint")
 _AUTO_PIPELINES = {
@@ -369,7 +369,7 @@ def _check_kind(entry: _Entry, kind: str) -> None:
 
 def _load_pipeline(ref: str, source: ModelSource, dtype: torch.dtype) -> DiffusionPipeline:
     if source.kind == "builtin":
-        pipe = build_tiny(source.location)  # float32
+        pipe = build_builtin(source.location)  # float32
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     if source.kind == "single_file":
         assert source.config is not None

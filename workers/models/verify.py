@@ -41,9 +41,13 @@ def verify(ref: str, models_dir: Path | None = None) -> Verdict:
     ref = ref.strip()
     # 1. Built-ins: nothing on disk.
     if ref in BUILTIN_MODELS:
-        from workers.builtin.tiny import TINY_MODELS
+        from workers.builtin.families import FAMILY_KINDS
 
-        kind = INPAINT if TINY_MODELS[ref][1] == 9 else TXT2IMG
+        kind = (
+            INPAINT
+            if FAMILY_KINDS.get(ref, ()) == ("inpaint",) or ref == "tiny-inpaint"
+            else TXT2IMG
+        )
         return Verdict(ref, kind, "built in", [BUILTIN_MODELS[ref]])
     if ref in BUILTIN_IP_ADAPTERS:
         return Verdict(ref, IP_ADAPTER, "built in", [BUILTIN_IP_ADAPTERS[ref]])

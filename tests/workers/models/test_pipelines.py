@@ -295,3 +295,22 @@ def test_a_single_file_renders_like_its_folder(
     assert cache.loads == 2
     for a, b in zip(single.images, folder.images, strict=True):
         assert max_diff(a, b) <= 1
+
+
+@pytest.mark.parametrize(
+    ("name", "kinds"),
+    [
+        ("tiny-sdxl", ("txt2img", "img2img", "inpaint")),
+        ("tiny-sdxl-inpaint", ("inpaint",)),
+        ("tiny-sd3", ("txt2img", "img2img", "inpaint")),
+        ("tiny-flux", ("txt2img", "img2img", "inpaint")),
+    ],
+)
+def test_every_family_built_in_loads_once_for_each_kind_it_runs(name, kinds):
+    from farm.jobs.refs import BUILTIN_MODELS
+
+    cache = PipelineCache(device="cpu")
+    assert name in BUILTIN_MODELS
+    pipes = [cache.get(name, kind) for kind in kinds]
+    assert cache.loads == 1  # one set of weights for every kind
+    assert len({id(p.vae) for p in pipes}) == 1
