@@ -18,7 +18,7 @@ The surface (`__all__`), as README.md's "Use it from Python" documents it:
 
 Wings, lowest first (a wing imports only its own and lower ones; `tests/test_layout.py`):
 errors settings keys · jobs · storage queue · state · inputs · submit client · batches ·
-local · dashboard · cli.
+local · api · cli.
 """
 
 from farm.batches.batch import Batch

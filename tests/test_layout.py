@@ -21,7 +21,7 @@ WINGS = [
     {"farm.submit", "farm.client"},
     {"farm.batches"},
     {"farm.local"},
-    {"farm.dashboard"},
+    {"farm.api"},
     {"farm.cli"},
 ]
 """farm's wings, lowest first: a module may import its own wing and the wings below it."""

@@ -19,6 +19,7 @@ from typing import Any
 from farm.cli import batch as cli_batch
 from farm.cli import finetune as cli_finetune
 from farm.cli import models as cli_models
+from farm.cli import tokens as cli_tokens
 from farm.cli import workers as cli_workers
 from farm.cli.flags import SUBMIT_FLAGS, add_flags, given
 from farm.cli.handoff import hand_off
@@ -114,8 +115,15 @@ def parser() -> argparse.ArgumentParser:
     db.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     db.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free)")
 
+    sv = sub.add_parser("serve", help="serve the HTTP API, the dashboard and webhooks")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    sv.add_argument("--no-webhooks", action="store_true", help="do not start the webhook sender")
+    sv.add_argument("--access-log", action="store_true", help="log every request (paths only)")
+
     cli_batch.add_parser(sub)
     cli_models.add_parser(sub)
+    cli_tokens.add_parser(sub)
     cli_workers.add_parser(sub)
     return p
 
@@ -285,11 +293,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from farm.dashboard.data import DashboardData
-    from farm.dashboard.server import serve
+    """The API's app, read-only, every tenant, no login: the operator's own page."""
+    from farm.api.auth import OPERATOR
+    from farm.api.server import serve
 
-    with _farm() as farm:
-        serve(DashboardData(farm), args.host, args.port)
+    serve(
+        FarmSettings(api_url=None),
+        args.host,
+        args.port,
+        anonymous=OPERATOR,
+        webhooks=False,
+        name="farm dashboard",
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from farm.api.server import serve
+
+    serve(
+        FarmSettings(api_url=None),
+        args.host,
+        args.port,
+        webhooks=not args.no_webhooks,
+        access_log=args.access_log,
+    )
     return 0
 
 
@@ -305,5 +333,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "batch": cli_batch.run,
     "dashboard": cmd_dashboard,
+    "serve": cmd_serve,
+    "tokens": cli_tokens.run,
     "workers": cli_workers.run,
 }
