@@ -69,6 +69,7 @@ PAGE = """<!doctype html>
 <header><h1><a href="/">render-farm</a></h1><span class="mute" id="storage"></span>
 <span class="mute" id="updated"></span></header>
 <main id="main"><section class="wide">Loading…</section></main>
+<!--INITIAL-->
 <script>
 "use strict";
 const STATES = ["succeeded", "running", "queued", "waiting", "failed", "cancelled",
@@ -160,9 +161,9 @@ function recent(data) {
 
 function figure(caption, url) {
   const shown = !url ? el("div", {class: "thumb nothumb", text: "none"})
-    : /\.(png|jpe?g|webp)$/i.test(url) ? el("img", {src: url, alt: caption})
+    : /\.(png|jpe?g|webp)$/i.test(url.split("?")[0]) ? el("img", {src: url, alt: caption})
     : el("a", {href: url, class: "thumb nothumb mono",
-               text: decodeURIComponent(url.split("/").pop())});
+               text: decodeURIComponent(url.split("?")[0].split("/").pop())});
   return el("figure", {}, shown, el("figcaption", {text: caption}));
 }
 function jobPage(j) {
@@ -239,6 +240,9 @@ function follow(url, handlers) {
 
 const params = new URLSearchParams(location.search);
 const job = params.get("job"), batchName = params.get("batch");
+// What the server read for this page, so it shows at once (then live updates follow).
+const held = document.getElementById("initial");
+const initial = held ? JSON.parse(held.textContent) : null;
 if (job) {
   const url = "/api/job/" + encodeURIComponent(job);
   let data = null;
@@ -251,7 +255,7 @@ if (job) {
       alt: "preview"}), el("figcaption", {text: "preview at step " + live.pstep})));
     return [section("Live", "wide", ...bits)];
   };
-  read(url, render);
+  if (initial) render(initial); else read(url, render);
   const source = follow("/v1/jobs/" + encodeURIComponent(job) + "/events", {
     state: s => { if (s.state !== "running") live = {}; read(url, render);
                   if (["succeeded", "failed", "cancelled"].includes(s.state)) source.close(); },
@@ -260,11 +264,13 @@ if (job) {
   });
 } else if (batchName) {
   const url = "/api/batch/" + encodeURIComponent(batchName);
-  read(url, b => show(batchPage(b), b));
+  if (initial) show(batchPage(initial), initial); else read(url, b => show(batchPage(b), b));
   follow("/api/overview/events", {overview: () => read(url, b => show(batchPage(b), b))});
 } else {
+  const front = data => show([queues(data), workers(data), batches(data), recent(data)], data);
+  if (initial) front(initial);
   const source = follow("/api/overview/events", {
-    overview: data => show([queues(data), workers(data), batches(data), recent(data)], data),
+    overview: front,
     unavailable: name => fail("farm unavailable: " + name),
   });
   source.onerror = () => { if (source.readyState === EventSource.CLOSED) fail("disconnected"); };
