@@ -26,12 +26,12 @@ import pytest
 from PIL import Image
 
 from farm import Farm, Inpaint
-from farm.batches.submit import submit_batch
-from farm.cli.demo import box_mask, sample_image
 from farm.api.app import create_app
 from farm.api.auth import OPERATOR
 from farm.api.dashboard_data import DashboardData
 from farm.api.server import in_thread
+from farm.batches.submit import submit_batch
+from farm.cli.demo import box_mask, sample_image
 from farm.jobs.record import JobRecord
 from farm.local.up import LocalFarm
 from farm.queue.app import enqueue
