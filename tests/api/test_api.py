@@ -433,3 +433,32 @@ def test_list_pages_newest_first(api):
             if not cursor:
                 break
         assert seen[:5] == ids[::-1] and len(seen) == len(set(seen))
+
+
+def test_previews_arrive_as_events_and_change_nothing(api):
+    import base64
+    import io
+
+    from PIL import Image
+
+    spec = {
+        "kind": "txt2img",
+        "model": "tiny",
+        "prompt": "preview",
+        "seed": 9,
+        "num_inference_steps": 40,
+        "height": 64,
+        "width": 64,
+    }
+    with api.client() as c:
+        job_id = c.post("/v1/jobs", json={**spec, "preview_every": 5}).json()["id"]
+        with c.stream("GET", f"/v1/jobs/{job_id}/events") as resp:
+            events = sse_events(resp)
+        plain = c.post("/v1/jobs", json=spec).json()["id"]
+        wait_done(c, plain)
+        a, b = (c.get(f"/v1/jobs/{j}/outputs/0.png").content for j in (job_id, plain))
+    shots = [d for _, n, d in events if n == "preview"]
+    assert shots and all(d["step"] % 5 == 0 for d in shots)
+    picture = Image.open(io.BytesIO(base64.b64decode(shots[-1]["png"].split(",", 1)[1])))
+    assert picture.width == picture.height < 64  # the latents' size, not the image's
+    assert a == b  # the same pixels with previews as without

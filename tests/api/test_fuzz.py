@@ -37,7 +37,9 @@ def live(redis_server, tmp_path_factory):
 def fingerprint(farm: Farm) -> tuple:
     r = raw(farm)
     keys = sorted(r.keys(f"{farm.settings.key_prefix}*"))
-    return [(k, r.execute_command("DEBUG", "DIGEST-VALUE", k)) for k in keys], sorted(farm.store.list(""))
+    return [(k, r.execute_command("DEBUG", "DIGEST-VALUE", k)) for k in keys], sorted(
+        farm.store.list("")
+    )
 
 
 def test_no_route_errors_and_refusals_write_nothing(live):
@@ -64,8 +66,14 @@ def test_no_route_errors_and_refusals_write_nothing(live):
                 case.body = png()
             before = fingerprint(farm)
             resp = case.call(base_url=url.rstrip("/"), headers=headers, timeout=30)
-            tried[f"{case.method.upper()} {case.path}"] = tried.get(f"{case.method.upper()} {case.path}", 0) + 1
-            assert resp.status_code < 500, (case.as_curl_command(), resp.status_code, resp.text[:500])
+            tried[f"{case.method.upper()} {case.path}"] = (
+                tried.get(f"{case.method.upper()} {case.path}", 0) + 1
+            )
+            assert resp.status_code < 500, (
+                case.as_curl_command(),
+                resp.status_code,
+                resp.text[:500],
+            )
             if resp.status_code >= 400:
                 after = fingerprint(farm)
                 assert after == before, (case.as_curl_command(), resp.status_code, resp.text[:300])

@@ -49,9 +49,17 @@ const fs = require("fs");
 def s3_api(redis_server, s3_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api-s3")
     S3Store("api-node", endpoint_url=s3_server.endpoint_url, region="us-east-1").ensure_bucket()
-    settings = farm_settings(redis_server, tmp, storage="s3://api-node/farm",
-                             s3_endpoint_url=s3_server.endpoint_url, s3_region="us-east-1")
-    with LocalFarm(settings, workers=1, threads=1, preload=["tiny"]) as lf, Farm(lf.settings) as farm:
+    settings = farm_settings(
+        redis_server,
+        tmp,
+        storage="s3://api-node/farm",
+        s3_endpoint_url=s3_server.endpoint_url,
+        s3_region="us-east-1",
+    )
+    with (
+        LocalFarm(settings, workers=1, threads=1, preload=["tiny"]) as lf,
+        Farm(lf.settings) as farm,
+    ):
         tokens = make_tokens(farm)
         with in_thread(create_app(lf.settings)) as url:
             yield url, farm, tokens
@@ -64,8 +72,13 @@ def test_node_fetch_submits_follows_and_downloads_presigned_outputs(s3_api, tmp_
     url, farm, tokens = s3_api
     script = tmp_path / "client.js"
     script.write_text(NODE_CLIENT)
-    run = subprocess.run([node, str(script), url, tokens["acme"], str(tmp_path)],
-                         capture_output=True, text=True, timeout=180, env=settings_env(farm.settings))
+    run = subprocess.run(
+        [node, str(script), url, tokens["acme"], str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=settings_env(farm.settings),
+    )
     assert run.returncode == 0, run.stderr
     done = json.loads(run.stdout)
     assert done["names"] == ["0.png", "meta.json"]

@@ -52,8 +52,12 @@ def free_port() -> int:
 
 
 def start_sender(settings) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "farm.api.sender"], env=settings_env(settings),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "farm.api.sender"],
+        env=settings_env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def delivery(api: Api, client, job_id: str, until, timeout: float = 60) -> dict:
@@ -71,9 +75,18 @@ def test_webhooks_are_signed_retried_while_the_receiver_is_down_and_delivered_on
     sender = start_sender(api.settings)
     try:
         with api.client() as c:
-            job_id = c.post("/v1/jobs", json={"kind": "txt2img", "model": "tiny", "prompt": "hook",
-                                              "num_inference_steps": 2, "height": 32, "width": 32,
-                                              "webhook": f"http://127.0.0.1:{port}/hook"}).json()["id"]
+            job_id = c.post(
+                "/v1/jobs",
+                json={
+                    "kind": "txt2img",
+                    "model": "tiny",
+                    "prompt": "hook",
+                    "num_inference_steps": 2,
+                    "height": 32,
+                    "width": 32,
+                    "webhook": f"http://127.0.0.1:{port}/hook",
+                },
+            ).json()["id"]
             wait_done(c, job_id)
             hook = delivery(api, c, job_id, lambda h: len(h.get("attempts", [])) >= 2)
             assert hook["outcome"] == "pending" and all("error" in a for a in hook["attempts"])
@@ -88,7 +101,9 @@ def test_webhooks_are_signed_retried_while_the_receiver_is_down_and_delivered_on
     attempts = hook["attempts"]
     assert [a.get("status") for a in attempts[-2:]] == [503, 200]
     gaps = [b["at"] - a["at"] for a, b in zip(attempts, attempts[1:], strict=False)]
-    assert all(later >= 0.9 * earlier for earlier, later in zip(gaps, gaps[1:], strict=False))  # backoff
+    assert all(
+        later >= 0.9 * earlier for earlier, later in zip(gaps, gaps[1:], strict=False)
+    )  # backoff
     assert len(receiver.got) == 2
     secret = api.farm.tracker.tenants.webhook_secret("acme")
     ids = set()
@@ -108,10 +123,20 @@ def test_a_batch_webhook_arrives_once_the_batch_settles(api):
     sender = start_sender(api.settings)
     try:
         with api.client() as c:
-            made = c.post("/v1/batches", json={
-                "name": "hooked", "webhook": f"http://127.0.0.1:{port}/b",
-                "defaults": {"model": "tiny", "num_inference_steps": 1, "height": 32, "width": 32},
-                "rows": [{"prompt": "a"}, {"prompt": "b"}]})
+            made = c.post(
+                "/v1/batches",
+                json={
+                    "name": "hooked",
+                    "webhook": f"http://127.0.0.1:{port}/b",
+                    "defaults": {
+                        "model": "tiny",
+                        "num_inference_steps": 1,
+                        "height": 32,
+                        "width": 32,
+                    },
+                    "rows": [{"prompt": "a"}, {"prompt": "b"}],
+                },
+            )
             assert made.status_code == 201, made.text
             deadline = time.monotonic() + 90
             while not receiver.got and time.monotonic() < deadline:
@@ -138,11 +163,27 @@ def test_webhooks_to_refused_addresses_are_never_sent(api_farm, tmp_path):
         api = Api(url, settings, farm, tokens)
         with api.client() as c:
             for host in ("127.0.0.1", "localhost", "10.1.2.3", "[::1]", "169.254.169.254"):
-                resp = c.post("/v1/jobs", json={"kind": "txt2img", "model": "tiny", "prompt": "x",
-                                                "webhook": f"http://{host}:{port}/"})
+                resp = c.post(
+                    "/v1/jobs",
+                    json={
+                        "kind": "txt2img",
+                        "model": "tiny",
+                        "prompt": "x",
+                        "webhook": f"http://{host}:{port}/",
+                    },
+                )
                 assert resp.status_code == 422 and resp.json()["field"] == "webhook", resp.text
-            job = farm.submit({"kind": "txt2img", "model": "tiny", "prompt": "x", "num_inference_steps": 1,
-                               "height": 32, "width": 32, "webhook": f"http://localhost:{port}/"})
+            job = farm.submit(
+                {
+                    "kind": "txt2img",
+                    "model": "tiny",
+                    "prompt": "x",
+                    "num_inference_steps": 1,
+                    "height": 32,
+                    "width": 32,
+                    "webhook": f"http://localhost:{port}/",
+                }
+            )
             job.wait(timeout=120)
             sender = start_sender(settings)
             try:
@@ -162,7 +203,8 @@ def test_webhooks_to_refused_addresses_are_never_sent(api_farm, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "url", ["http://127.0.0.1/", "http://[::ffff:127.0.0.1]/", "http://192.168.0.1/", "http://0.0.0.0/"]
+    "url",
+    ["http://127.0.0.1/", "http://[::ffff:127.0.0.1]/", "http://192.168.0.1/", "http://0.0.0.0/"],
 )
 def test_private_addresses_are_refused_unless_allowed(url):
     with pytest.raises(InvalidJob, match="not a public address"):
