@@ -73,9 +73,36 @@ class JobHandle:
 
 
 class Farm:
-    """A connection to a farm: its Redis, its storage and its queue."""
+    """A connection to a farm: its Redis, its storage and its queue; or, given a `url` (or
+    `FARM_API_URL`), its HTTP API (`farm.remote.RemoteFarm`: the same calls)."""
 
-    def __init__(self, settings: FarmSettings | None = None, **overrides: Any) -> None:
+    remote = False
+    """True for a farm reached over its HTTP API."""
+
+    def __new__(
+        cls,
+        settings: FarmSettings | None = None,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        **overrides: Any,
+    ) -> Farm:
+        if cls is Farm:
+            base = settings or FarmSettings(**overrides)
+            if url or base.api_url:
+                from farm.remote import RemoteFarm
+
+                return RemoteFarm(base, url=url, token=token)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        settings: FarmSettings | None = None,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        **overrides: Any,
+    ) -> None:
         base = settings or FarmSettings(**overrides)
         self.settings = resolve_settings(base)
         self.tracker = Tracker.from_settings(self.settings)

@@ -18,7 +18,7 @@ WINGS = [
     {"farm.storage", "farm.queue"},
     {"farm.state"},
     {"farm.inputs"},
-    {"farm.submit", "farm.client"},
+    {"farm.submit", "farm.client", "farm.remote"},
     {"farm.batches"},
     {"farm.local"},
     {"farm.api"},

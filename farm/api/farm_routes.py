@@ -32,13 +32,15 @@ def _models(ctx: Any) -> dict[str, Any]:
         if w.online(now):
             for m in w.models:
                 warm.setdefault(m, []).append(w.name)
-    builtin = [{"ref": r, "about": a, "builtin": True} for r, a in BUILTIN_MODELS.items()]
+    builtin: list[dict[str, Any]] = [
+        {"ref": r, "about": a, "builtin": True} for r, a in BUILTIN_MODELS.items()
+    ]
     builtin += [
         {"ref": r, "about": a, "builtin": True, "ip_adapter": True}
         for r, a in BUILTIN_IP_ADAPTERS.items()
     ]
     for m in builtin:
-        m["warm_on"] = warm.pop(m["ref"], [])
+        m["warm_on"] = warm.pop(str(m["ref"]), [])
     others = [{"ref": r, "builtin": False, "warm_on": names} for r, names in sorted(warm.items())]
     return {"models": builtin + others}
 

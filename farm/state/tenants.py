@@ -176,7 +176,7 @@ class Tenants:
     def token(self, token_id: str) -> Token | None:
         with self._conn.doing("checking an API token"):
             raw = self._conn.client.hget(self._keys.tokens, token_id)
-        return _token(token_id, json.loads(raw)) if raw else None  # type: ignore[arg-type]
+        return _token(token_id, json.loads(raw)) if raw else None
 
     def session_key(self) -> bytes:
         """The key dashboard sessions are signed with, made on first use, shared by replicas."""
@@ -203,7 +203,7 @@ class Tenants:
         if not raw:
             hmac.compare_digest(_hash(parts[2]), _hash(""))  # the same work either way
             return None
-        entry = json.loads(raw)  # type: ignore[arg-type]
+        entry = json.loads(raw)
         if not hmac.compare_digest(_hash(parts[2]), entry.get("sha256", "")):
             return None
         return _token(parts[1], entry)
@@ -258,7 +258,7 @@ class Tenants:
         open set alone says `n` more would pass `limit` (O(1) while well under it)."""
         key = self._keys.tenant_open(tenant)
         with self._conn.doing("counting a tenant's jobs"):
-            size = int(self._conn.client.zcard(key))  # type: ignore[arg-type]
+            size = int(self._conn.client.zcard(key))
             if limit <= 0 or size + n <= limit:
                 return Open(size)
             ids: list[str] = self._conn.client.zrange(key, 0, -1)  # type: ignore[assignment]
@@ -307,10 +307,10 @@ class Tenants:
         top: Any = "+inf" if before is None else before[0]
         out: list[tuple[str, float]] = []
         with self._conn.doing("listing a tenant's jobs"):
-            raw = self._conn.client.zrevrangebyscore(
+            raw: Any = self._conn.client.zrevrangebyscore(
                 key, top, "-inf", start=0, num=count + 64, withscores=True
             )
-        for job_id, score in raw:  # type: ignore[union-attr]
+        for job_id, score in raw:
             if before is not None and score == before[0] and job_id >= before[1]:
                 continue  # ties on the cursor's score: members come in reverse order
             out.append((job_id, score))
@@ -330,7 +330,7 @@ class Tenants:
         with self._conn.doing("reading a tenant's inputs"):
             return [
                 bool(x)
-                for x in self._conn.client.smismember(self._keys.tenant_inputs(tenant), list(keys))  # type: ignore[union-attr]
+                for x in self._conn.client.smismember(self._keys.tenant_inputs(tenant), list(keys))
             ]
 
     def batch_tenants(self, names: Sequence[str]) -> list[str]:

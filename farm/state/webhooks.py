@@ -128,7 +128,7 @@ class Webhooks:
         """Record one attempt; `outcome` pending (then `next_due`), delivered or failed."""
         key = self._keys.webhook(delivery)
         with self._conn.doing("recording a webhook attempt"):
-            attempts = json.loads(self._conn.client.hget(key, "attempts") or "[]")  # type: ignore[arg-type]
+            attempts = json.loads(self._conn.client.hget(key, "attempts") or "[]")
             attempts.append(attempt)
             pipe = self._conn.client.pipeline(transaction=True)
             pipe.hset(key, mapping={"attempts": json.dumps(attempts), "outcome": outcome})
