@@ -36,6 +36,15 @@ from farm.submit import Submission
 ProgressFn = Callable[[Sequence[JobRecord | tuple[str, str | None, int, int]]], None]
 
 
+def raise_unless_succeeded(records: Sequence[JobRecord]) -> None:
+    """`JobFailed` or `JobCancelled` for the first record that did not succeed."""
+    for rec in records:
+        if rec.state == JobState.FAILED:
+            raise JobFailed(rec.error or "failed", job_id=rec.id)
+        if rec.state == JobState.CANCELLED:
+            raise JobCancelled("cancelled", job_id=rec.id)
+
+
 class JobHandle:
     """A thin handle on one job: its id and the farm it lives on."""
 
@@ -221,11 +230,7 @@ class Farm:
             )
         records = [patience.run(self.tracker.get, i) for i in ids]
         if raise_on_failure:
-            for rec in records:
-                if rec.state == JobState.FAILED:
-                    raise JobFailed(rec.error or "failed", job_id=rec.id)
-                if rec.state == JobState.CANCELLED:
-                    raise JobCancelled("cancelled", job_id=rec.id)
+            raise_unless_succeeded(records)
         return records
 
     def patience(self, on_unavailable: Callable[[str | None], None] | None = None) -> Patience:

@@ -26,11 +26,10 @@ from typing import Any
 
 import httpx
 
-from farm.client import Farm, JobHandle
+from farm.client import Farm, JobHandle, raise_unless_succeeded
 from farm.errors import (
     FarmError,
     InvalidJob,
-    JobCancelled,
     JobFailed,
     JobNotFound,
     TransientError,
@@ -43,7 +42,6 @@ from farm.jobs.record import JobRecord
 from farm.jobs.specs import Finetune, parse_spec
 from farm.jobs.state import JobState
 from farm.settings import FarmSettings
-from farm.state.connection import Patience
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -218,19 +216,8 @@ class RemoteFarm(Farm):
             time.sleep(poll)
         out = [records[i] for i in job_ids]
         if raise_on_failure:
-            for rec in out:
-                if rec.state == JobState.FAILED:
-                    raise JobFailed(rec.error or "failed", job_id=rec.id)
-                if rec.state == JobState.CANCELLED:
-                    raise JobCancelled("cancelled", job_id=rec.id)
+            raise_unless_succeeded(out)
         return out
-
-    def patience(self, on_unavailable: Callable[[str | None], None] | None = None) -> Patience:
-        if on_unavailable is None:
-            return Patience(self.settings.reconnect_seconds)
-        return Patience(
-            self.settings.reconnect_seconds, on_unavailable, lambda: on_unavailable(None)
-        )
 
     # ------------------------------------------------------------------ fetch
 
