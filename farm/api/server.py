@@ -11,12 +11,14 @@ sender (`farm.api.sender`) runs as a child process and stops with the server.
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -123,6 +125,13 @@ def serve(
     )
     print(f"{name}: {url}{extra}", flush=True)
     srv = server(app, sock, access_log)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # uvicorn shuts down on SIGTERM, then raises it again under the handler it found: ours, so
+    # the webhook sender below is stopped rather than orphaned.
+    signal.signal(signal.SIGTERM, interrupt)
     if webhooks:
         with sender_process(ctx.settings):
             srv.run(sockets=[sock])

@@ -53,6 +53,10 @@ def parser() -> argparse.ArgumentParser:
         "--queues", default=LOCAL_QUEUES, help=f"queues the workers serve (default {LOCAL_QUEUES})"
     )
     up.add_argument("--gpus", help="all, or GPU indices 0,1,3: one worker per GPU")
+    up.add_argument(
+        "--api-port", type=int, default=8000, help="the HTTP API's port (default 8000; busy: any)"
+    )
+    up.add_argument("--no-api", action="store_true", help="do not start the HTTP API")
 
     w = sub.add_parser("worker", help="serve jobs on one device")
     w.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
@@ -270,11 +274,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         queues=args.queues,
         gpus=gpus,
         metrics_port=settings.metrics_port,
+        api_port=None if args.no_api else _free_or_any(args.api_port),
     ) as lf:
         print(f"farm up: redis {lf.settings.redis_url}", flush=True)
         print(f"farm up: storage {lf.settings.storage_url()}", flush=True)
         where = f"GPUs {','.join(map(str, gpus))}" if gpus else f"{args.workers} on {args.device}"
         print(f"farm up: worker(s): {where}; logs in {lf.log_dir}", flush=True)
+        if lf.api_url:
+            print(
+                f"farm up: api {lf.api_url} (dashboard at /; OpenAPI at /openapi.json)", flush=True
+            )
+            print(f"farm up: local admin token {lf.api_token}", flush=True)
         print("farm up: submit from another terminal (`farm submit ...`); Ctrl-C stops", flush=True)
         try:
             while True:
@@ -282,6 +292,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("farm up: stopping", flush=True)
     return 0
+
+
+def _free_or_any(port: int) -> int:
+    """`port` if nothing listens on it on loopback, else 0 (any free port)."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
