@@ -17,6 +17,7 @@ written and enqueued. A refusal at any step before 4 writes nothing.
 from __future__ import annotations
 
 import mimetypes
+import time
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -71,10 +72,24 @@ BATCH_BODY = {
 }
 
 
+LIMITS_SECONDS = 1.0
+"""How long a tenant's limits, once read, are used before they are read again."""
+
+_limits: dict[tuple[int, str], tuple[float, Limits]] = {}
+
+
 def limits_of(ctx: Any, tenant: str) -> Limits:
+    """The tenant's limits (its own, else the `FARM_API_*` defaults), read at most once a
+    second per tenant: a change (`farm tokens limits`) holds within a second."""
+    key, now = (id(ctx), tenant), time.monotonic()
+    held = _limits.get(key)
+    if held is not None and now - held[0] < LIMITS_SECONDS:
+        return held[1]
     s = ctx.settings
     defaults = Limits(s.api_max_queued, s.api_jobs_per_minute, s.api_max_images)
-    return ctx.farm.tracker.tenants.limits(tenant, defaults)
+    limits = ctx.farm.tracker.tenants.limits(tenant, defaults)
+    _limits[key] = (now, limits)
+    return limits
 
 
 def admit(ctx: Any, tenant: str, limits: Limits, n: int, *, take: bool = True) -> Any:
@@ -137,10 +152,13 @@ def submit_specs(ctx: Any, who: Principal, raws: list[Any], many: bool) -> list[
 )
 async def create_job(request: Request) -> JSONResponse:
     """Submit one job: a txt2img, img2img, inpaint, style or finetune spec."""
-    who = await run_in_threadpool(require, request, "submit")
     raw = await read_json(request)
     ctx = request.app.state.ctx
-    (out,) = await run_in_threadpool(submit_specs, ctx, who, [raw], False)
+
+    def work() -> dict[str, Any]:  # one trip to a thread: the token, then the submit
+        return submit_specs(ctx, require(request, "submit"), [raw], False)[0]
+
+    out = await run_in_threadpool(work)
     return JSONResponse(out, status_code=201 if out["created"] else 200)
 
 
