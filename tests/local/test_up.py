@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -74,7 +75,7 @@ def test_farm_up_serves_cli_and_stops_everything(tmp_path):
     assert up.returncode == 0, out
     assert not state_file.exists()
     left = processes_with_env(f"FARM_HOME={tmp_path / 'home'}")
-    assert left == [], [open(f"/proc/{p}/cmdline").read() for p in left]  # its workers are gone
+    assert left == [], [Path(f"/proc/{p}/cmdline").read_bytes() for p in left]  # workers gone
     with pytest.raises(redis.ConnectionError):  # and so is its Redis
         redis.Redis.from_url(state["redis_url"], socket_connect_timeout=1).ping()
 
