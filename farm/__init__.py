@@ -17,8 +17,8 @@ The surface (`__all__`), as README.md's "Use it from Python" documents it:
     StorageError, ObjectNotFound
 
 Wings, lowest first (a wing imports only its own and lower ones; `tests/test_layout.py`):
-errors settings keys · jobs · storage queue · state · inputs · submit client · batches ·
-local · dashboard · cli.
+errors settings keys · jobs · storage queue · state · inputs · submit client remote · batches ·
+local · api · cli.
 """
 
 from farm.batches.batch import Batch

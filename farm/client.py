@@ -36,6 +36,15 @@ from farm.submit import Submission
 ProgressFn = Callable[[Sequence[JobRecord | tuple[str, str | None, int, int]]], None]
 
 
+def raise_unless_succeeded(records: Sequence[JobRecord]) -> None:
+    """`JobFailed` or `JobCancelled` for the first record that did not succeed."""
+    for rec in records:
+        if rec.state == JobState.FAILED:
+            raise JobFailed(rec.error or "failed", job_id=rec.id)
+        if rec.state == JobState.CANCELLED:
+            raise JobCancelled("cancelled", job_id=rec.id)
+
+
 class JobHandle:
     """A thin handle on one job: its id and the farm it lives on."""
 
@@ -73,9 +82,36 @@ class JobHandle:
 
 
 class Farm:
-    """A connection to a farm: its Redis, its storage and its queue."""
+    """A connection to a farm: its Redis, its storage and its queue; or, given a `url` (or
+    `FARM_API_URL`), its HTTP API (`farm.remote.RemoteFarm`: the same calls)."""
 
-    def __init__(self, settings: FarmSettings | None = None, **overrides: Any) -> None:
+    remote = False
+    """True for a farm reached over its HTTP API."""
+
+    def __new__(
+        cls,
+        settings: FarmSettings | None = None,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        **overrides: Any,
+    ) -> Farm:
+        if cls is Farm:
+            base = settings or FarmSettings(**overrides)
+            if url or base.api_url:
+                from farm.remote import RemoteFarm
+
+                return RemoteFarm(base, url=url, token=token)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        settings: FarmSettings | None = None,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        **overrides: Any,
+    ) -> None:
         base = settings or FarmSettings(**overrides)
         self.settings = resolve_settings(base)
         self.tracker = Tracker.from_settings(self.settings)
@@ -194,11 +230,7 @@ class Farm:
             )
         records = [patience.run(self.tracker.get, i) for i in ids]
         if raise_on_failure:
-            for rec in records:
-                if rec.state == JobState.FAILED:
-                    raise JobFailed(rec.error or "failed", job_id=rec.id)
-                if rec.state == JobState.CANCELLED:
-                    raise JobCancelled("cancelled", job_id=rec.id)
+            raise_unless_succeeded(records)
         return records
 
     def patience(self, on_unavailable: Callable[[str | None], None] | None = None) -> Patience:

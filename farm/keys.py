@@ -85,6 +85,63 @@ class RedisKeys:
         """Set: ids of the `waiting` jobs that wait for this job to end (`farm.state.dependencies`)."""
         return f"{self.prefix}deps:{job_id}"
 
+    # The HTTP API's keys (`farm.state.tenants`, `farm.state.webhooks`, `farm.state.feed`).
+
+    @property
+    def tokens(self) -> str:
+        """Hash: API token id → JSON (name, tenant, scopes, sha256 of its secret, created)."""
+        return f"{self.prefix}tokens"
+
+    @property
+    def session_key(self) -> str:
+        """String: the key the API signs dashboard session cookies with (shared by replicas)."""
+        return f"{self.prefix}api-session-key"
+
+    def tenant(self, tenant: str) -> str:
+        """Hash: one tenant's limits (`max_queued`, `jobs_per_minute`, `max_images`) and its
+        webhook signing secret."""
+        return f"{self.prefix}tenant:{tenant}"
+
+    def tenant_jobs(self, tenant: str) -> str:
+        """Sorted set: the ids of the jobs a tenant submitted, scored by creation time (what
+        `GET /v1/jobs` lists, newest first)."""
+        return f"{self.prefix}tenant:{tenant}:jobs"
+
+    def tenant_open(self, tenant: str) -> str:
+        """Sorted set: a tenant's jobs not yet seen ended (its queued-jobs limit counts them)."""
+        return f"{self.prefix}tenant:{tenant}:open"
+
+    def tenant_inputs(self, tenant: str) -> str:
+        """Set: the storage keys of the inputs a tenant uploaded: the only ones it may name."""
+        return f"{self.prefix}tenant:{tenant}:inputs"
+
+    def tenant_bucket(self, tenant: str) -> str:
+        """Hash: a tenant's jobs-per-minute token bucket (tokens left, when last filled)."""
+        return f"{self.prefix}tenant:{tenant}:bucket"
+
+    @property
+    def batch_tenants(self) -> str:
+        """Hash: batch name → the tenant that submitted it through the API (absent: `default`)."""
+        return f"{self.prefix}batch-tenants"
+
+    @property
+    def batch_webhooks(self) -> str:
+        """Hash: batch name → the webhook URL POSTed once the batch has settled."""
+        return f"{self.prefix}batch-webhooks"
+
+    @property
+    def webhooks(self) -> str:
+        """Sorted set: webhook delivery ids, scored by when their next attempt is due."""
+        return f"{self.prefix}webhooks"
+
+    def webhook(self, delivery: str) -> str:
+        """Hash: one webhook delivery (url, tenant, event id, body, attempts as JSON, outcome)."""
+        return f"{self.prefix}webhook:{delivery}"
+
+    def preview(self, job_id: str) -> str:
+        """Hash: a running job's latest preview (step, total, PNG as base64), with a TTL."""
+        return f"{self.prefix}preview:{job_id}"
+
 
 # Storage keys: relative to the store's root (bucket prefix or folder).
 

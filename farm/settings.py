@@ -34,6 +34,10 @@ class FarmSettings(BaseSettings):
     redis_ca_file: Path | None = None
     """CA bundle that verifies a `rediss://` server (unset: the system's CAs)."""
 
+    redis_timeout: float | None = Field(default=None, gt=0)
+    """Seconds one Redis call may take before it fails (unset: no limit, calls are retried).
+    The API and the dashboard use 10: a hung Redis answers 503 rather than hanging them."""
+
     storage: str | None = None
     """`s3://bucket/prefix` or `file:///path`. Unset: a folder under `home`."""
 
@@ -114,6 +118,44 @@ class FarmSettings(BaseSettings):
 
     events: bool = True
     """Celery task events and worker heartbeats on, so Flower can list workers and tasks."""
+
+    api_url: str | None = None
+    """The farm's HTTP API (`http://host:8000`): where set, `Farm()` and the CLI submit, follow
+    and fetch over it instead of Redis and storage (`FARM_API_URL`)."""
+
+    api_token: str | None = None
+    """The bearer token sent to `api_url` (`FARM_API_TOKEN`)."""
+
+    api_max_queued: int = Field(default=0, ge=0)
+    """Jobs a tenant may have not yet ended (0: no limit); `farm tokens limits` sets one tenant's."""
+
+    api_jobs_per_minute: int = Field(default=0, ge=0)
+    """Jobs a tenant may submit per minute, a token bucket with a minute's burst (0: no limit)."""
+
+    api_max_images: int = Field(default=0, ge=0)
+    """Images a tenant's job may ask for, `num_images_per_prompt` (0: no limit but the spec's)."""
+
+    api_threads: int = Field(default=64, ge=4, le=4096)
+    """Threads the API server runs blocking calls in (each following client holds one)."""
+
+    api_session_seconds: int = Field(default=12 * 3600, ge=60)
+    """How long a dashboard login (its session cookie) lasts."""
+
+    webhook_allow_private: bool = False
+    """Deliver webhooks to loopback, private, link-local and other non-public addresses. Off:
+    every address a webhook's host resolves to must be public."""
+
+    webhook_max_seconds: float = Field(default=24 * 3600.0, gt=0)
+    """How long a webhook is retried (exponential backoff) before it is given up as failed."""
+
+    webhook_backoff: float = Field(default=2.0, gt=0)
+    """Seconds before a webhook's second attempt; each later one waits twice as long."""
+
+    webhook_backoff_max: float = Field(default=600.0, gt=0)
+    """The longest wait between two attempts of a webhook."""
+
+    webhook_timeout: float = Field(default=10.0, gt=0)
+    """Seconds one webhook attempt may take (connect and answer)."""
 
     def storage_url(self) -> str:
         return self.storage or (self.home / "storage").resolve().as_uri()

@@ -141,6 +141,9 @@ class Submission:
             "attempt": 0,
             "signature": batch_signature(spec, image.size if image is not None else None),
             "queue": farm.router.queue_for(spec),
+            # The HTTP API submits through a farm view that names the caller's tenant
+            # (`farm.api.farms`); the SDK and the CLI write none (the `default` tenant).
+            "tenant": getattr(farm, "tenant", None),
         }
 
     # ------------------------------------------------------------------ 3-6

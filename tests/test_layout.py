@@ -18,10 +18,10 @@ WINGS = [
     {"farm.storage", "farm.queue"},
     {"farm.state"},
     {"farm.inputs"},
-    {"farm.submit", "farm.client"},
+    {"farm.submit", "farm.client", "farm.remote"},
     {"farm.batches"},
     {"farm.local"},
-    {"farm.dashboard"},
+    {"farm.api"},
     {"farm.cli"},
 ]
 """farm's wings, lowest first: a module may import its own wing and the wings below it."""

@@ -12,6 +12,7 @@ every job held, so per-step overhead is nil and a cancel lands within one beat.
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -43,6 +44,8 @@ class Heartbeat:
         self.progress: dict[str, tuple[int, int]] = {job_id: (0, 0) for job_id in tokens}
         self.loss: dict[str, float] = {}
         """A fine-tune's latest training loss, published with its progress."""
+        self.previews: dict[str, tuple[int, int, str]] = {}
+        """A render's latest preview (step, total, PNG as base64), until the next beat sends it."""
         self.cancelled: set[str] = set()
         """Jobs whose cancel was requested while held."""
         self.stale: set[str] = set()
@@ -65,10 +68,15 @@ class Heartbeat:
         """Renew every held job's lease and record its progress, in one round trip."""
         with self._lock:
             beats = [(j, t, *self.progress[j], self.loss.get(j)) for j, t in self.tokens.items()]
+            previews = [
+                (j, self.tokens[j], *p) for j, p in self.previews.items() if j in self.tokens
+            ]
+            self.previews.clear()
         if not beats:
             return
         try:
             replies = self.tracker.heartbeat_many(beats, self.lease)
+            self.tracker.feed.put_previews(previews)  # fenced by each attempt's token
         except Exception as e:  # Redis blip: the lease covers several missed beats
             log.warning("heartbeat for %d job(s) failed: %s", len(beats), e)
             return
@@ -93,6 +101,11 @@ class Heartbeat:
                 return all(j in self.cancelled or j in self.stale for j in ids)
 
         return on_step
+
+    def preview(self, job_id: str, step: int, total: int, png: bytes) -> None:
+        """A render's preview after `step`, sent with the next beat (only the latest is kept)."""
+        with self._lock:
+            self.previews[job_id] = (step, total, base64.b64encode(png).decode())
 
     def report_loss(self, job_id: str, loss: float) -> None:
         """A fine-tune's loss after its latest step, sent with the next beat."""

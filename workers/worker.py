@@ -233,6 +233,10 @@ def _render_and_store(
                 stop.append(reason)
             return watch(step, total) or bool(stop)
 
+        def on_preview(step: int, total: int, shown: dict[int, Any]) -> None:
+            for j, picture in shown.items():  # published by the heartbeat's next beat
+                hb.preview(ids[j], step, total, images.encode_png(picture))
+
         results = render_batch(
             pipe,
             [job.spec for job in jobs],
@@ -241,6 +245,7 @@ def _render_and_store(
             on_step=on_step,
             ip_adapter=ip_adapter,
             ip_adapter_image=jobs[0].style_image,
+            on_preview=on_preview,
         )
     t_render = time.perf_counter()
     rt.metrics.rendered(lead.kind, len(jobs), t_render - t_load)

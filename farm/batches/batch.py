@@ -119,6 +119,13 @@ class Batch:
 
     __slots__ = ("farm", "index", "name")
 
+    def __new__(cls, farm: Farm, name: str) -> Any:
+        if getattr(farm, "remote", False):  # a farm reached over its HTTP API
+            from farm.batches.remote import RemoteBatch
+
+            return RemoteBatch(farm, name)
+        return super().__new__(cls)
+
     def __init__(self, farm: Farm, name: str) -> None:
         self.farm = farm
         self.name = check_name(name)

@@ -131,6 +131,12 @@ def submit_batch(
     own defaults block and under each row's fields. Nothing is written unless every row is
     valid: `InvalidManifest` lists the bad rows by line.
     """
+    if getattr(farm, "remote", False):  # over the HTTP API: the farm validates and submits
+        from farm.batches.remote import submit_remote
+
+        return submit_remote(
+            farm, manifest, name, defaults=defaults, variations=variations, seed=seed
+        )
     t0 = time.monotonic()
     # 1. The manifest, and the batch-wide settings.
     name = check_name(name)

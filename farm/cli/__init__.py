@@ -6,6 +6,7 @@ flags.py     the one flag table: render flags ↔ spec fields, for `farm submit`
 batch.py     `farm batch ...`
 finetune.py  `farm submit finetune` flags
 models.py    `farm models ...`
+tokens.py    `farm tokens ...`: the HTTP API's tokens and tenants (`farm serve` is in main.py)
 workers.py   `farm workers`, `farm worker --gpus/--workers`
 demo.py      `farm demo`: an inpainting augmentation on an embedded farm, end to end
 progress.py  progress bars and live lines on a terminal

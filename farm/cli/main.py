@@ -19,6 +19,7 @@ from typing import Any
 from farm.cli import batch as cli_batch
 from farm.cli import finetune as cli_finetune
 from farm.cli import models as cli_models
+from farm.cli import tokens as cli_tokens
 from farm.cli import workers as cli_workers
 from farm.cli.flags import SUBMIT_FLAGS, add_flags, given
 from farm.cli.handoff import hand_off
@@ -52,6 +53,10 @@ def parser() -> argparse.ArgumentParser:
         "--queues", default=LOCAL_QUEUES, help=f"queues the workers serve (default {LOCAL_QUEUES})"
     )
     up.add_argument("--gpus", help="all, or GPU indices 0,1,3: one worker per GPU")
+    up.add_argument(
+        "--api-port", type=int, default=8000, help="the HTTP API's port (default 8000; busy: any)"
+    )
+    up.add_argument("--no-api", action="store_true", help="do not start the HTTP API")
 
     w = sub.add_parser("worker", help="serve jobs on one device")
     w.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
@@ -114,8 +119,15 @@ def parser() -> argparse.ArgumentParser:
     db.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     db.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free)")
 
+    sv = sub.add_parser("serve", help="serve the HTTP API, the dashboard and webhooks")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    sv.add_argument("--no-webhooks", action="store_true", help="do not start the webhook sender")
+    sv.add_argument("--access-log", action="store_true", help="log every request (paths only)")
+
     cli_batch.add_parser(sub)
     cli_models.add_parser(sub)
+    cli_tokens.add_parser(sub)
     cli_workers.add_parser(sub)
     return p
 
@@ -262,11 +274,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         queues=args.queues,
         gpus=gpus,
         metrics_port=settings.metrics_port,
+        api_port=None if args.no_api else _free_or_any(args.api_port),
     ) as lf:
         print(f"farm up: redis {lf.settings.redis_url}", flush=True)
         print(f"farm up: storage {lf.settings.storage_url()}", flush=True)
         where = f"GPUs {','.join(map(str, gpus))}" if gpus else f"{args.workers} on {args.device}"
         print(f"farm up: worker(s): {where}; logs in {lf.log_dir}", flush=True)
+        if lf.api_url:
+            print(
+                f"farm up: api {lf.api_url} (dashboard at /; OpenAPI at /openapi.json)", flush=True
+            )
+            print(f"farm up: local admin token {lf.api_token}", flush=True)
         print("farm up: submit from another terminal (`farm submit ...`); Ctrl-C stops", flush=True)
         try:
             while True:
@@ -274,6 +292,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("farm up: stopping", flush=True)
     return 0
+
+
+def _free_or_any(port: int) -> int:
+    """`port` if nothing listens on it on loopback, else 0 (any free port)."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -285,11 +315,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from farm.dashboard.data import DashboardData
-    from farm.dashboard.server import serve
+    """The API's app, read-only, every tenant, no login: the operator's own page."""
+    from farm.api.auth import OPERATOR
+    from farm.api.server import serve
 
-    with _farm() as farm:
-        serve(DashboardData(farm), args.host, args.port)
+    serve(
+        FarmSettings(api_url=None),
+        args.host,
+        args.port,
+        anonymous=OPERATOR,
+        webhooks=False,
+        name="farm dashboard",
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from farm.api.server import serve
+
+    serve(
+        FarmSettings(api_url=None),
+        args.host,
+        args.port,
+        webhooks=not args.no_webhooks,
+        access_log=args.access_log,
+    )
     return 0
 
 
@@ -305,5 +355,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "batch": cli_batch.run,
     "dashboard": cmd_dashboard,
+    "serve": cmd_serve,
+    "tokens": cli_tokens.run,
     "workers": cli_workers.run,
 }

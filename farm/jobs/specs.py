@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -62,6 +63,19 @@ def _multiple_of_8(name: str, value: int | None) -> int | None:
     return value
 
 
+def check_webhook(value: str | None) -> str | None:
+    """A webhook URL's form: http or https, a host, no credentials. Where it points (public
+    addresses only, unless allowed) is checked at submit and again before each delivery."""
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {value!r}")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials (the farm signs its deliveries instead)")
+    return value
+
+
 ImageInput = Annotated[Any, Field(description="path, s3:// URI, bytes or PIL image")]
 Size = Annotated[int | None, Field(default=None, ge=8, le=4096)]
 
@@ -99,11 +113,22 @@ class _RenderSpec(BaseModel):
     """LoRA adapters for this render, loaded for the job and unloaded after it."""
     priority: int = Field(default=0, ge=0, le=9)
     key: str | None = Field(default=None, min_length=1, max_length=512)
+    preview_every: int | None = Field(default=None, ge=1, le=1000)
+    """Publish a small preview every this many steps (latents mapped to RGB by a fixed linear
+    approximation): SSE `preview` events and the dashboard show it. Off (None) by default; the
+    pixels are the same either way."""
+    webhook: str | None = Field(default=None, max_length=2048)
+    """POSTed the job's record when it ends, signed (`X-Farm-Signature`), at least once."""
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
         return check_model_ref(v)
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook(cls, v: str | None) -> str | None:
+        return check_webhook(v)
 
     @field_validator("loras", mode="before")
     @classmethod
@@ -223,6 +248,10 @@ class Finetune(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     priority: int = Field(default=0, ge=0, le=9)
     key: str | None = Field(default=None, min_length=1, max_length=512)
+    webhook: str | None = Field(default=None, max_length=2048)
+    """POSTed the job's record when it ends, signed (`X-Farm-Signature`), at least once."""
+
+    _webhook = field_validator("webhook")(classmethod(lambda cls, v: check_webhook(v)))
 
     @field_validator("model")
     @classmethod

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from farm.queue.routing import FINETUNE_QUEUE, RENDER_QUEUE
 from farm.settings import FarmSettings, settings_env
 
 log = logging.getLogger("farm.up")
+
+LOCAL_TOKEN = "farm-up"
+"""The name of the local admin token `farm up` makes for its API."""
 
 LOCAL_QUEUES = f"{RENDER_QUEUE},{FINETUNE_QUEUE}"
 """An embedded farm's workers serve renders and fine-tunes alike (`farm up --queues` narrows it)."""
@@ -42,6 +46,7 @@ class LocalFarm:
         queues: str = LOCAL_QUEUES,
         gpus: Sequence[int] | None = None,
         metrics_port: int = 0,
+        api_port: int | None = None,
     ) -> None:
         self.base = settings
         self.queues = queues
@@ -58,6 +63,13 @@ class LocalFarm:
         self.gpus = list(gpus or [])
         """One worker per GPU index (`farm up --gpus`), instead of `workers` on `device`."""
         self.metrics_port = metrics_port
+        self.api_port = api_port
+        """Start the HTTP API (`farm serve`, with its webhook sender) on this loopback port
+        (0: any free one); None: no API."""
+        self.api: subprocess.Popen[str] | None = None
+        self.api_url: str | None = None
+        self.api_token: str | None = None
+        """A local admin token (tenant `default`), made anew by each start."""
         self.redis: RedisServer | None = None
         self.supervisor: Supervisor | None = None
         self.settings = settings
@@ -107,12 +119,46 @@ class LocalFarm:
         )
         self.supervisor = Supervisor(children, settings_env(self.settings), restart=self.restart)
         self.supervisor.start()
+        if self.api_port is not None:
+            self._start_api(self.api_port)
+
+    def _start_api(self, port: int) -> None:
+        """`farm serve` on loopback beside the farm, and a local admin token for it."""
+        from farm.state.tracker import Tracker
+
+        tracker = Tracker.from_settings(self.settings)
+        try:
+            tracker.tenants.revoke(LOCAL_TOKEN)  # one local token at a time: the newest
+            self.api_token = tracker.tenants.create_token(LOCAL_TOKEN, "default", ["admin"])[1]
+        finally:
+            tracker.close()
+        log = (self.log_dir / "api.log").open("ab")
+        self.api = subprocess.Popen(
+            [sys.executable, "-m", "farm", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=settings_env(self.settings),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        line = self.api.stdout.readline() if self.api.stdout else ""
+        if not line.startswith("farm serve: http"):
+            self.api.wait(10)
+            raise RuntimeError(f"the API did not start (see {self.log_dir / 'api.log'})")
+        self.api_url = line.split()[2]
 
     def restart_dead(self) -> int:
         """Restart workers that exited; how many were restarted."""
         return self.supervisor.restart_dead() if self.supervisor else 0
 
     def stop(self, timeout: float = 30.0) -> None:
+        if self.api:
+            self.api.terminate()  # uvicorn stops, then its webhook sender
+            try:
+                self.api.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.api.kill()
+                self.api.wait()
+            self.api = None
         if self.supervisor:
             self.supervisor.stop(timeout)  # SIGTERM: each worker finishes the job in hand
             self.supervisor = None

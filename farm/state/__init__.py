@@ -7,6 +7,9 @@ tracker.py       `Tracker`: records, state changes (one Lua script, fenced), lea
                  events, dependents, retries, queue depths, locks; it holds the parts below
 batch_index.py   the batch index: metadata, slot order, slots
 registry.py      the worker registry: `WorkerInfo` entries, who consumes which queues
+tenants.py       API tokens (hashes only) and tenants: limits, a token bucket, what each owns
+webhooks.py      webhook deliveries: the events stream's consumer group, due times, attempts
+feed.py          following one job: events after an id, progress, previews (fenced)
 scripts.py       the Lua scripts the tracker runs, `TRANSITIONS` rendered into them
 dependencies.py  jobs that wait for other jobs (a render chained to a fine-tune)
 reconciler.py    the safety net for at-least-once delivery: lost messages, expired leases,

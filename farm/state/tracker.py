@@ -18,8 +18,10 @@ The scripts themselves live in `farm.state.scripts`.
 The tracker owns the farm's Redis: nothing outside the state wing touches a Redis client.
 Each method runs its calls inside `Connection.doing(what)`, so any Redis error reaches the
 caller as a `TransientError` (or `FarmError`) that names what was being done. Its parts:
-`tracker.batches` (the batch index, `farm.state.batch_index`) and `tracker.workers` (the
-worker registry, `farm.state.registry`).
+`tracker.batches` (the batch index, `farm.state.batch_index`), `tracker.workers` (the
+worker registry, `farm.state.registry`), and for the HTTP API `tracker.tenants` (tokens and
+tenants, `farm.state.tenants`), `tracker.webhooks` (deliveries, `farm.state.webhooks`) and
+`tracker.feed` (one job's events, progress and previews, `farm.state.feed`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ from farm.settings import FarmSettings
 from farm.state import scripts
 from farm.state.batch_index import BatchIndex
 from farm.state.connection import Connection
+from farm.state.feed import Feed
 from farm.state.registry import WorkerRegistry
+from farm.state.tenants import Tenants
+from farm.state.webhooks import Webhooks
 
 EVENTS_MAXLEN = 100_000
 """Approximate length the events stream is trimmed to."""
@@ -84,6 +89,12 @@ class Tracker:
         """The batch index (`farm.state.batch_index`)."""
         self.workers = WorkerRegistry(conn, self.keys)
         """The worker registry (`farm.state.registry`)."""
+        self.tenants = Tenants(conn, self.keys, record_ttl)
+        """API tokens, tenants' limits and what each owns (`farm.state.tenants`)."""
+        self.webhooks = Webhooks(conn, self.keys, record_ttl)
+        """Webhook deliveries (`farm.state.webhooks`)."""
+        self.feed = Feed(conn, self.keys)
+        """One job's events, progress and previews, for followers (`farm.state.feed`)."""
         self._transition = self._r.register_script(scripts.TRANSITION)
         self._heartbeat = self._r.register_script(scripts.HEARTBEAT)
         self._create = self._r.register_script(scripts.CREATE)
@@ -97,15 +108,22 @@ class Tracker:
         prefix: str = "farm:",
         record_ttl: int = 7 * 86400,
         ca_file: str | None = None,
+        timeout: float | None = None,
     ) -> Tracker:
         """`redis://` or `rediss://` (TLS, the server verified against `ca_file` or the
-        system's CAs); a password in the URL."""
-        return cls(Connection.from_url(url, ca_file), prefix, record_ttl)
+        system's CAs); a password in the URL. `timeout`: see `Connection.from_url`."""
+        return cls(Connection.from_url(url, ca_file, timeout=timeout), prefix, record_ttl)
 
     @classmethod
     def from_settings(cls, settings: FarmSettings) -> Tracker:
         ca = str(settings.redis_ca_file) if settings.redis_ca_file else None
-        return cls.from_url(settings.redis_url or "", settings.key_prefix, settings.record_ttl, ca)
+        return cls.from_url(
+            settings.redis_url or "",
+            settings.key_prefix,
+            settings.record_ttl,
+            ca,
+            settings.redis_timeout,
+        )
 
     @property
     def where(self) -> str:
@@ -139,6 +157,8 @@ class Tracker:
         """Write new job records (pipelined); True where created, False where the id existed."""
         with self._conn.doing("creating jobs"):
             pipe = self._r.pipeline(transaction=False)
+            self.tenants.index(pipe, records)  # listed before written: never a job unlisted
+            offset = len(pipe)
             for rec in records:
                 flat: list[Any] = []
                 for k, v in rec.items():
@@ -149,7 +169,7 @@ class Tracker:
                 if rec.get("signature"):
                     keys.append(self.keys.signature(rec["signature"]))
                 self._create(keys=keys, args=[rec["created_at"], rec["id"], *flat], client=pipe)
-            return [bool(x) for x in pipe.execute()]
+            return [bool(x) for x in pipe.execute()[offset:]]
 
     def get(self, job_id: str) -> JobRecord:
         rec = self.get_many([job_id])[0]
@@ -218,6 +238,14 @@ class Tracker:
         if not res:
             return after
         return res[0][1][-1][0]
+
+    def snapshot(self, job_id: str) -> tuple[str, JobRecord]:
+        """(the newest event id, the job's record) read atomically: every event after that id
+        happened after the record was read (`farm.state.feed`)."""
+        last, raw = self.feed.snapshot(job_id)
+        if not raw:
+            raise JobNotFound("no such job (never submitted, or its record expired)", job_id=job_id)
+        return last, _record(job_id, raw)
 
     def recent_job_ids(self, limit: int, events_per_job: int = 8) -> list[str]:
         """The jobs whose state changed last, newest first (from the events stream)."""

@@ -2,8 +2,9 @@
 Chromium renders it.
 
 One embedded farm for the module (a real worker subprocess, a private key prefix, a local
-store) runs two tiny inpaint jobs and a two-job batch; the dashboard runs as `farm dashboard`
-in a subprocess (the Chromium tests) or in a thread (the API tests).
+store) runs two tiny inpaint jobs and a two-job batch; the dashboard (the API's app, read-only,
+the operator's view) runs as `farm dashboard` in a subprocess (the Chromium tests) or on
+uvicorn in a thread (the API tests).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -26,10 +26,12 @@ import pytest
 from PIL import Image
 
 from farm import Farm, Inpaint
+from farm.api.app import create_app
+from farm.api.auth import OPERATOR
+from farm.api.dashboard_data import DashboardData
+from farm.api.server import in_thread
 from farm.batches.submit import submit_batch
 from farm.cli.demo import box_mask, sample_image
-from farm.dashboard.data import DashboardData
-from farm.dashboard.server import DashboardServer
 from farm.jobs.record import JobRecord
 from farm.local.up import LocalFarm
 from farm.queue.app import enqueue
@@ -50,7 +52,8 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
     "--hide-scrollbars",
-    "--virtual-time-budget=4000",
+    # No --virtual-time-budget: the page follows server-sent events, so the network never
+    # goes idle and no budget would end; the server puts the page's first data in the page.
     f"--window-size={WINDOW[0]},{WINDOW[1]}",
 ]
 
@@ -115,15 +118,22 @@ def worked(farm_settings, tmp_path_factory):
         yield [j.id for j in jobs], worker
 
 
+class Served:
+    """Where a dashboard in a thread listens."""
+
+    def __init__(self, url: str) -> None:
+        host, _, port = url.removeprefix("http://").rstrip("/").rpartition(":")
+        self.server_address = (host, int(port))
+
+
 @pytest.fixture(scope="module")
 def api(farm_settings, worked):
     """The dashboard in a thread of this process, on a free loopback port."""
-    with Farm(farm_settings[0]) as farm:
-        server = DashboardServer(DashboardData(farm), "127.0.0.1", 0)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        yield server, farm
-        server.shutdown()
-        server.server_close()
+    with (
+        Farm(farm_settings[0]) as farm,
+        in_thread(create_app(farm_settings[0], anonymous=OPERATOR)) as url,
+    ):
+        yield Served(url), farm
 
 
 def get(server, path: str, method: str = "GET") -> tuple[int, bytes, dict]:
@@ -133,7 +143,7 @@ def get(server, path: str, method: str = "GET") -> tuple[int, bytes, dict]:
     try:
         conn.request(method, path)
         resp = conn.getresponse()
-        return resp.status, resp.read(), dict(resp.getheaders())
+        return resp.status, resp.read(), resp.headers  # case-insensitive, as HTTP headers are
     finally:
         conn.close()
 
@@ -260,16 +270,12 @@ def test_an_unreachable_redis_is_a_503_not_a_dropped_connection(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
-    with Farm(FarmSettings(redis_url=dead, storage=(tmp_path / "s").as_uri())) as farm:
-        server = DashboardServer(DashboardData(farm), "127.0.0.1", 0)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            status, body, _ = get(server, "/api/overview")
-            assert status == 503 and body.startswith(b"farm unavailable")
-            assert get(server, "/")[0] == 200  # the page itself still loads
-        finally:
-            server.shutdown()
-            server.server_close()
+    settings = FarmSettings(redis_url=dead, storage=(tmp_path / "s").as_uri())
+    with in_thread(create_app(settings, anonymous=OPERATOR)) as url:
+        server = Served(url)
+        status, body, _ = get(server, "/api/overview")
+        assert status == 503 and body.startswith(b"farm unavailable")
+        assert get(server, "/")[0] == 200  # the page itself still loads
 
 
 # --------------------------------------------------------------------------- in Chromium

@@ -79,12 +79,13 @@ def test_kubernetes_manifests_validate_strictly():
         ), name
         kinds.append(doc["kind"])
     assert sorted(kinds) == [
-        "ConfigMap", "Deployment", "Namespace", "Secret", "Service", "StatefulSet"
+        "ConfigMap", "Deployment", "Deployment", "Namespace", "Secret", "Service", "Service",
+        "StatefulSet",
     ]  # fmt: skip
 
 
 def test_the_validators_catch_mistakes():
-    (deployment,) = by_kind("Deployment")
+    deployment = deployment_named("farm-worker")
     bad = copy.deepcopy(deployment)
     bad["spec"]["template"]["spec"]["containers"][0]["resource"] = {}  # a typo
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -311,10 +312,10 @@ def test_keda_triggers_name_the_lists_kombu_writes(redis_url, tmp_path):
 
 def test_keda_scales_the_worker_deployment_with_the_clusters_redis_password():
     (scaled,) = by_kind("ScaledObject")
-    (deployment,) = by_kind("Deployment")
+    deployment = deployment_named("farm-worker")
     (auth,) = by_kind("TriggerAuthentication")
     (secret,) = by_kind("Secret")
-    (service,) = by_kind("Service")
+    (service,) = [s for s in by_kind("Service") if s["metadata"]["name"] != "farm-api"]
     assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     for t in scaled["spec"]["triggers"]:
         assert t["type"] == "redis" and t["authenticationRef"]["name"] == auth["metadata"]["name"]
@@ -333,8 +334,14 @@ def env_of(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
+def deployment_named(name: str) -> dict:
+    (found,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == name]
+    return found
+
+
 def test_worker_pods_take_one_gpu_and_their_secrets_from_the_cluster():
-    (deployment,) = by_kind("Deployment")
+    deployment = deployment_named("farm-worker")
+    assert {d["metadata"]["name"] for d in by_kind("Deployment")} == {"farm-worker", "farm-api"}
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -346,6 +353,37 @@ def test_worker_pods_take_one_gpu_and_their_secrets_from_the_cluster():
     # Long enough for SIGTERM's hand-back (a step, then the record written back).
     assert pod["terminationGracePeriodSeconds"] >= 60
     assert container["readinessProbe"]["exec"]["command"] == ["python", "-m", "farm.local.probe"]
+
+
+def test_the_api_deployment_serves_on_a_service_and_is_ready_once_redis_answers():
+    api = deployment_named("farm-api")
+    pod = api["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][:2] == ["farm", "serve"] and "0.0.0.0" in container["args"]
+    assert container["image"].startswith("render-farm-client")  # the light image: no torch
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+    (port,) = container["ports"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = env_of(container)
+    for name in ("FARM_REDIS_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "farm-secrets", name
+    (service,) = [s for s in by_kind("Service") if s["metadata"]["name"] == "farm-api"]
+    assert service["spec"]["selector"] == api["spec"]["selector"]["matchLabels"]
+    assert (
+        service["spec"]["selector"].items() <= api["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    assert int(container["args"][container["args"].index("--port") + 1]) == port["containerPort"]
+
+
+def test_compose_api_serves_on_loopback_with_a_readiness_check():
+    api = compose()["services"]["api"]
+    assert api["command"][:2] == ["farm", "serve"]
+    assert api["ports"] == ["127.0.0.1:8000:8000"]
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    assert api["build"]["dockerfile"] == "infra/client.Dockerfile"
+    assert api["environment"]["FARM_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD")
 
 
 def test_redis_statefulset_keeps_an_aof_on_a_volume_behind_the_password():

@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from PIL import Image
@@ -34,6 +36,14 @@ def test_farm_up_serves_cli_and_stops_everything(tmp_path):
             time.sleep(0.1)
         state = json.loads(state_file.read_text())
         assert state["redis_url"].startswith("redis://127.0.0.1:")
+        # The API beside it: its URL and a local admin token, printed.
+        lines = [up.stdout.readline() for _ in range(6)]
+        api_url = next(ln.split()[3] for ln in lines if ln.startswith("farm up: api "))
+        token = next(ln.split()[-1] for ln in lines if ln.startswith("farm up: local admin token"))
+        auth = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(api_url + "readyz").json() == {"ok": True}
+        assert httpx.get(api_url + "v1/workers", headers=auth).status_code == 200
+        assert httpx.get(api_url + "v1/workers").status_code == 401
         # Nothing configured in the client: it finds the running farm through FARM_HOME.
         res = subprocess.run(
             [
@@ -64,7 +74,8 @@ def test_farm_up_serves_cli_and_stops_everything(tmp_path):
         out, _ = up.communicate(timeout=60)
     assert up.returncode == 0, out
     assert not state_file.exists()
-    assert processes_with_env(f"FARM_HOME={tmp_path / 'home'}") == []  # its workers are gone
+    left = processes_with_env(f"FARM_HOME={tmp_path / 'home'}")
+    assert left == [], [Path(f"/proc/{p}/cmdline").read_bytes() for p in left]  # workers gone
     with pytest.raises(redis.ConnectionError):  # and so is its Redis
         redis.Redis.from_url(state["redis_url"], socket_connect_timeout=1).ping()
 

@@ -41,6 +41,10 @@ Spec = Txt2Img | Img2Img | Inpaint
 StepCallback = Callable[[int, int], bool | None]
 """`on_step(step, total)` after each denoising step; returning True cancels the render."""
 
+PreviewCallback = Callable[[int, int, dict[int, Image.Image]], None]
+"""`on_preview(step, total, {job index: picture})` after a step that is a multiple of some
+job's `preview_every` (`workers.render.previews`: the latents, mapped to RGB)."""
+
 
 @dataclass
 class RenderResult:
@@ -79,6 +83,7 @@ def render_batch(
     on_step: StepCallback | None = None,
     ip_adapter: Any = None,
     ip_adapter_image: Image.Image | None = None,
+    on_preview: PreviewCallback | None = None,
 ) -> list[RenderResult]:
     """Run jobs that share one batch signature as one pipeline call; one result per job.
 
@@ -162,8 +167,17 @@ def render_batch(
     # 7. Progress and cancellation, after each denoising step.
     progress = {"steps": 0, "interrupted": False}
 
+    every = [getattr(spec, "preview_every", None) for spec in specs]
+
     def callback_on_step_end(p: DiffusionPipeline, i: int, t: Any, tensors: dict) -> dict:
         progress["steps"] = i + 1
+        due = [j for j, n in enumerate(every) if n and (i + 1) % n == 0]
+        if on_preview is not None and due and tensors.get("latents") is not None:
+            from workers.render.previews import preview
+
+            shown = preview(p, tensors["latents"], height, width)  # reads the latents only
+            if shown:
+                on_preview(i + 1, p.num_timesteps, {j: shown[j * n_per_job] for j in due})
         if on_step is not None and on_step(i + 1, p.num_timesteps):
             p._interrupt = True
             progress["interrupted"] = True

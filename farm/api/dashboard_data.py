@@ -1,12 +1,15 @@
 """What the dashboard shows, as JSON-ready dicts read from Redis and the store.
 
-    >>> data = DashboardData(Farm())
+    >>> data = DashboardData(Farm())                 # the operator's view: every tenant
+    >>> data = DashboardData(farm, who)              # one tenant's (a logged-in token)
     >>> data.overview()["queues"]       # [{'name': 'render', 'depth': 3, 'by_step': {...}}, ...]
-    >>> data.job("3f2a...")["images"]   # {'image': '/files/inputs/....png', 'mask': ..., ...}
+    >>> data.job("3f2a...")["images"]   # {'image': '/files/inputs/....png?job=…', ...}
 
 Read-only: nothing here writes to Redis or storage. Images are never inlined; a stored object
-is named by a `/files/<key>` URL that `farm.dashboard.server` serves from the farm's own store, and
-only for keys under `FILE_PREFIXES`; a URI outside the store (a foreign input) gets no URL.
+is named by a `/files/<key>` URL that `farm.api.dashboard` serves from the farm's own store,
+and only for keys under `FILE_PREFIXES`; a URI outside the store (a foreign input) gets no URL.
+An input's URL names the job that reads it (`?job=`): the file is served only to whoever may
+see that job. A tenant sees its own jobs and batches only; queues and workers are shared.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from farm.api.auth import OPERATOR, Principal
+from farm.api.views import own_job, shown_batch_name
 from farm.batches.batch import Batch
 from farm.errors import InvalidJob, JobNotFound
 from farm.jobs.record import JobRecord
@@ -52,8 +57,9 @@ def check_job_id(job_id: str) -> str:
 class DashboardData:
     """The dashboard's JSON API, over one `Farm` connection (thread-safe: redis-py pools)."""
 
-    def __init__(self, farm: Farm) -> None:
+    def __init__(self, farm: Farm, who: Principal = OPERATOR) -> None:
         self.farm = farm
+        self.who = who
         self.keys = farm.tracker.keys
 
     # ------------------------------------------------------------------ the front page
@@ -85,16 +91,20 @@ class DashboardData:
         return out
 
     def batches(self) -> list[dict[str, Any]]:
-        names = self.farm.tracker.batches.names(newest_first=True, limit=RECENT_BATCHES)
+        tracker = self.farm.tracker
+        names = tracker.batches.names(newest_first=True, limit=RECENT_BATCHES * 10)
+        if self.who.tenant is not None:
+            owners = tracker.tenants.batch_tenants(names)
+            names = [n for n, t in zip(names, owners, strict=True) if t == self.who.tenant]
         out = []
-        for name in names:
+        for name in names[:RECENT_BATCHES]:
             try:
                 st = Batch(self.farm, name).status()
             except (JobNotFound, InvalidJob):
                 continue  # removed (or never valid) since the listing
             out.append(
                 {
-                    "name": st.name,
+                    "name": shown_batch_name(self.who, st.name),
                     "total": st.total,
                     "ended": st.total - st.pending,
                     "counts": st.counts,
@@ -109,8 +119,12 @@ class DashboardData:
     def recent_jobs(self, limit: int = RECENT_JOBS) -> list[dict[str, Any]]:
         """The jobs whose state changed last, newest first. Read from the events stream, not
         the live index: the reconciler drops ended jobs from that one."""
-        ids = self.farm.tracker.recent_job_ids(limit, EVENTS_PER_JOB)
-        records = self.farm.tracker.get_many(ids)
+        tracker = self.farm.tracker
+        if self.who.tenant is None:
+            ids = tracker.recent_job_ids(limit, EVENTS_PER_JOB)
+        else:
+            ids = [i for i, _ in tracker.tenants.job_page(self.who.tenant, None, limit)]
+        records = tracker.get_many(ids)
         return [self._summary(rec) for rec in records if rec is not None]
 
     def _summary(self, rec: JobRecord) -> dict[str, Any]:
@@ -137,7 +151,7 @@ class DashboardData:
     def job(self, job_id: str) -> dict[str, Any]:
         """One job's record with its input, mask and outputs as `/files/` URLs (None where
         the job has none, or where it lies outside the farm's store)."""
-        rec = self.farm.get(check_job_id(job_id))
+        rec = own_job(self.farm, self.who, check_job_id(job_id))
         image = rec.spec.get("image")
         mask = rec.mask or rec.spec.get("mask_image")
         return {
@@ -146,16 +160,58 @@ class DashboardData:
             "attempt": rec.attempt,
             "started_at": rec.started_at,
             "images": {
-                "image": self.file_url(image) if isinstance(image, str) else None,
-                "mask": self.file_url(mask) if isinstance(mask, str) else None,
+                "image": self.file_url(image, rec.id) if isinstance(image, str) else None,
+                "mask": self.file_url(mask, rec.id) if isinstance(mask, str) else None,
                 "outputs": [self.file_url(uri) for uri in rec.outputs],
                 "meta": self.file_url(rec.meta) if rec.meta else None,
             },
         }
 
-    def file_url(self, uri: str) -> str | None:
-        """`/files/<key>` for a URI inside the farm's store under `FILE_PREFIXES`, else None."""
+    def file_url(self, uri: str, job_id: str | None = None) -> str | None:
+        """`/files/<key>` for a URI inside the farm's store under `FILE_PREFIXES`, else None;
+        an input's names the job that reads it (`?job=<id>`)."""
         key = self.farm.store.key_of(uri)
         if key is None or not key.startswith(FILE_PREFIXES):
             return None
-        return "/files/" + quote(key)
+        url = "/files/" + quote(key)
+        return f"{url}?job={quote(job_id)}" if job_id and key.startswith("inputs/") else url
+
+    def batch(self, name: str) -> dict[str, Any]:
+        """One batch: its progress, and its failed jobs with their reasons."""
+        from farm.api.batches import status
+
+        return status(_Ctx(self.farm), self.who, name)
+
+    def may_read(self, key: str, job_id: str | None) -> bool:
+        """Whether `/files/<key>` is the caller's: a job's or an adapter's files go to whoever
+        sees the job; an input to whoever sees the job (`?job=`) that names it."""
+        parts = key.split("/")
+        if key.startswith(("jobs/", "adapters/")) and len(parts) > 2:
+            try:
+                own_job(self.farm, self.who, parts[1])
+            except Exception:
+                return False
+            return True
+        if key.startswith("inputs/"):
+            if self.who.tenant is None:
+                return True
+            if job_id is None:
+                return False
+            try:
+                rec = own_job(self.farm, self.who, job_id)
+            except Exception:
+                return False
+            uri = self.farm.store.uri(key)
+            return uri in (
+                rec.spec.get("image"),
+                rec.spec.get("mask_image"),
+                rec.spec.get("ip_adapter_image"),
+            )
+        return False
+
+
+class _Ctx:
+    """What `farm.api.batches.status` reads of the app's context."""
+
+    def __init__(self, farm: Farm) -> None:
+        self.farm = farm

@@ -1,9 +1,13 @@
-"""The dashboard's one HTML page: inline CSS and JS, nothing fetched from elsewhere.
+"""The dashboard's pages: inline CSS and JS, nothing fetched from elsewhere.
 
-The script polls `/api/overview` every two seconds (or `/api/job/<id>` for `/?job=<id>`),
-rebuilds the page only when the answer changed (so images are not reloaded for nothing), and
-builds it with DOM calls and `textContent` only, never `innerHTML`, so a prompt, a
-batch name or an error message is shown as text and can never run as markup.
+The front page follows `/api/overview/events` (server-sent events: the overview whenever it
+changes) instead of polling; `/?job=<id>` follows the job's own `/v1/jobs/<id>/events` (state,
+step progress, previews) and reads `/api/job/<id>` when its state changes; `/?batch=<name>`
+reads `/api/batch/<name>` (its failed jobs and their reasons) when the overview changes. At
+most one request is in flight: a change that comes during one is read once it is done. The
+page is rebuilt only when the answer changed (so images are not reloaded for nothing), with
+DOM calls and `textContent` only, never `innerHTML`, so a prompt, a batch name or an error
+message is shown as text and can never run as markup. `LOGIN` is the login form.
 """
 
 PAGE = """<!doctype html>
@@ -65,6 +69,7 @@ PAGE = """<!doctype html>
 <header><h1><a href="/">render-farm</a></h1><span class="mute" id="storage"></span>
 <span class="mute" id="updated"></span></header>
 <main id="main"><section class="wide">Loading…</section></main>
+<!--INITIAL-->
 <script>
 "use strict";
 const STATES = ["succeeded", "running", "queued", "waiting", "failed", "cancelled",
@@ -129,7 +134,8 @@ function batches(data) {
   return section("Batches", "wide", table(["batch", "progress", "jobs", "", "images",
                                            "img/s", "ETA"],
     data.batches.map(b => el("tr", {"data-batch": b.name},
-      el("td", {class: "mono", text: b.name}), el("td", {}, bar(b.counts, b.total)),
+      el("td", {class: "mono"}, el("a", {href: "/?batch=" + encodeURIComponent(b.name),
+                                          text: b.name})), el("td", {}, bar(b.counts, b.total)),
       el("td", {class: "num", text: `${b.ended}/${b.total}`}),
       el("td", {class: "mute", text: STATES.filter(s => b.counts[s])
                                           .map(s => `${s} ${b.counts[s]}`).join("  ")}),
@@ -155,9 +161,9 @@ function recent(data) {
 
 function figure(caption, url) {
   const shown = !url ? el("div", {class: "thumb nothumb", text: "none"})
-    : /\.(png|jpe?g|webp)$/i.test(url) ? el("img", {src: url, alt: caption})
+    : /\.(png|jpe?g|webp)$/i.test(url.split("?")[0]) ? el("img", {src: url, alt: caption})
     : el("a", {href: url, class: "thumb nothumb mono",
-               text: decodeURIComponent(url.split("/").pop())});
+               text: decodeURIComponent(url.split("?")[0].split("/").pop())});
   return el("figure", {}, shown, el("figcaption", {text: caption}));
 }
 function jobPage(j) {
@@ -177,32 +183,126 @@ function jobPage(j) {
                                     : [figure("output", null)])))];
 }
 
-let lastSeen = null;
-async function refresh() {
-  const job = new URLSearchParams(location.search).get("job");
-  const main = document.getElementById("main");
-  try {
-    const resp = await fetch(job ? "/api/job/" + encodeURIComponent(job) : "/api/overview");
-    if (!resp.ok) throw new Error((await resp.text()).trim() || resp.status);
-    const data = await resp.json();
-    const seen = JSON.stringify({...data, now: 0});
-    if (seen === lastSeen) return;  // nothing changed: keep the page (and its images) as is
-    lastSeen = seen;
-    const parts = job ? jobPage(data)
-      : [queues(data), workers(data), batches(data), recent(data)];
-    main.replaceChildren(...parts);
-    if (data.storage) document.getElementById("storage").textContent = data.storage;
-    document.getElementById("updated").textContent =
-      "updated " + new Date().toLocaleTimeString();
-    document.body.dataset.loaded = "1";
-  } catch (e) {
-    lastSeen = null;
-    main.replaceChildren(section("Error", "wide", el("p", {class: "error", text: String(e)})));
-  }
+function batchPage(b) {
+  const dl = el("dl", {});
+  for (const [k, v] of [["batch", b.name], ["jobs", `${b.ended}/${b.total}`],
+      ["images", `${b.images_done}/${b.images_total}`],
+      ["img/s", b.rate ? b.rate.toFixed(2) : ""], ["ETA", b.eta ? Math.round(b.eta) + "s" : ""]])
+    if (v !== "") dl.append(el("dt", {text: k}), el("dd", {text: v}));
+  const failed = b.failed.length
+    ? table(["job", "row", "variation", "reason"], b.failed.map(f =>
+        el("tr", {"data-failed": f.job},
+           el("td", {class: "mono"}, el("a", {href: "/?job=" + encodeURIComponent(f.job),
+                                              text: f.job.slice(0, 8)})),
+           el("td", {class: "num", text: f.row}), el("td", {class: "num", text: f.variation}),
+           el("td", {class: "error", text: f.error || ""}))))
+    : el("p", {class: "mute", text: "No failed jobs."});
+  return [section("Batch", "wide", dl, bar(b.counts, b.total),
+                  el("p", {class: "mute", text: STATES.filter(s => b.counts[s])
+                                                  .map(s => `${s} ${b.counts[s]}`).join("  ")})),
+          section("Failed jobs", "wide", failed)];
 }
-refresh();
-setInterval(refresh, 2000);
+
+let lastSeen = null, live = {};
+function show(parts, data) {
+  const seen = JSON.stringify({...data, now: 0, live});
+  if (seen === lastSeen) return;  // nothing changed: keep the page (and its images) as is
+  lastSeen = seen;
+  document.getElementById("main").replaceChildren(...parts);
+  if (data.storage) document.getElementById("storage").textContent = data.storage;
+  document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  document.body.dataset.loaded = "1";
+}
+function fail(e) {
+  lastSeen = null;
+  document.getElementById("main").replaceChildren(
+    section("Error", "wide", el("p", {class: "error", text: String(e)})));
+}
+// One request in flight at most: a change during one is read once it is done.
+let inflight = false, again = false;
+async function read(url, render) {
+  if (inflight) { again = true; return; }
+  inflight = true;
+  try {
+    const resp = await fetch(url, {credentials: "same-origin"});
+    if (!resp.ok) throw new Error((await resp.text()).trim() || resp.status);
+    render(await resp.json());
+  } catch (e) { fail(e); }
+  inflight = false;
+  if (again) { again = false; read(url, render); }
+}
+function follow(url, handlers) {
+  const source = new EventSource(url);
+  for (const [name, fn] of Object.entries(handlers))
+    source.addEventListener(name, ev => fn(JSON.parse(ev.data)));
+  return source;
+}
+
+const params = new URLSearchParams(location.search);
+const job = params.get("job"), batchName = params.get("batch");
+// What the server read for this page, so it shows at once (then live updates follow).
+const held = document.getElementById("initial");
+const initial = held ? JSON.parse(held.textContent) : null;
+if (job) {
+  const url = "/api/job/" + encodeURIComponent(job);
+  let data = null;
+  const render = d => { data = d; show(jobPage(d).concat(livePart()), d); };
+  const livePart = () => {
+    if (!live.total && !live.png) return [];
+    const bits = [];
+    if (live.total) bits.push(el("p", {id: "progress", text: `step ${live.step}/${live.total}`}));
+    if (live.png) bits.push(el("figure", {}, el("img", {id: "preview", src: live.png,
+      alt: "preview"}), el("figcaption", {text: "preview at step " + live.pstep})));
+    return [section("Live", "wide", ...bits)];
+  };
+  if (initial) render(initial); else read(url, render);
+  const source = follow("/v1/jobs/" + encodeURIComponent(job) + "/events", {
+    state: s => { if (s.state !== "running") live = {}; read(url, render);
+                  if (["succeeded", "failed", "cancelled"].includes(s.state)) source.close(); },
+    progress: p => { live = {...live, step: p.step, total: p.total}; if (data) render(data); },
+    preview: p => { live = {...live, png: p.png, pstep: p.step}; if (data) render(data); },
+  });
+} else if (batchName) {
+  const url = "/api/batch/" + encodeURIComponent(batchName);
+  if (initial) show(batchPage(initial), initial); else read(url, b => show(batchPage(b), b));
+  follow("/api/overview/events", {overview: () => read(url, b => show(batchPage(b), b))});
+} else {
+  const front = data => show([queues(data), workers(data), batches(data), recent(data)], data);
+  if (initial) front(initial);
+  const source = follow("/api/overview/events", {
+    overview: front,
+    unavailable: name => fail("farm unavailable: " + name),
+  });
+  source.onerror = () => { if (source.readyState === EventSource.CLOSED) fail("disconnected"); };
+}
 </script>
+</body>
+</html>
+"""
+
+LOGIN = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>render-farm: log in</title>
+<style>
+  body { margin:0; font:14px/1.4 system-ui, sans-serif; background:#f4f5f7; color:#1d2330; }
+  form { max-width:420px; margin:12vh auto; background:#fff; border:1px solid #dde1e8;
+         border-radius:6px; padding:20px; display:grid; gap:10px; }
+  input { font:inherit; padding:6px 8px; border:1px solid #dde1e8; border-radius:4px; }
+  button { font:inherit; padding:6px; border:0; border-radius:4px; background:#2f6fdf; color:#fff; }
+  .error { color:#d24b3e; }
+</style>
+</head>
+<body>
+<form method="post" action="/login">
+  <h1>render-farm</h1>
+  <label for="token">API token (read scope)</label>
+  <input id="token" name="token" type="password" autocomplete="off" required>
+  <button type="submit">Log in</button>
+  <p class="error">{message}</p>
+</form>
 </body>
 </html>
 """

@@ -1,0 +1,212 @@
+"""Webhooks: signed, retried while the receiver is down, at least once under one event id, never
+sent to refused addresses. The sender is the real `python -m farm.api.sender` process."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from farm.api.app import create_app
+from farm.api.server import in_thread
+from farm.api.webhooks import check_url, verify
+from farm.client import Farm
+from farm.errors import InvalidJob
+from farm.settings import settings_env
+from tests.api.conftest import Api, make_tokens, wait_done
+
+
+class Receiver(ThreadingHTTPServer):
+    """A webhook receiver on loopback that answers `fail_first` requests with 503."""
+
+    daemon_threads = True
+
+    def __init__(self, port: int, fail_first: int = 0) -> None:
+        self.got: list[tuple[dict[str, str], bytes]] = []
+        self.fail_first = fail_first
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(inner) -> None:  # noqa: N802, N805
+                body = inner.rfile.read(int(inner.headers["Content-Length"]))
+                self.got.append((dict(inner.headers), body))
+                inner.send_response(503 if len(self.got) <= self.fail_first else 200)
+                inner.end_headers()
+
+            def log_message(inner, *a) -> None:  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_sender(settings) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "farm.api.sender"],
+        env=settings_env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def delivery(api: Api, client, job_id: str, until, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hook = client.get(f"/v1/jobs/{job_id}").json().get("webhook") or {}
+        if until(hook):
+            return hook
+        time.sleep(0.1)
+    raise AssertionError(f"webhook of {job_id}: {hook}")
+
+
+def test_webhooks_are_signed_retried_while_the_receiver_is_down_and_delivered_once(api):
+    port = free_port()  # nobody listens yet: the receiver is down
+    sender = start_sender(api.settings)
+    try:
+        with api.client() as c:
+            job_id = c.post(
+                "/v1/jobs",
+                json={
+                    "kind": "txt2img",
+                    "model": "tiny",
+                    "prompt": "hook",
+                    "num_inference_steps": 2,
+                    "height": 32,
+                    "width": 32,
+                    "webhook": f"http://127.0.0.1:{port}/hook",
+                },
+            ).json()["id"]
+            wait_done(c, job_id)
+            hook = delivery(api, c, job_id, lambda h: len(h.get("attempts", [])) >= 2)
+            assert hook["outcome"] == "pending" and all("error" in a for a in hook["attempts"])
+            receiver = Receiver(port, fail_first=1)  # back, but its first answer is a 503
+            try:
+                hook = delivery(api, c, job_id, lambda h: h.get("outcome") == "delivered")
+            finally:
+                receiver.shutdown()
+    finally:
+        sender.terminate()
+        sender.wait(10)
+    attempts = hook["attempts"]
+    assert [a.get("status") for a in attempts[-2:]] == [503, 200]
+    gaps = [b["at"] - a["at"] for a, b in zip(attempts, attempts[1:], strict=False)]
+    assert all(
+        later >= 0.9 * earlier for earlier, later in zip(gaps, gaps[1:], strict=False)
+    )  # backoff
+    assert len(receiver.got) == 2
+    secret = api.farm.tracker.tenants.webhook_secret("acme")
+    ids = set()
+    for headers, body in receiver.got:
+        assert verify(secret, body, headers["X-Farm-Signature"])
+        assert not verify("whsec_wrong", body, headers["X-Farm-Signature"])
+        ids.add(headers["X-Farm-Event-Id"])
+        event = json.loads(body)
+        assert event["type"] == "job.succeeded" and event["job"]["id"] == job_id
+        assert event["job"]["outputs"] and event["id"] == headers["X-Farm-Event-Id"]
+    assert ids == {hook["event_id"]}  # at least once, one stable event id
+
+
+def test_a_batch_webhook_arrives_once_the_batch_settles(api):
+    port = free_port()
+    receiver = Receiver(port)
+    sender = start_sender(api.settings)
+    try:
+        with api.client() as c:
+            made = c.post(
+                "/v1/batches",
+                json={
+                    "name": "hooked",
+                    "webhook": f"http://127.0.0.1:{port}/b",
+                    "defaults": {
+                        "model": "tiny",
+                        "num_inference_steps": 1,
+                        "height": 32,
+                        "width": 32,
+                    },
+                    "rows": [{"prompt": "a"}, {"prompt": "b"}],
+                },
+            )
+            assert made.status_code == 201, made.text
+            deadline = time.monotonic() + 90
+            while not receiver.got and time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        sender.terminate()
+        sender.wait(10)
+        receiver.shutdown()
+    ((headers, body),) = receiver.got
+    event = json.loads(body)
+    assert event["type"] == "batch.settled" and event["batch"]["name"] == "hooked"
+    assert event["batch"]["counts"] == {"succeeded": 2}
+
+
+def test_webhooks_to_refused_addresses_are_never_sent(api_farm, tmp_path):
+    """With private addresses refused (the default): the API refuses such a URL at submit, and
+    the sender refuses to post to one that got in another way (the SDK over Redis)."""
+    settings = api_farm.model_copy(update={"webhook_allow_private": False})
+    port = free_port()
+    receiver = Receiver(port)
+    farm = Farm(settings)
+    tokens = make_tokens(farm)
+    with in_thread(create_app(settings)) as url:
+        api = Api(url, settings, farm, tokens)
+        with api.client() as c:
+            for host in ("127.0.0.1", "localhost", "10.1.2.3", "[::1]", "169.254.169.254"):
+                resp = c.post(
+                    "/v1/jobs",
+                    json={
+                        "kind": "txt2img",
+                        "model": "tiny",
+                        "prompt": "x",
+                        "webhook": f"http://{host}:{port}/",
+                    },
+                )
+                assert resp.status_code == 422 and resp.json()["field"] == "webhook", resp.text
+            job = farm.submit(
+                {
+                    "kind": "txt2img",
+                    "model": "tiny",
+                    "prompt": "x",
+                    "num_inference_steps": 1,
+                    "height": 32,
+                    "width": 32,
+                    "webhook": f"http://localhost:{port}/",
+                }
+            )
+            job.wait(timeout=120)
+            sender = start_sender(settings)
+            try:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    d = farm.tracker.webhooks.get(f"job.{job.id}")
+                    if d and d["outcome"] != "pending":
+                        break
+                    time.sleep(0.1)
+            finally:
+                sender.terminate()
+                sender.wait(10)
+    receiver.shutdown()
+    farm.close()
+    assert d["outcome"] == "refused" and "not a public address" in d["attempts"][0]["error"]
+    assert receiver.got == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1/", "http://[::ffff:127.0.0.1]/", "http://192.168.0.1/", "http://0.0.0.0/"],
+)
+def test_private_addresses_are_refused_unless_allowed(url):
+    with pytest.raises(InvalidJob, match="not a public address"):
+        check_url(url, allow_private=False)
+    assert check_url(url, allow_private=True)
