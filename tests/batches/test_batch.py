@@ -551,7 +551,7 @@ def test_fetch_writes_an_imagefolder_dataset(resumed, tmp_path):
     # Again: nothing to fetch; a lost file comes back.
     (out / rows[0]["file_name"]).unlink()
     again = run_cli(settings, "batch", "fetch", "cats", out)
-    assert "1 files fetched, 35 already there" in again.stdout, again.stdout  # 16 + 16 + 4
+    assert "1 file fetched, 35 already there" in again.stdout, again.stdout  # 16 + 16 + 4
 
 
 def test_worker_draws_generated_masks_as_the_client_would_and_stores_them(resumed, tmp_path):
