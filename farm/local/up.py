@@ -115,8 +115,9 @@ class LocalFarm:
         home = self.base.home
         home.mkdir(parents=True, exist_ok=True)
         if self.write_state or not self.base.redis_url:
-            self.lock = HomeLock(home)
-            self.lock.acquire()  # FarmAlreadyRunning: nothing started, nothing written
+            lock = HomeLock(home)
+            lock.acquire()  # FarmAlreadyRunning: nothing started, nothing written or removed
+            self.lock = lock
         update: dict[str, object] = {"storage": self.base.storage_url()}
         if not self.base.redis_url:
             self.redis = RedisServer(home / "redis", appendonly=True, die_with_parent=True)
