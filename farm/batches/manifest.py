@@ -266,6 +266,8 @@ def resolve_row(
         )
     if kind == "inpaint":  # a dataset's labels stay valid: outside the mask, the source's pixels
         merged.setdefault("preserve_unmasked", True)
+    elif "preserve_unmasked" not in row:  # `--no-preserve-unmasked` speaks of inpaint rows only
+        merged.pop("preserve_unmasked", None)
     if isinstance(merged.get("loras"), list):  # local adapter files: next to the manifest
         merged["loras"] = [_local_lora(lora, folder) for lora in merged["loras"]]
     # 3. The job fields, checked by the spec itself (inputs stand in as placeholders).

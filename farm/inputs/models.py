@@ -157,8 +157,8 @@ def check_kind(ref: str, kind: str, models_dir: Path | None = None) -> None:
     if why is not None:
         raise InvalidJob(
             f"model: {ref!r} is an inpainting model ({why}): it runs inpaint jobs only, not "
-            f"{kind}; give the job an image and a mask (inpaint), or use a {kind} model such "
-            "as 'tiny'",
+            f"{kind}; give the job an image and a mask (inpaint), or use "
+            f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} model such as 'tiny'",
             field="model",
         )
 

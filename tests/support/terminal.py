@@ -5,6 +5,7 @@ to that whole group, not to one pid."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import signal
@@ -84,9 +85,7 @@ class Terminal:
     def close(self) -> None:
         """Kill it (and its process group) if it still runs; release the terminal."""
         if self.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.wait(30)
         os.close(self.fd)
