@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import stat
-import uuid
 
 import pytest
-import redis
 from PIL import Image
 
 from farm import InvalidJob
@@ -187,24 +185,6 @@ def test_a_manifest_is_checked_before_looking_for_a_farm(nowhere, files):
 
 
 # --------------------------------------------------------------------------- with a farm
-
-
-@pytest.fixture
-def empty_farm(redis_server, tmp_path) -> FarmSettings:
-    return FarmSettings(
-        redis_url=redis_server.url,
-        storage=(tmp_path / "store").as_uri(),
-        home=tmp_path / "home",
-        key_prefix=f"fh{uuid.uuid4().hex[:8]}:",
-    )
-
-
-def keys(settings: FarmSettings) -> list[bytes]:
-    r = redis.Redis.from_url(settings.redis_url or "")
-    try:
-        return list(r.scan_iter(f"{settings.key_prefix}*"))
-    finally:
-        r.close()
 
 
 def test_batch_inpaint_rows_keep_their_labels_by_default_and_a_single_job_does_not(

@@ -6,7 +6,6 @@ import json
 import struct
 import subprocess
 import sys
-import uuid
 import zlib
 
 import pytest
@@ -15,18 +14,6 @@ from PIL import Image
 
 from farm import Farm, InvalidJob, Txt2Img
 from farm.settings import FarmSettings, settings_env
-
-
-@pytest.fixture
-def empty_farm(redis_server, tmp_path):
-    """Settings with a fresh key prefix and an empty store; no worker needed."""
-    store = tmp_path / "store"
-    return FarmSettings(
-        redis_url=redis_server.url,
-        storage=store.as_uri(),
-        home=tmp_path,
-        key_prefix=f"bad{uuid.uuid4().hex[:8]}:",
-    )
 
 
 @pytest.fixture
