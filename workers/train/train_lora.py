@@ -54,6 +54,7 @@ from PIL import Image
 from farm.jobs.specs import Finetune
 from farm.keys import ADAPTER_FILE
 from workers.train.checkpoints import Checkpoint
+from workers.train.interrupt import Interrupted, StopFn, interruptible
 
 ADAPTER_NAME = "farm_finetune"
 """The peft adapter name while training (removed before the pipeline renders again)."""
@@ -68,13 +69,6 @@ ADAM = {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8}
 
 StepFn = Callable[[int, int, float], bool]
 """`on_step(step, total, loss)` after each optimizer step; True stops training there."""
-
-StopFn = Callable[[], bool]
-"""`should_stop()`, asked many times within a step; True abandons the step."""
-
-
-class Interrupted(Exception):
-    """A training step abandoned part-way because `should_stop` said so."""
 
 
 def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -267,7 +261,8 @@ class LoraTrainer:
         """Train from `self.step` to `max_train_steps`; False if `on_step` stopped it after a
         step, or `should_stop` within one (that step abandoned: see the module docstring)."""
         spec = self.spec
-        with self._interruptible(should_stop):
+        modules = (self.pipe.vae.encoder, self.pipe.unet, self.pipe.text_encoder)
+        with interruptible(modules, should_stop):
             while self.step < spec.max_train_steps:
                 # 6. One optimizer step over `gradient_accumulation_steps` micro-batches.
                 rng = self._rng_state()
@@ -296,36 +291,6 @@ class LoraTrainer:
                 if on_step(self.step, spec.max_train_steps, self.losses[-1]):
                     return self.step >= spec.max_train_steps
         return True
-
-    @contextlib.contextmanager
-    def _interruptible(self, should_stop: StopFn | None) -> Any:
-        """While training: every convolution and linear layer of the VAE encoder, the UNet
-        and the text encoder asks `should_stop` before it runs, and again when its gradient
-        arrives in the backward pass; True raises `Interrupted` there."""
-        if should_stop is None:
-            yield
-            return
-
-        def check(*_: Any) -> None:
-            if should_stop():
-                raise Interrupted
-
-        def watch_grad(module: Any, args: Any, output: Any) -> None:
-            out = output[0] if isinstance(output, tuple) else output
-            if isinstance(out, torch.Tensor) and out.requires_grad:
-                out.register_hook(check)
-
-        handles = []
-        for top in (self.pipe.vae.encoder, self.pipe.unet, self.pipe.text_encoder):
-            for module in top.modules():
-                if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
-                    handles.append(module.register_forward_pre_hook(check))
-                    handles.append(module.register_forward_hook(watch_grad))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _rng_state(self) -> dict[str, Any]:
         state = {
