@@ -2,6 +2,8 @@
 
 FarmError
  ├── InvalidJob        bad input: refused before anything is stored; a worker never retries it
+ │    ├── FarmNotRunning  no Redis configured and no `farm up` running on this machine
+ │    └── PortInUse       a port the farm was asked to listen on is taken
  ├── JobNotFound       no record for that job id (never submitted, or expired)
  ├── TransientError    Redis, storage or device trouble that a retry may cure
  ├── StaleAttempt      a worker's write carried an attempt token that is no longer current
@@ -11,6 +13,8 @@ FarmError
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class FarmError(Exception):
@@ -33,6 +37,35 @@ class InvalidJob(FarmError, ValueError):
     ) -> None:
         super().__init__(message, job_id=job_id)
         self.field = field
+
+
+class FarmNotRunning(InvalidJob):
+    """No Redis is configured (`FARM_REDIS_URL`) and no embedded farm (`farm up`) runs here."""
+
+
+class PortInUse(InvalidJob):
+    """A port the farm was asked to listen on is taken: one line naming the address and how to
+    choose another, instead of `[Errno 98] Address already in use`.
+
+        >>> try:
+        ...     server = ThreadingHTTPServer((host, port), Handler)
+        ... except OSError as e:
+        ...     PortInUse.check(e, "farm dashboard", host, port)   # re-raises as PortInUse
+        ...     raise
+    """
+
+    def __init__(self, what: str, host: str, port: int, hint: str = "--port N") -> None:
+        super().__init__(
+            f"{what}: {host}:{port} is already in use (another farm, or another program); "
+            f"choose another port with {hint} (0: any free port)",
+            field="port",
+        )
+
+    @classmethod
+    def check(cls, error: OSError, what: str, host: str, port: int, hint: str = "--port N") -> None:
+        """Raise `PortInUse` for an `EADDRINUSE` error; any other `OSError` is the caller's."""
+        if error.errno == errno.EADDRINUSE:
+            raise cls(what, host, port, hint) from error
 
 
 class JobNotFound(FarmError, KeyError):

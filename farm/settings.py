@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from farm.errors import InvalidJob
+from farm.errors import FarmNotRunning
 
 
 def default_home() -> Path:
@@ -177,20 +177,41 @@ def embedded_state_file(settings: FarmSettings) -> Path:
 
 
 def resolve_settings(settings: FarmSettings | None = None) -> FarmSettings:
-    """FARM_* settings; where no Redis URL is set, those of the farm `farm up` is running."""
+    """FARM_* settings; where no Redis URL is set, those of the farm `farm up` is running.
+
+    An `up.json` left by a `farm up` that is no longer running (killed) does not count: the
+    client says no farm runs, rather than that Redis is unreachable."""
     settings = settings or FarmSettings()
     if settings.redis_url:
         return settings
     state_file = embedded_state_file(settings)
-    if state_file.exists():
+    try:
         state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        state = None
+    if isinstance(state, dict) and state.get("redis_url") and _alive(state.get("pid")):
         return settings.model_copy(
             update={
                 "redis_url": state["redis_url"],
                 "storage": settings.storage or state["storage"],
             }
         )
-    raise InvalidJob(
-        "FARM_REDIS_URL is not set and no embedded farm is running: start one with `farm up`",
+    gone = f" (the one that wrote {state_file} is gone)" if state else ""
+    raise FarmNotRunning(
+        f"FARM_REDIS_URL is not set and no embedded farm is running{gone}: start one with "
+        "`farm up`",
         field="FARM_REDIS_URL",
     )
+
+
+def _alive(pid: object) -> bool:
+    """Whether process `pid` exists on this machine (a `farm up` that wrote no pid counts)."""
+    if not isinstance(pid, int):
+        return pid is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

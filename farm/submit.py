@@ -3,6 +3,9 @@
 Every way a job enters the farm goes through a `Submission`: `Farm.submit_many`, a batch's
 chunks (`farm.batches.submit`), a batch's retries (`Batch.retry`), and manifest validation,
 which prepares one job per distinct row as a dry run (nothing encoded, stored or written).
+With no farm to be found, `preflight` makes the same dry run against `Offline` parts, so bad
+input is reported as such before "no farm is running" (the CLI's order: validate, then look
+for the farm).
 
     >>> sub = Submission(farm)
     >>> records = [sub.prepare(parse_spec(s)) for s in specs]   # 1-2: checked, nothing written
@@ -11,8 +14,9 @@ which prepares one job per distinct row as a dry run (nothing encoded, stored or
 
 1. Prepare: a seed for a spec without one, every input resolved (`InputResolver`: checked,
    given its content key, queued for upload), LoRA refs resolved (a render naming an
-   unfinished fine-tune waits for it), the model checked where this machine can see it, the
-   batch signature and the queue chosen.
+   unfinished fine-tune waits for it), the model checked where this machine can see it (and
+   that it runs the job's kind: `farm.inputs.models.check_kind`), the batch signature and the
+   queue chosen.
 2. Validate: everything the client can check is checked in step 1; the first problem is an
    `InvalidJob` naming the field, before anything is stored.
 3. Write: the records (`Tracker.create`: a record whose id exists is left alone; ids derive
@@ -34,18 +38,18 @@ from typing import Any, Protocol
 
 from farm.inputs import images
 from farm.inputs.loras import prepare_loras
-from farm.inputs.models import check_resolvable
+from farm.inputs.models import check_kind, check_resolvable, check_visible_model
 from farm.inputs.resolver import InputResolver
 from farm.jobs.masks import MaskGenerator
 from farm.jobs.signature import batch_signature
-from farm.jobs.specs import Inpaint, Style, Txt2Img
+from farm.jobs.specs import Inpaint, Style, Txt2Img, parse_spec
 from farm.jobs.state import JobState
 from farm.queue.app import enqueue
 from farm.queue.routing import Router
 from farm.settings import FarmSettings
 from farm.state import dependencies
 from farm.state.tracker import Tracker, new_job_id
-from farm.storage import ObjectStore
+from farm.storage import ObjectStore, open_store
 
 
 class Parts(Protocol):
@@ -94,6 +98,7 @@ class Submission:
         """
         farm = self.farm
         farm.check_model(spec.model)
+        check_kind(spec.model, spec.kind, farm.settings.models_dir)
         updates: dict[str, Any] = {}
         if spec.seed is None:
             updates["seed"] = secrets.randbits(32)
@@ -192,3 +197,35 @@ class Submission:
         if waiting:
             dependencies.release(tracker, celery, waiting)
         return Written(created, len(resent))
+
+
+class Offline:
+    """The parts of a farm a dry run needs when no farm is to be found (`preflight`): the
+    settings and the store they name, no Redis. A `job:<id>` LoRA ref, which only the farm's
+    records can answer for, is checked once the farm is found."""
+
+    tracker: Any = None
+    celery: Any = None
+
+    def __init__(self, settings: FarmSettings) -> None:
+        self.settings = settings
+        self.router = Router(set)  # no registry to read: every render to `render`
+        self._store: ObjectStore | None = None
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = open_store(self.settings)
+        return self._store
+
+    def check_model(self, ref: str) -> None:
+        check_visible_model(ref, self.settings.models_dir, self.settings.model_check)
+
+
+def preflight(settings: FarmSettings, specs: Iterable[Any]) -> None:
+    """Every check `Submission.prepare` makes without a farm, as a dry run (nothing encoded,
+    stored or written): `InvalidJob` for the first bad spec. For a client that found no farm,
+    so that `--width 100` or a missing file is reported before "no farm is running"."""
+    sub = Submission(Offline(settings))
+    for spec in specs:
+        sub.prepare(parse_spec(spec), dry=True)

@@ -9,6 +9,7 @@ parser, and failures are reported the way every `farm` command reports them.
 from __future__ import annotations
 
 import argparse
+import shutil
 from collections.abc import Sequence
 
 from farm.cli.main import guarded, parser
@@ -49,7 +50,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.single_file:
         from workers.builtin.tiny import export_single_file
 
-        print(export_single_file(args.name, args.dir / f"{args.name}.safetensors"))
+        checkpoint = export_single_file(args.name, args.dir / f"{args.name}.safetensors")
+        # Its diffusers config beside it (`<name>.config/`, where workers and `farm models
+        # verify` look for a single file's): the folder's configs and tokenizer, no weights.
+        beside = checkpoint.with_suffix(".config")
+        shutil.rmtree(beside, ignore_errors=True)
+        shutil.copytree(
+            args.dir, beside, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", beside.name)
+        )
+        print(checkpoint)
     return 0
 
 

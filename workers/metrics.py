@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from farm.errors import PortInUse
 from farm.queue.routing import FINETUNE_QUEUE, RENDER_QUEUE
 from workers.presence import physical_device
 
@@ -124,7 +125,12 @@ class WorkerMetrics:
             start_http_server(port, registry=self.registry)
             self.port = port
         except OSError as e:  # a port in use must not keep the worker from rendering
-            log.error("metrics endpoint on port %d not started: %s", port, e)
+            try:
+                PortInUse.check(e, "metrics", "0.0.0.0", port, "FARM_METRICS_PORT")
+                why: Exception = e
+            except PortInUse as clash:
+                why = clash
+            log.error("metrics endpoint not started: %s", why)
 
     def ended(self, held: Iterable[Any], outcomes: Mapping[str, str]) -> None:
         for job in held:

@@ -10,7 +10,9 @@ state change, and every path (render, fine-tune) reports it as an `Outcome`.
 
 Errors decide by their type (`farm.errors`): `InvalidJob` fails the job (never retried), a
 `TransientError` hands it back for another attempt with a backoff, `StaleAttempt` means
-another attempt owns the job now, anything else fails it with its type and message.
+another attempt owns the job now, anything else fails it with its type and message. Every
+failure records its kind (`farm.jobs.record.Failure`: invalid, transient, lost, time limit,
+error) beside the reason, so `farm batch retry` can skip the jobs that would fail again.
 
 A hand-back with a backoff never sleeps on the worker: the job is queued again with its
 message scheduled (`Tracker.schedule_retry`), and the reconciler sends it once the backoff
@@ -27,6 +29,7 @@ from enum import StrEnum
 from typing import Any
 
 from farm.errors import InvalidJob, StaleAttempt, TransientError
+from farm.jobs.record import Failure
 from farm.jobs.state import JobState
 from farm.queue.app import enqueue
 from farm.queue.routing import RENDER_QUEUE, is_model_queue
@@ -101,11 +104,16 @@ def settle(rt: Runtime, job: Held, error: BaseException) -> Outcome:
     if isinstance(error, StaleAttempt):
         return Outcome.STALE
     if isinstance(error, InvalidJob):
-        return end(rt, job, JobState.FAILED, error=str(error))
+        return fail(rt, job, Failure.INVALID, str(error))
     if isinstance(error, TransientError):
         return hand_back(rt, job, str(error))
     log.error("job %s failed", job.id, exc_info=error)
-    return end(rt, job, JobState.FAILED, error=f"{type(error).__name__}: {error}")
+    return fail(rt, job, Failure.ERROR, f"{type(error).__name__}: {error}")
+
+
+def fail(rt: Runtime, job: Held, failure: Failure, error: str) -> Outcome:
+    """End an attempt as failed, with the reason and its kind (`Failure`)."""
+    return end(rt, job, JobState.FAILED, error=error, failure=failure.value)
 
 
 def stopped(
@@ -119,11 +127,8 @@ def stopped(
         return end(rt, job, JobState.CANCELLED, error=f"cancelled while {doing}")
     if reason == Stop.SHUTDOWN:
         return hand_back(rt, job, "worker shut down", backoff=False, counted=False)
-    return end(
-        rt,
-        job,
-        JobState.FAILED,
-        error=f"time limit exceeded: {limits.seconds:g} s ({limits.setting})",
+    return fail(
+        rt, job, Failure.TIME_LIMIT, f"time limit exceeded: {limits.seconds:g} s ({limits.setting})"
     )
 
 
@@ -134,7 +139,7 @@ def dead_letter(rt: Runtime, job: Held, attempts: int | None = None) -> bool:
     if counted <= rt.settings.max_deliveries:
         return False
     last = job.record.error or "its worker was lost each time"
-    end(rt, job, JobState.FAILED, error=f"dead-lettered after {counted - 1} attempts: {last}")
+    fail(rt, job, Failure.LOST, f"dead-lettered after {counted - 1} attempts: {last}")
     return True
 
 
@@ -149,9 +154,7 @@ def hand_back(
     not to a model queue this worker may have been the last to consume.
     """
     if counted and job.attempt >= rt.settings.max_deliveries:
-        return end(
-            rt, job, JobState.FAILED, error=f"gave up after {job.attempt} attempts: {reason}"
-        )
+        return fail(rt, job, Failure.TRANSIENT, f"gave up after {job.attempt} attempts: {reason}")
     due = time.time() + (min(MAX_BACKOFF, 0.5 * 2**job.attempt) if backoff else 0.0)
     outcome = end(rt, job, JobState.QUEUED, error=reason, enqueued_at=repr(due))
     if outcome != Outcome.HANDED_BACK:

@@ -1,8 +1,10 @@
 """A worker's presence: its registry entry, and the queues it consumes for its warm models.
 
-The entry (`farm.state.registry.WorkerInfo`) is written at start, when a job starts and ends, and
-every `interval` seconds from a thread of its own (so a render of minutes still shows the
-worker alive), and withdrawn on a clean exit. `farm workers`, the dashboard, the client's
+The entry (`farm.state.registry.WorkerInfo`) is claimed at start (`claim`: a name a live
+worker holds is not shared, this one gets `cpu-2@host`), rewritten when a job starts and ends,
+and every `interval` seconds from a thread of its own (so a render of minutes, or a long
+model preload, still shows the worker alive), and withdrawn on a clean exit. It says `ready`
+once the Celery consumer is attached (`farm up` waits for that). `farm workers`, the dashboard, the client's
 `farm.queue.routing.Router` and the reconciler read it.
 
 Affinity: after each job the worker compares the models its `PipelineCache` holds with the
@@ -29,6 +31,20 @@ log = logging.getLogger("farm.worker")
 
 PUBLISH_INTERVAL = 2.0
 """Seconds between two refreshes of a worker's entry (well under `registry.STALE_AFTER`)."""
+
+
+def holder_alive(other: WorkerInfo) -> bool:
+    """Whether the worker of a registry entry is alive: a process on this host is asked
+    directly (its pid), one elsewhere judged by its heartbeat."""
+    if other.host != socket.gethostname():
+        return other.online()
+    try:
+        os.kill(other.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def physical_device(device: Any) -> str:
@@ -105,7 +121,20 @@ class Presence:
             jobs_done=self.rt.jobs_done,
             started_at=self.started_at,
             heartbeat=time.time(),
+            ready=self.consumer is not None,
         )
+
+    def claim(self) -> str:
+        """Take this worker's name in the registry, or the first free variant of it while a
+        live worker holds it (`WorkerRegistry.claim`); the name it serves under now."""
+        asked = self.rt.name
+        entry = self.rt.tracker.workers.claim(self.info(), holder_alive)
+        if entry.name != asked:
+            log.warning(
+                "worker name %s is held by a live worker; this one serves as %s", asked, entry.name
+            )
+        self.rt.name = entry.name
+        return entry.name
 
     def publish(self) -> None:
         try:

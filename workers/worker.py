@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import signal
 import threading
 import time
 from typing import Any
@@ -359,7 +360,23 @@ def run_worker(
             field="time_limit",
         )
     rt = Runtime(settings, device, threads, name)
-    for ref in preload or []:
+    # Until Celery installs its own handlers, SIGTERM ends the start-up cleanly (the entry
+    # is withdrawn below), rather than killing the process with its entry left behind.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # Its name first: a name a live worker holds is not shared (`Presence.claim`); the entry
+    # then beats from its own thread, through the preloads, until the worker stops.
+    rt.presence.claim()
+    rt.presence.start()
+    try:
+        _serve(rt, settings, queues, preload or [], loglevel)
+    finally:
+        rt.presence.stop()
+
+
+def _serve(
+    rt: Runtime, settings: FarmSettings, queues: list[str] | None, preload: list[str], loglevel: str
+) -> None:
+    for ref in preload:
         rt.cache.get(ref, "inpaint" if "inpaint" in ref else "txt2img")
     for seconds in rt.cache.load_seconds.values():
         rt.metrics.loaded(seconds)
@@ -396,12 +413,13 @@ def run_worker(
     worker_shutting_down.connect(on_shutdown, weak=False)
     threading.Thread(target=reconcile_in_turn, args=(rt,), name="reconciler", daemon=True).start()
     rt.presence.consumer = worker.consumer
-    rt.presence.start()
+    rt.presence.publish()  # ready: `farm up` says so
     log.info("worker %s serving %s on %s", rt.name, ",".join(queues), rt.device)
-    try:
-        worker.start()
-    finally:
-        rt.presence.stop()
+    worker.start()
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
 
 
 def reconcile_in_turn(rt: Runtime) -> None:

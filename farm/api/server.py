@@ -25,6 +25,7 @@ from fastapi import FastAPI
 
 from farm.api.app import create_app
 from farm.api.auth import Principal
+from farm.errors import PortInUse
 from farm.settings import FarmSettings, settings_env
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -116,7 +117,11 @@ def serve(
             f"{name}: listening on {host}: anyone who reaches it sees jobs and images",
             file=sys.stderr,
         )
-    sock = bind(host, port)
+    try:
+        sock = bind(host, port)
+    except OSError as e:
+        PortInUse.check(e, name, host, port)
+        raise
     url = url_of(sock)
     extra = (
         ""

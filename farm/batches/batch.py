@@ -12,7 +12,13 @@ its current job id and what the fetched dataset needs (row, variation, source, m
 Retry never changes a terminal state. A failed job stays failed; `retry` gives its slot a new
 job, a new attempt of the same spec whose key is the slot's key plus `#retry<generation>`
 (so its id is as deterministic as the first one's, and two concurrent retries collide on one
-job), and points the slot at it; the old id is kept in the slot's `history`.
+job), and points the slot at it; the old id is kept in the slot's `history`. A job whose
+failure says the same spec must fail again (`Failure.retryable`: invalid input, a failed
+fine-tune it waited for) is left alone unless `force`.
+
+`failures(limit)` lists the failed slots with their jobs' reasons (what `farm batch status`
+shows); it reads the slots for now, and is the one place to switch to an O(failed) read of a
+per-batch failed set.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from farm.errors import InvalidJob, JobNotFound, WaitTimeout
+from farm.jobs.record import Failure
 from farm.jobs.specs import parse_spec
 
 if TYPE_CHECKING:
@@ -73,6 +80,39 @@ class Slot:
     finished_at: float | None = None
 
 
+@dataclass(slots=True)
+class SlotFailure:
+    """A failed slot: which row and variation, its job, and why the job failed."""
+
+    slot: str
+    job: str
+    row: int | None
+    variation: int | None
+    error: str
+    failure: Failure | None
+    """The kind of failure the worker recorded (None for records older than the field)."""
+
+    @property
+    def retryable(self) -> bool:
+        return self.failure is None or self.failure.retryable
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "job": self.job,
+            "row": self.row,
+            "variation": self.variation,
+            "error": self.error,
+            "failure": self.failure.value if self.failure else None,
+        }
+
+
+def top_reasons(failures: list[SlotFailure], n: int = 5) -> list[tuple[str, int]]:
+    """The `n` most common reasons (each error's first line), most common first."""
+    lines = Counter((f.error.strip().splitlines() or ["no reason recorded"])[0] for f in failures)
+    return lines.most_common(n)
+
+
 @dataclass
 class BatchStatus:
     name: str
@@ -100,13 +140,19 @@ class BatchStatus:
         return self.counts.get("succeeded", 0) == self.total
 
     def line(self, width: int = 30) -> str:
-        """`[####      ] 40/100 jobs  succeeded 40 queued 60  2.1 img/s  ETA 28s`"""
+        """`[####--    ] 60/100 jobs  failed 20 succeeded 40 queued 40  2.1 img/s  ETA 28s`:
+        `#` the succeeded share, `-` the failed, cancelled and expired one (a cancelled batch
+        never shows a full bar)."""
         ended = self.total - self.pending
-        bar = "#" * (width * ended // max(1, self.total))
+        good = self.counts.get("succeeded", 0)
+        hashes = width * good // max(1, self.total)
+        dashes = width * (ended - good) // max(1, self.total)
+        bar = "#" * hashes + "-" * dashes
         counts = "  ".join(f"{s} {n}" for s, n in sorted(self.counts.items()) if n)
         rate = f"  {self.rate:.2f} img/s" if self.rate else ""
         eta = f"  ETA {_duration(self.eta)}" if self.eta is not None else ""
-        return f"[{bar:<{width}}] {ended}/{self.total} jobs  {counts}{rate}{eta}"
+        jobs = "job" if self.total == 1 else "jobs"
+        return f"[{bar:<{width}}] {ended}/{self.total} {jobs}  {counts}{rate}{eta}"
 
 
 def _duration(seconds: float) -> str:
@@ -222,6 +268,33 @@ class Batch:
                 self.farm.tracker.wait_event, cursor, min(poll, left) if left else poll
             )
 
+    def failures(self, limit: int | None = None) -> list[SlotFailure]:
+        """The failed slots in manifest order (the first `limit`), each with its job's reason
+        and kind of failure. Reads every slot's state for now (O(slots)); the one method to
+        switch to the batch's failed set once the index keeps one."""
+        failed = [s for s in self.slots() if s.state == "failed" and s.job]
+        if limit is not None:
+            failed = failed[: max(0, limit)]
+        out: list[SlotFailure] = []
+        for start in range(0, len(failed), READ_CHUNK):
+            chunk = failed[start : start + READ_CHUNK]
+            for s, rec in zip(
+                chunk, self.farm.tracker.get_many(x.job or "" for x in chunk), strict=True
+            ):
+                if rec is None:
+                    continue
+                out.append(
+                    SlotFailure(
+                        s.id,
+                        rec.id,
+                        s.info.get("row"),
+                        s.info.get("variation"),
+                        rec.error or "no reason recorded",
+                        rec.failure,
+                    )
+                )
+        return out
+
     # ------------------------------------------------------------------ acting
 
     def cancel(self) -> int:
@@ -233,13 +306,15 @@ class Batch:
                 n += 1
         return n
 
-    def retry(self, *, cancelled: bool = False) -> list[str]:
+    def retry(self, *, cancelled: bool = False, force: bool = False) -> list[str]:
         """Give each failed slot (and cancelled, if asked) a new job; the new ids.
 
         The new job is a fresh record of the same spec (same inputs, seed and parameters)
         under the key `slot_key(name, slot, generation + 1)`; the failed record is left as it
-        is. Safe to repeat after a crash: the new id is deterministic, so a retry that died
-        between writing the job and the index is completed, not doubled.
+        is. A job whose failure cannot be cured by another attempt (`Failure.retryable`) is
+        skipped unless `force` (`failures()` lists them). Safe to repeat after a crash: the
+        new id is deterministic, so a retry that died between writing the job and the index
+        is completed, not doubled.
         """
         from farm.submit import Submission
 
@@ -254,6 +329,8 @@ class Batch:
             for s, rec in zip(chunk, records, strict=True):
                 if rec is None:
                     continue
+                if not force and rec.failure is not None and not rec.failure.retryable:
+                    continue  # the same spec would fail again
                 generation = int(s.info.get("generation", 0)) + 1
                 spec = parse_spec({**rec.spec, "key": slot_key(self.name, s.id, generation)})
                 fresh.append(sub.prepare(spec))

@@ -128,43 +128,41 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def contact_sheet(batch: Batch, out: str | Path, rows: int = 16, cell: int = 128) -> int:
-    """A PNG grid, one line per manifest row: source | mask | outputs (a mask again wherever
-    a variation's mask differs). Returns how many rows it shows."""
-    groups: dict[Any, list[Slot]] = {}
-    for slot in batch.slots():
-        key = slot.info.get("row", slot.id)
-        if key not in groups and len(groups) >= rows:
-            break
-        groups.setdefault(key, []).append(slot)
+    """A labelled PNG grid of the first `rows` jobs in manifest order (a manifest row's
+    variations follow each other), one line each, every column with one meaning:
+    `source | mask | output 1 … output N` (N: the most images a shown job has; an empty cell
+    where a job has none, e.g. a txt2img job's source), headed by those names, with the
+    manifest row, variation, seed, state (unless succeeded) and prompt under each line. The
+    mask is the one the model used (or, not drawn yet, as it will be). Returns the lines."""
+    slots = [s for s in batch.slots(limit=max(1, rows)) if s.job]
     store = batch.farm.store
-    flat = [s for group in groups.values() for s in group]
-    recs = dict(zip((s.id for s in flat), _records(batch, flat), strict=True))
 
     def load(uri: str) -> Image.Image:
         return images.decode_image(store.get_uri(uri), field="sheet")
 
-    grid: list[list[Image.Image]] = []
-    for group in groups.values():
-        cells: list[Image.Image] = []
-        last_mask = source = None
-        for slot in group:
-            rec = recs[slot.id]
-            if rec is None:
-                continue
-            if not cells and rec.spec.get("image"):
-                source = load(rec.spec["image"])
-                cells.append(source)
-            given = rec.spec.get("mask_image")
-            if given and given != last_mask:  # the mask as used, once per distinct mask
-                if rec.mask or isinstance(given, str):
-                    cells.append(load(rec.mask or given))
-                elif source is not None:  # a generated mask not drawn yet: as it will be
-                    cells.append(generate(generator_from(given), source.size))
-                last_mask = given
-            cells += [load(uri) for uri in rec.outputs]
-        if cells:
-            grid.append(cells)
-    if not grid:
-        grid = [[Image.new("RGB", (cell, cell), "lightgray")]]
-    images.grid(grid, cell=cell).save(out)
-    return len(grid)
+    lines: list[list[Image.Image | None]] = []
+    captions: list[str] = []
+    for slot, rec in zip(slots, _records(batch, slots), strict=True):
+        if rec is None:
+            continue
+        source = load(rec.spec["image"]) if rec.spec.get("image") else None
+        given, mask = rec.spec.get("mask_image"), None
+        if rec.mask:
+            mask = load(rec.mask)
+        elif isinstance(given, str):
+            mask = load(given)
+        elif given and source is not None:  # a generated mask not drawn yet: as it will be
+            mask = generate(generator_from(given), source.size)
+        lines.append([source, mask, *(load(uri) for uri in rec.outputs)])
+        row, variation = slot.info.get("row"), slot.info.get("variation")
+        state = "" if rec.state.value == "succeeded" else f"{rec.state.value} · "
+        captions.append(
+            f"row {row} v{variation} · seed {rec.spec.get('seed')} · {state}"
+            f"{rec.spec.get('prompt', '')}"
+        )
+    if not lines:
+        lines, captions = [[None, None]], ["no jobs yet"]
+    outputs = max(len(line) for line in lines) - 2
+    header = ["source", "mask", *(f"output {i + 1}" for i in range(max(1, outputs)))]
+    images.grid(lines, cell=cell, header=header, captions=captions).save(out)
+    return len(lines)

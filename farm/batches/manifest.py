@@ -21,7 +21,10 @@ per line; empty cells count as absent. Row fields:
                      metadata.jsonl (a near miss of a job field is refused as a typo)
 
 Precedence, lowest first: the specs' own defaults, the defaults block (or `--defaults FILE`),
-the command line, the row. `variations` and `seed` in a defaults block or on the command line
+the command line, the row. One default differs from a single job's: rows of kind inpaint keep
+the pixels outside their mask (`preserve_unmasked=true`), so segmentation and box labels stay
+valid on the outputs; `preserve_unmasked: false` (or `--no-preserve-unmasked`) gives the pixels
+diffusers gives, as `farm submit inpaint` does. `variations` and `seed` in a defaults block or on the command line
 are batch-wide (how many jobs per row; the seed every job's seed is derived from).
 
 Rows are numbered by their line in the file (1-based), which is how problems are reported:
@@ -261,6 +264,10 @@ def resolve_row(
         raise InvalidJob(
             "model: is required (--model, the defaults block, or a column)", field="model"
         )
+    if kind == "inpaint":  # a dataset's labels stay valid: outside the mask, the source's pixels
+        merged.setdefault("preserve_unmasked", True)
+    elif "preserve_unmasked" not in row:  # `--no-preserve-unmasked` speaks of inpaint rows only
+        merged.pop("preserve_unmasked", None)
     if isinstance(merged.get("loras"), list):  # local adapter files: next to the manifest
         merged["loras"] = [_local_lora(lora, folder) for lora in merged["loras"]]
     # 3. The job fields, checked by the spec itself (inputs stand in as placeholders).

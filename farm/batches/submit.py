@@ -49,7 +49,7 @@ from farm.jobs.masks import MaskGenerator
 from farm.jobs.specs import parse_spec
 from farm.jobs.state import JobState
 from farm.queue.routing import RENDER_QUEUE
-from farm.submit import Submission
+from farm.submit import Parts, Submission
 
 if TYPE_CHECKING:
     from farm.client import Farm
@@ -89,9 +89,11 @@ class SubmitResult:
 
     def line(self) -> str:
         v = "variation" if self.variations == 1 else "variations"
+        jobs = "job" if self.jobs == 1 else "jobs"
+        rows = "row" if self.rows == 1 else "rows"
         extra = f" requeued={self.requeued}" if self.requeued else ""
         return (
-            f"batch {self.name}: {self.jobs} jobs ({self.rows} rows x {self.variations} {v}): "
+            f"batch {self.name}: {self.jobs} {jobs} ({self.rows} {rows} x {self.variations} {v}): "
             f"new={self.new} present={self.present}{extra} in {self.seconds:.1f}s"
         )
 
@@ -112,6 +114,45 @@ def _setting(settings: dict[str, Any], name: str, given: int | None, lo: int, hi
     if number is None or not lo <= number <= hi:
         raise InvalidJob(f"{name}: must be a whole number {lo}..{hi}, got {value!r}", field=name)
     return number
+
+
+@dataclass
+class Validated:
+    """A manifest checked whole: its rows and the batch-wide settings."""
+
+    path: Path
+    rows: list[Row]
+    variations: int
+    seed: int
+    base: dict[str, Any]
+    """Job fields every row starts from (defaults block, then the command line)."""
+
+
+def validate_manifest(
+    farm: Parts,
+    manifest: str | Path,
+    *,
+    defaults: dict[str, Any] | None = None,
+    variations: int | None = None,
+    seed: int | None = None,
+    sub: Submission | None = None,
+) -> Validated:
+    """Steps 1-2 of `submit_batch`: read the manifest and check every row as the client
+    would check its job, nothing written. `farm` may be `farm.submit.Offline` (no farm
+    found): then bad rows are still reported as such. `InvalidManifest` lists them by line."""
+    # 1. The manifest, and the batch-wide settings.
+    path = Path(manifest)
+    block, raw_rows = read_rows(path)
+    settings = {
+        **normalize(block, "the defaults block", row=False),
+        **normalize(defaults or {}, "the command line", row=False),
+    }
+    variations = _setting(settings, "variations", variations, 1, MAX_VARIATIONS)
+    base_seed = _setting(settings, "seed", seed, 0, 2**63 - 1)
+    base = {k: v for k, v in settings.items() if k not in ("variations", "seed")}
+    # 2. Every row checked, each distinct input read once, before anything is written.
+    rows = validate_rows(sub or Submission(farm), path, raw_rows, base)
+    return Validated(path, rows, variations, base_seed, base)
 
 
 def submit_batch(
@@ -138,23 +179,16 @@ def submit_batch(
             farm, manifest, name, defaults=defaults, variations=variations, seed=seed
         )
     t0 = time.monotonic()
-    # 1. The manifest, and the batch-wide settings.
+    # 1-2. The manifest read, every row checked (`validate_manifest`).
     name = check_name(name)
-    path = Path(manifest)
-    block, raw_rows = read_rows(path)
-    settings = {
-        **normalize(block, "the defaults block", row=False),
-        **normalize(defaults or {}, "the command line", row=False),
-    }
-    variations = _setting(settings, "variations", variations, 1, MAX_VARIATIONS)
-    base_seed = _setting(settings, "seed", seed, 0, 2**63 - 1)
-    base = {k: v for k, v in settings.items() if k not in ("variations", "seed")}
-    # 2. Every row checked, each distinct input read once, before anything is written.
     sub = Submission(farm)
-    rows = validate_rows(sub, path, raw_rows, base)
+    checked = validate_manifest(
+        farm, manifest, defaults=defaults, variations=variations, seed=seed, sub=sub
+    )
+    path, rows, variations, base = checked.path, checked.rows, checked.variations, checked.base
     # 3. The slots, and the batch's index.
-    planned = list(_plan(rows, variations, base_seed))
-    _write_index(farm, name, path, base, len(rows), variations, base_seed, planned)
+    planned = list(_plan(rows, variations, checked.seed))
+    _write_index(farm, name, path, base, len(rows), variations, checked.seed, planned)
     # 4. The jobs, chunk by chunk.
     # Chunk n's inputs upload in the background while chunk n+1 is prepared and chunk n-1's
     # records and messages are written; a chunk's records wait for its own inputs.

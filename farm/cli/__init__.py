@@ -1,6 +1,9 @@
 """The `farm` command: one module per command group, one flag table.
 
 main.py      the parser, the commands of one job, and `main`
+parsing.py   `FarmParser`: "did you mean", one error line and one usage line
+jobs.py      `farm jobs`: jobs newest first, with the reasons of the failed ones
+text.py      `1 job` / `2 jobs`, ages, columns, an error's first line
 handoff.py   `farm worker`, `farm models verify|export`: exec `python -m workers`
 flags.py     the one flag table: render flags ↔ spec fields, for `farm submit` and batches
 batch.py     `farm batch ...`

@@ -3,16 +3,18 @@
     farm batch submit MANIFEST --name NAME [--kind K] [--model REF] [--variations K] [--seed S]
                       [--prompt P | --prompt-template T] [--mask box|strokes|full|PATH]
                       [--steps N] [...job flags] [--set FIELD=VALUE]... [--defaults FILE]
-    farm batch status NAME [--watch] [--json]
-    farm batch wait NAME [--timeout S]           exit 0 only if every job succeeded
-    farm batch retry NAME [--cancelled]          failed (and cancelled) slots get new jobs
+    farm batch status NAME [--watch] [--failed] [--json]   counts; failed slots and why
+    farm batch wait NAME [--timeout S]           exit 0 only if every job succeeded (else why)
+    farm batch retry NAME [--cancelled] [--force]   failed (and cancelled) slots get new jobs
     farm batch cancel NAME
     farm batch list
     farm batch fetch NAME DIR                    an imagefolder dataset (farm.dataset)
     farm batch sheet NAME OUT.png [--rows 16]    a contact sheet
 
 A bad manifest prints one line per bad row (`file:line: field: what`) and exits 2 having
-written nothing.
+written nothing, whether a farm is running or not (rows are checked before the farm is looked
+for). Rows of kind inpaint keep the pixels outside their mask (`preserve_unmasked`), so a
+dataset's labels stay valid; `--no-preserve-unmasked` gives diffusers' own pixels.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any
 
 from farm.cli.flags import BATCH_FLAGS, add_flags, given
 from farm.cli.progress import LiveLine
-from farm.errors import EXIT_FAILED, EXIT_INVALID, InvalidJob
+from farm.cli.text import first_line, plural
+from farm.errors import EXIT_FAILED, EXIT_INVALID, FarmNotRunning, InvalidJob
 
 
 def add_parser(sub: Any) -> None:
@@ -47,6 +50,8 @@ def add_parser(sub: Any) -> None:
         BATCH_FLAGS,
         mask="mask for rows without one: box, strokes, full (with parameters) or a path",
         prompt="the prompt of rows without one",
+        preserve_unmasked="inpaint rows: pixels outside the mask come back exactly as in the "
+        "source, so labels stay valid (default on; --no-preserve-unmasked: diffusers' pixels)",
     )
     s.add_argument(
         "--set",
@@ -62,6 +67,9 @@ def add_parser(sub: Any) -> None:
     st.add_argument("name")
     st.add_argument("--watch", action="store_true", help="follow until nothing is pending")
     st.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
+    st.add_argument(
+        "--failed", action="store_true", help="list every failed slot (default: the first few)"
+    )
     st.add_argument("--json", action="store_true")
 
     w = bsub.add_parser("wait", help="wait for the batch (exit 0 only if all succeeded)")
@@ -71,6 +79,11 @@ def add_parser(sub: Any) -> None:
     r = bsub.add_parser("retry", help="give failed jobs a new attempt (new jobs, same specs)")
     r.add_argument("name")
     r.add_argument("--cancelled", action="store_true", help="retry cancelled jobs too")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="retry failures that cannot succeed as they are (invalid input) too",
+    )
 
     c = bsub.add_parser("cancel", help="cancel every queued and running job of the batch")
     c.add_argument("name")
@@ -136,12 +149,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from farm.batches.manifest import InvalidManifest
     from farm.batches.submit import submit_batch
 
-    farm = _farm()
+    try:
+        farm = _checked_farm(args)
+    except InvalidManifest as e:
+        for line in e.lines():
+            print(f"farm: error: {line}", file=sys.stderr)
+        return EXIT_INVALID
     tty = sys.stderr.isatty()
 
     def progress(done: int, total: int) -> None:
         if tty:
-            sys.stderr.write(f"\rsubmitting: {done}/{total} jobs")
+            sys.stderr.write(f"\rsubmitting: {done}/{plural(total, 'job')}")
             sys.stderr.write("\n" if done == total else "")
             sys.stderr.flush()
 
@@ -164,18 +182,49 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checked_farm(args: argparse.Namespace) -> Any:
+    """The farm; with none running, the manifest is checked first, so a bad row is reported
+    as such (`InvalidManifest`) rather than hidden behind "no farm is running"."""
+    from farm.client import Farm
+
+    try:
+        return Farm()
+    except FarmNotRunning:
+        from farm.batches.submit import validate_manifest
+        from farm.settings import FarmSettings
+        from farm.submit import Offline
+
+        validate_manifest(
+            Offline(FarmSettings()),
+            args.manifest,
+            defaults=_defaults(args),
+            variations=args.variations,
+            seed=args.seed,
+        )
+        raise
+
+
+SHOWN_FAILURES = 5
+"""Failed slots `farm batch status` lists without `--failed`."""
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     batch = _batch(args.name)
     if not args.watch:
         status = batch.status()
+        failures = batch.failures() if status.counts.get("failed") else []
         if args.json:
-            print(json.dumps({**vars(status), "pending": status.pending}, indent=2))
+            shown = failures if args.failed else failures[:20]
+            doc = {**vars(status), "pending": status.pending}
+            doc["failures"] = [f.as_dict() for f in shown]
+            doc["reasons"] = dict(_top(failures))
+            print(json.dumps(doc, indent=2))
         else:
             meta = batch.meta()
-            print(
-                f"batch {args.name}: {meta['rows']} rows x {meta['variations']}, {meta['manifest']}"
-            )
+            rows = plural(meta["rows"], "row")
+            print(f"batch {args.name}: {rows} x {meta['variations']}, {meta['manifest']}")
             print(status.line())
+            _print_failures(args.name, failures, everything=args.failed)
         return 0
     display = LiveLine(sys.stderr if sys.stderr.isatty() else sys.stdout)
     patience = batch.farm.patience(display.unavailable)
@@ -188,33 +237,76 @@ def cmd_status(args: argparse.Namespace) -> int:
         time.sleep(max(0.1, args.interval))
 
 
+def _top(failures: list[Any]) -> list[tuple[str, int]]:
+    from farm.batches.batch import top_reasons
+
+    return top_reasons(failures)
+
+
+def _print_failures(name: str, failures: list[Any], *, everything: bool) -> None:
+    """The top reasons counted, then the failed slots (the first few, or all)."""
+    if not failures:
+        return
+    print(f"{plural(len(failures), 'failed job')}; top reasons:")
+    for reason, n in _top(failures):
+        print(f"  {n:>5}  {first_line(reason)}")
+    shown = failures if everything else failures[:SHOWN_FAILURES]
+    for f in shown:
+        where = f"row {f.row} variation {f.variation}" if f.row is not None else f"slot {f.slot}"
+        kind = f" [{f.failure.value}]" if f.failure else ""
+        print(f"  {f.job}  {where}{kind}: {first_line(f.error)}")
+    if len(shown) < len(failures):
+        print(f"  … {len(failures) - len(shown)} more: `farm batch status {name} --failed`")
+
+
 def cmd_wait(args: argparse.Namespace) -> int:
     display = LiveLine(sys.stderr, only_tty=True)
-    status = _batch(args.name).wait(
+    batch = _batch(args.name)
+    status = batch.wait(
         args.timeout,
         on_status=lambda st: display.show(st.line()),
         on_unavailable=display.unavailable,
     )
     display.end()
     print(status.line())
+    if status.all_succeeded:
+        return 0
+    # Why not: what did not succeed, the top reason, and where to read the rest.
+    why = [
+        plural(n, f"job {state}", f"jobs {state}")
+        for state, n in sorted(status.counts.items())
+        if n and state != "succeeded"
+    ]
+    line = f"farm: batch {args.name}: {', '.join(why)} of {status.total}"
+    if status.counts.get("failed"):
+        reason, n = _top(batch.failures())[0]
+        line += f"; top reason ({n}x): {first_line(reason, 80)}"
+        line += f"; `farm batch status {args.name} --failed` lists them"
     if status.counts.get("unsubmitted"):
-        print(
-            f"farm: {status.counts['unsubmitted']} jobs were never submitted: run "
-            "`farm batch submit` again",
-            file=sys.stderr,
-        )
-    return 0 if status.all_succeeded else EXIT_FAILED
+        line += "; unsubmitted jobs need `farm batch submit` again"
+    print(line, file=sys.stderr)
+    return EXIT_FAILED
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    ids = _batch(args.name).retry(cancelled=args.cancelled)
-    print(f"batch {args.name}: {len(ids)} jobs re-queued as new attempts")
+    batch = _batch(args.name)
+    stuck = [f for f in batch.failures() if not f.retryable]
+    ids = batch.retry(cancelled=args.cancelled, force=args.force)
+    print(f"batch {args.name}: {plural(len(ids), 'job')} re-queued as new attempts")
+    if stuck and not args.force:
+        reason, n = _top(stuck)[0]
+        print(
+            f"farm: batch {args.name}: {plural(len(stuck), 'failed job')} not retried: "
+            f"{'it' if len(stuck) == 1 else 'they'} cannot succeed as submitted "
+            f"({n}x {first_line(reason, 80)}); --force retries them anyway",
+            file=sys.stderr,
+        )
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     n = _batch(args.name).cancel()
-    print(f"batch {args.name}: {n} jobs cancelled or cancelling")
+    print(f"batch {args.name}: {plural(n, 'job')} cancelled or cancelling")
     return 0
 
 
@@ -226,7 +318,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(meta.get("created_at", 0)))
         status = Batch(farm, name).status()
         counts = " ".join(f"{s}={n}" for s, n in sorted(status.counts.items()) if n)
-        print(f"{name}  {when}  {meta['rows']} rows x {meta['variations']}  {counts}")
+        print(f"{name}  {when}  {plural(meta['rows'], 'row')} x {meta['variations']}  {counts}")
     return 0
 
 
@@ -235,8 +327,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
     r = fetch_dataset(_batch(args.name), args.dir)
     print(
-        f"batch {args.name}: {r.images} images in {args.dir} ({r.downloaded} files fetched, "
-        f"{r.skipped} already there); {r.not_succeeded} jobs not succeeded"
+        f"batch {args.name}: {plural(r.images, 'image')} in {args.dir} "
+        f"({plural(r.downloaded, 'file')} fetched, {r.skipped} already there); "
+        f"{plural(r.not_succeeded, 'job')} not succeeded"
     )
     return 0
 
@@ -245,7 +338,7 @@ def cmd_sheet(args: argparse.Namespace) -> int:
     from farm.batches.dataset import contact_sheet
 
     n = contact_sheet(_batch(args.name), args.out, rows=max(1, args.rows), cell=args.cell)
-    print(f"{args.out}: {n} rows")
+    print(f"{args.out}: {plural(n, 'row')}")
     return 0
 
 

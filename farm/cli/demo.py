@@ -1,9 +1,13 @@
 """`farm demo`: a small inpainting augmentation on an embedded farm, end to end.
 
 Generates a few sample pictures and box masks, starts a private Redis and a worker, submits
-`variations` inpaint jobs per picture on the built-in `tiny-inpaint` model, follows their
-progress, downloads the results and writes a contact sheet (input | mask | outputs per row).
-The tiny model has random weights: its paintings are noise, but every moving part is real.
+`variations` inpaint jobs per picture on the built-in `tiny-inpaint` model with
+`preserve_unmasked` (label-preserving inpainting, what `farm batch submit` does for a dataset:
+only the masked box is repainted, every other pixel comes back as it was), follows their
+progress, downloads the results and writes a labelled contact sheet: columns `source | mask |
+variation 1 …`, the prompt and seeds under each row. The tiny model has random weights: its
+paintings are noise, but every moving part is real, and the sheet shows that only the masked
+boxes changed.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import random
 import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 from farm.client import Farm
 from farm.inputs import images
@@ -90,7 +94,8 @@ def run_demo(out: Path, workers: int = 1, n_images: int = 4, variations: int = 2
                 mask_image=str(mask),
                 seed=1000 * i + v,
                 num_inference_steps=20,
-                key=f"demo:{i}:{v}",
+                preserve_unmasked=True,
+                key=f"demo:{i}:{v}:kept",
             )
             for i, (img, mask) in enumerate(pairs)
             for v in range(variations)
@@ -102,24 +107,43 @@ def run_demo(out: Path, workers: int = 1, n_images: int = 4, variations: int = 2
         failed = [r for r in records if r.state.value != "succeeded"]
         for r in failed:
             print(f"demo: job {r.id} {r.state.value}: {r.error}", file=sys.stderr)
-        # 4. Download and lay out a contact sheet: input | mask | outputs.
-        rows = []
-        for i, (img, _) in enumerate(pairs):
+        # 4. Download and lay out a labelled contact sheet: source | mask | variations.
+        rows: list[list[Image.Image | None]] = []
+        captions = []
+        changed_outside = 0
+        for i, (img, mask_path) in enumerate(pairs):
             row_jobs = jobs[i * variations : (i + 1) * variations]
-            row = [Image.open(img).convert("RGB")]
-            for v, job in enumerate(row_jobs):
+            source = Image.open(img).convert("RGB")
+            mask = Image.open(mask_path).convert("L")
+            row: list[Image.Image | None] = [source, mask.convert("RGB")]
+            for job in row_jobs:
                 files = farm.download(job.id, out / "jobs" / job.id)
-                if v == 0:
-                    row.append(Image.open(out / "jobs" / job.id / "mask.png").convert("RGB"))
-                row += [
-                    Image.open(p).convert("RGB")
-                    for p in files
-                    if p.suffix == ".png" and p.name != "mask.png"
-                ]
+                output = Image.open(next(p for p in files if p.name == "0.png")).convert("RGB")
+                changed_outside += _changed_outside(source, output, mask)
+                row.append(output)
             rows.append(row)
+            seeds = ", ".join(str(1000 * i + v) for v in range(variations))
+            captions.append(f"a small red house · seeds {seeds}")
     sheet_path = out / "contact-sheet.png"
-    images.grid(rows).save(sheet_path)
+    header = ["source", "mask", *(f"variation {v + 1}" for v in range(variations))]
+    images.grid(rows, header=header, captions=captions).save(sheet_path)
     print(f"demo: {len(jobs) - len(failed)}/{len(jobs)} jobs succeeded")
+    print(
+        "demo: preserve_unmasked: "
+        + (
+            "every pixel outside the masks is the source's"
+            if not changed_outside
+            else f"{changed_outside} pixels outside the masks changed"
+        )
+    )
     print(f"demo: results in {out / 'jobs'}")
-    print(f"demo: contact sheet (input | mask | outputs) at {sheet_path}")
-    return 0 if not failed else 1
+    print(f"demo: contact sheet (source | mask | variations, labelled) at {sheet_path}")
+    return 0 if not failed and not changed_outside else 1
+
+
+def _changed_outside(source: Image.Image, output: Image.Image, mask: Image.Image) -> int:
+    """Pixels outside the mask (black) where the output differs from the source."""
+    r, g, b = ImageChops.difference(source, output).split()
+    differ = ImageChops.lighter(ImageChops.lighter(r, g), b).point(lambda v: 255 if v else 0)
+    keep = mask.point(lambda v: 255 if v == 0 else 0)
+    return ImageChops.multiply(differ, keep).histogram()[255]

@@ -4,7 +4,8 @@ field each fills.
 A flag is the field's name (`--guidance-scale` → `guidance_scale`), or its short name where
 diffusers' is long (`--steps` → `num_inference_steps`, `farm.jobs.specs.SHORT_NAMES`); the
 diffusers name is accepted too (`--num-inference-steps`), so whoever knows diffusers knows the
-flags. `--mask` fills `mask_image`.
+flags. `--mask` fills `mask_image`. A flag of another kind (`farm submit txt2img --image`) is
+refused by name (`check_kind_flags`), not with pydantic's "Extra inputs are not permitted".
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from farm.jobs.specs import SCHEDULERS, SHORT_NAMES
+from farm.errors import InvalidJob
+from farm.jobs.specs import RENDER_KINDS, SCHEDULERS, SHORT_NAMES, SPECS
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,12 @@ RENDER_FLAGS = {
         Flag("num_images", int, help="images per job"),
         Flag("priority", int, help="0..9, higher runs sooner"),
         Flag("key", help="idempotency key: the same key submits once"),
+        Flag(
+            "preserve_unmasked",
+            bool,
+            help="inpaint: pixels outside the mask come back exactly as in the source "
+            "(`farm submit`: off, as diffusers; `farm batch submit`: on, so labels stay valid)",
+        ),
     ]
 }
 """Every render flag, by name."""
@@ -79,6 +87,7 @@ BATCH_FLAGS = (
     "height",
     "num_images",
     "priority",
+    "preserve_unmasked",
 )
 """`farm batch submit`'s flags that set the defaults every row gets (rows override them)."""
 
@@ -87,9 +96,30 @@ def add_flags(parser: argparse.ArgumentParser, names: Iterable[str], **helps: st
     """The flags `names` on `parser` (`helps` overrides a flag's help there)."""
     for name in names:
         flag = RENDER_FLAGS[name]
+        if flag.type is bool:  # --preserve-unmasked / --no-preserve-unmasked; unset: None
+            parser.add_argument(
+                *flag.options,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                help=helps.get(name, flag.help),
+            )
+            continue
         parser.add_argument(
             *flag.options, dest=name, type=flag.type, help=helps.get(name, flag.help)
         )
+
+
+def check_kind_flags(kind: str, fields: dict[str, Any]) -> None:
+    """Refuse a flag whose field the kind has not (`txt2img --image`), naming the flag and
+    the kinds that take it."""
+    taken = SPECS[kind].model_fields
+    for flag in RENDER_FLAGS.values():
+        if flag.field in fields and flag.field not in taken:
+            kinds = [k for k in RENDER_KINDS if flag.field in SPECS[k].model_fields]
+            raise InvalidJob(
+                f"{flag.options[0]}: not a {kind} flag (it is for {', '.join(kinds)})",
+                field=flag.field,
+            )
 
 
 def given(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:

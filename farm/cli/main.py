@@ -16,13 +16,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from farm import __version__
 from farm.cli import batch as cli_batch
 from farm.cli import finetune as cli_finetune
+from farm.cli import jobs as cli_jobs
 from farm.cli import models as cli_models
 from farm.cli import tokens as cli_tokens
 from farm.cli import workers as cli_workers
-from farm.cli.flags import SUBMIT_FLAGS, add_flags, given
+from farm.cli.flags import SUBMIT_FLAGS, add_flags, check_kind_flags, given
 from farm.cli.handoff import hand_off
+from farm.cli.parsing import FarmParser
 from farm.cli.progress import JobsBar, TrainingBar
 from farm.errors import (
     EXIT_FAILED,
@@ -30,6 +33,7 @@ from farm.errors import (
     EXIT_INVALID,
     EXIT_UNAVAILABLE,
     FarmError,
+    FarmNotRunning,
     InvalidJob,
     TransientError,
 )
@@ -42,7 +46,8 @@ from farm.settings import FarmSettings
 
 def parser() -> argparse.ArgumentParser:
     """The `farm` command's parser (the heavy side's `python -m workers` parses with it too)."""
-    p = argparse.ArgumentParser(prog="farm", description="A render farm for diffusion models.")
+    p = FarmParser(prog="farm", description="A render farm for diffusion models.")
+    p.add_argument("--version", action="version", version=f"farm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run an embedded farm in the foreground (Ctrl-C stops it)")
@@ -89,7 +94,11 @@ def parser() -> argparse.ArgumentParser:
         help="LoRA adapter (repeatable): job:<finetune id>, s3:// or file:// URI, or a local "
         ".safetensors path; SCALE defaults to 1",
     )
-    s.add_argument("--wait", action="store_true", help="wait; exit 1 unless it succeeds")
+    s.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait (the id is printed on stderr first); exit 1 unless it succeeds",
+    )
     s.add_argument("--timeout", type=float, help="with --wait: give up after S seconds")
     s.add_argument("--json", action="store_true", help="print the job record as JSON")
     cli_finetune.add_arguments(s)
@@ -125,6 +134,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-webhooks", action="store_true", help="do not start the webhook sender")
     sv.add_argument("--access-log", action="store_true", help="log every request (paths only)")
 
+    cli_jobs.add_parser(sub)
     cli_batch.add_parser(sub)
     cli_models.add_parser(sub)
     cli_tokens.add_parser(sub)
@@ -165,10 +175,20 @@ def guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespa
         return EXIT_FAILED
 
 
-def _farm() -> Any:
+def _farm(*specs: dict[str, Any]) -> Any:
+    """The farm the settings name, or the one `farm up` runs. With none to be found, the
+    `specs` are checked first (`farm.submit.preflight`): bad input is reported as such,
+    not hidden behind "no farm is running"."""
     from farm.client import Farm
 
-    return Farm()
+    try:
+        return Farm()
+    except FarmNotRunning:
+        if specs:
+            from farm.submit import preflight
+
+            preflight(FarmSettings(), specs)
+        raise
 
 
 def _print_record(rec: JobRecord, as_json: bool) -> None:
@@ -183,36 +203,62 @@ def _print_record(rec: JobRecord, as_json: bool) -> None:
         line += f"  loss {p.loss:.4f}"
     if rec.state.value == "waiting":
         line += "  for " + ", ".join(f"job:{job_id}" for job_id in rec.depends_on)
-    if rec.error:
-        line += f"  error: {rec.error}"
+    if rec.error and rec.state.value in ("failed", "cancelled"):
+        line += f"  error: {rec.error}"  # a queued or running job's is a past attempt's
     print(line)
     for uri in rec.outputs:
         print(f"  {uri}")
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    if args.kind == "finetune":
-        return cli_finetune.submit(args, _farm(), _print_record)
+def render_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The render spec `farm submit KIND ...` describes; a flag its kind does not take is
+    refused by name (`--image` on txt2img), before the spec's own checks."""
     cli_finetune.refuse_flags(args)
-    spec: dict[str, Any] = {"kind": args.kind, "model": args.model, **given(args, SUBMIT_FLAGS)}
+    fields = given(args, SUBMIT_FLAGS)
+    check_kind_flags(args.kind, fields)
+    spec: dict[str, Any] = {"kind": args.kind, "model": args.model, **fields}
     if args.mask is not None:
         spec["mask_image"] = parse_generator(args.mask, "mask_image") or args.mask
     if args.lora:
         spec["loras"] = [parse_lora_flag(text) for text in args.lora]
-    farm = _farm()
+    return spec
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec = cli_finetune.spec_from_args(args) if args.kind == "finetune" else render_spec(args)
+    farm = _farm(spec)
     job = farm.submit(spec)
-    if args.wait:
-        bar = JobsBar(sys.stderr)
-        rec = farm.wait(
-            [job.id], timeout=args.timeout, on_progress=bar, on_unavailable=bar.unavailable
-        )[0]
-    else:
+    if not args.wait:
         rec = farm.get(job.id)
-    if args.json:
-        _print_record(rec, True)
-    else:
-        print(job.id) if not args.wait else _print_record(rec, False)
-    return 0 if not args.wait or rec.state.value == "succeeded" else EXIT_FAILED
+        _print_record(rec, True) if args.json else print(job.id)
+        return 0
+    # The id first, on stderr: a Ctrl-C while waiting stops the waiting, never loses the job.
+    print(
+        f"farm: submitted job {job.id}; waiting (Ctrl-C stops waiting, not the job)",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        rec = _wait_one(farm, job.id, args.timeout, spec)
+    except KeyboardInterrupt:
+        print(
+            f"farm: stopped waiting; job {job.id} goes on (`farm wait {job.id}`)", file=sys.stderr
+        )
+        raise
+    _print_record(rec, args.json)
+    return 0 if rec.state.value == "succeeded" else EXIT_FAILED
+
+
+def _wait_one(farm: Any, job_id: str, timeout: float | None, spec: dict[str, Any]) -> JobRecord:
+    """Wait for one job with a bar on a terminal: steps and loss (and its total from the
+    start) for a fine-tune, the denoising steps for a render."""
+    bar: Any = JobsBar(sys.stderr)
+    if spec.get("kind") == "finetune":
+        bar = TrainingBar(
+            sys.stderr, lambda i: farm.get(i).progress.loss, spec.get("max_train_steps")
+        )
+    records = farm.wait([job_id], timeout=timeout, on_progress=bar, on_unavailable=bar.unavailable)
+    return records[0]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -225,7 +271,8 @@ def cmd_wait(args: argparse.Namespace) -> int:
     bar: Any = JobsBar(sys.stderr)
     first = farm.patience(bar.unavailable).run(farm.get, args.jobs[0])  # JobNotFound: exit 1
     if len(args.jobs) == 1 and first.kind == "finetune":  # steps and loss
-        bar = TrainingBar(sys.stderr, lambda job_id: farm.get(job_id).progress.loss)
+        total = first.spec.get("max_train_steps")
+        bar = TrainingBar(sys.stderr, lambda job_id: farm.get(job_id).progress.loss, total)
     records = farm.wait(
         args.jobs, timeout=args.timeout, on_progress=bar, on_unavailable=bar.unavailable
     )
@@ -241,7 +288,18 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    state = _farm().cancel(args.job)
+    """Cancel a job; one that has ended already is not cancelled, and says so (exit 1)."""
+    farm = _farm()
+    rec = farm.get(args.job)  # JobNotFound: exit 1
+    if rec.state.terminal:
+        print(
+            f"farm: job {args.job}: already {rec.state.value}; nothing to cancel", file=sys.stderr
+        )
+        return EXIT_FAILED
+    state = farm.cancel(args.job)
+    if state.terminal and state.value != "cancelled":  # it ended between the two reads
+        print(f"farm: job {args.job}: already {state.value}; nothing to cancel", file=sys.stderr)
+        return EXIT_FAILED
     print(f"{args.job}: {'cancelling' if state.value == 'running' else state.value}")
     return 0
 
@@ -259,6 +317,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # SIGTERM stops `farm up` the way Ctrl-C does
+
+    def patient(signum: int, frame: Any) -> None:
+        print("farm up: still stopping: the workers are handing their jobs back", flush=True)
 
     from farm.local.launcher import parse_gpus
 
@@ -285,12 +346,29 @@ def cmd_up(args: argparse.Namespace) -> int:
                 f"farm up: api {lf.api_url} (dashboard at /; OpenAPI at /openapi.json)", flush=True
             )
             print(f"farm up: local admin token {lf.api_token}", flush=True)
-        print("farm up: submit from another terminal (`farm submit ...`); Ctrl-C stops", flush=True)
         try:
+            ready: set[str] = set()
             while True:
-                time.sleep(1)
+                if len(ready) < len(lf.worker_names):  # say when each worker takes jobs
+                    for name in sorted(set(lf.ready_workers()) - ready):
+                        print(f"farm up: worker {name} is ready", flush=True)
+                        ready.add(name)
+                    if len(ready) == len(lf.worker_names):
+                        print(
+                            "farm up: ready: submit from another terminal (`farm submit ...`); "
+                            "Ctrl-C stops",
+                            flush=True,
+                        )
+                time.sleep(0.5 if len(ready) < len(lf.worker_names) else 1)
         except KeyboardInterrupt:
-            print("farm up: stopping", flush=True)
+            # The workers first (each hands its job back, which needs Redis), then Redis; a
+            # second Ctrl-C must not cut that short.
+            signal.signal(signal.SIGINT, patient)
+            signal.signal(signal.SIGTERM, patient)
+            print(
+                "farm up: stopping: the workers hand their jobs back, then Redis stops", flush=True
+            )
+    print("farm up: stopped", flush=True)
     return 0
 
 
@@ -347,6 +425,7 @@ COMMANDS = {
     "up": cmd_up,
     "worker": cmd_worker,
     "submit": cmd_submit,
+    "jobs": cli_jobs.run,
     "status": cmd_status,
     "wait": cmd_wait,
     "fetch": cmd_fetch,

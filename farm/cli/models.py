@@ -6,7 +6,9 @@
     farm models export NAME DIR           write a built-in as a diffusers folder
 
 `verify` and `export` need torch: they run on the heavy side (`python -m workers`, see
-`workers.cli`); `list` and `pull` stay light.
+`workers.cli`); `list` and `pull` stay light. `verify` first asks, without torch, whether the
+ref names anything this machine has (`missing`): a typo is answered at once, not after the
+seconds torch takes to import.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from farm.cli.handoff import hand_off
-from farm.errors import EXIT_FAILED
-from farm.jobs.refs import BUILTIN_IP_ADAPTERS, BUILTIN_MODELS, BUILTIN_SIZES
+from farm.errors import EXIT_FAILED, InvalidJob
+from farm.jobs.refs import BUILTIN_IP_ADAPTERS, BUILTIN_MODELS, BUILTIN_SIZES, is_repo_id
 
 
 def add_parser(sub: Any) -> None:
@@ -79,7 +81,40 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from farm.settings import FarmSettings
+
+    missing(args.ref, FarmSettings().models_dir)
     return hand_off(args.argv)
+
+
+def missing(ref: str, models_dir: Path | None) -> None:
+    """`InvalidJob` for a ref that names nothing on this machine: not built in, no such file
+    or folder, a repo id not in the local Hugging Face cache. The rest is the heavy side's."""
+    from farm.inputs.models import cached_snapshot, hf_cache_dir, local_path
+
+    ref = ref.strip()
+    if ref in BUILTIN_MODELS or ref in BUILTIN_IP_ADAPTERS:
+        return
+    path = local_path(ref, models_dir)  # outside FARM_MODELS_DIR: InvalidJob
+    if path.exists():
+        return
+    if is_repo_id(ref):
+        repo_id, _, revision = ref.partition("@")
+        if cached_snapshot(repo_id, revision or None) is None:
+            where = f" at revision {revision!r}" if revision else ""
+            raise InvalidJob(
+                f"model {ref!r}: not built in, not a local folder, and {repo_id!r}{where} is not "
+                f"in the local Hugging Face cache ({hf_cache_dir()}); fetch it with "
+                f"`farm models pull {ref}`",
+                field="model",
+            )
+        return
+    builtins = ", ".join([*BUILTIN_MODELS, *BUILTIN_IP_ADAPTERS])
+    raise InvalidJob(
+        f"model {ref!r}: no such file or folder ({str(path)!r}), and not a built-in ({builtins}) "
+        "or an org/name repo id",
+        field="model",
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:

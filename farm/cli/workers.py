@@ -16,6 +16,7 @@ import logging
 import time
 from typing import Any
 
+from farm.cli.text import ago, columns
 from farm.state.registry import WorkerInfo
 
 
@@ -24,22 +25,12 @@ def add_parser(sub: Any) -> None:
     w.add_argument("--json", action="store_true", help="one JSON object per worker, a list")
 
 
-def ago(seconds: float) -> str:
-    """`3s ago`, `4m ago`, `2h ago`."""
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s}s ago"
-    if s < 7200:
-        return f"{s // 60}m ago"
-    return f"{s // 3600}h ago"
-
-
 def table(workers: list[WorkerInfo], now: float) -> str:
     head = ("NAME", "STATE", "DEVICE", "MODELS", "JOB", "DONE", "HEARTBEAT")
     rows = [head] + [
         (
             w.name,
-            "online" if w.online(now) else "offline",
+            ("online" if w.ready else "starting") if w.online(now) else "offline",
             w.device,
             ",".join(w.models) or "-",
             w.job or "-",
@@ -48,8 +39,7 @@ def table(workers: list[WorkerInfo], now: float) -> str:
         )
         for w in workers
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows)
+    return columns(rows)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from farm.queue.routing import FINETUNE_QUEUE, RENDER_QUEUE
 
     with Farm() as farm:
-        workers = farm.tracker.workers.read()
+        workers = farm.tracker.workers.read(starting=True)
         now = time.time()
         queues = {RENDER_QUEUE, FINETUNE_QUEUE} | {
             q for w in workers if w.online(now) for q in w.queues

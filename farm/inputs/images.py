@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from farm.errors import InvalidJob
 
@@ -129,20 +129,62 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def grid(rows: list[list[Image.Image]], cell: int = 128, gap: int = 4) -> Image.Image:
+def label_height() -> int:
+    """Pixels of one line of `grid` labels (a header or a caption)."""
+    return _font().getbbox("Ag")[3] + 4
+
+
+def _font() -> Any:
+    return ImageFont.load_default()  # Pillow's own font: nothing to find or download
+
+
+def _fit(text: str, width: int, font: Any) -> str:
+    """`text`, cut with `…` to fit `width` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def grid(
+    rows: list[list[Image.Image | None]],
+    cell: int = 128,
+    gap: int = 4,
+    *,
+    header: list[str] | None = None,
+    captions: list[str] | None = None,
+) -> Image.Image:
     """A grid for looking at results: one row per job (e.g. input | mask | outputs).
 
     Each image is scaled to fit a `cell`-pixel square, keeping its aspect, and centred in it;
-    rows may differ in length. White background, `gap` pixels between cells.
+    rows may differ in length, and a None cell stays empty (so a column keeps one meaning).
+    `header` labels the columns above the first row; `captions` are one line under each row
+    (the prompt and seed, say), cut to the sheet's width. White background, `gap` pixels
+    between cells.
     """
     if not rows or cell < 1 or gap < 0:
         raise ValueError("grid needs at least one row, cell >= 1 and gap >= 0")
-    cols = max(1, max(len(r) for r in rows))
-    sheet = Image.new(
-        "RGB", (cols * cell + (cols + 1) * gap, len(rows) * cell + (len(rows) + 1) * gap), "white"
-    )
+    if captions is not None and len(captions) != len(rows):
+        raise ValueError(f"{len(captions)} captions for {len(rows)} rows")
+    font = _font()
+    line = label_height() if header or captions else 0
+    top = line + gap if header else 0
+    below = line if captions else 0
+    cols = max(1, max(len(r) for r in rows), len(header or []))
+    width = cols * cell + (cols + 1) * gap
+    height = top + len(rows) * (cell + below) + (len(rows) + 1) * gap
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, text in enumerate(header or []):
+        text = _fit(text, cell, font)
+        x = gap + c * (cell + gap) + (cell - int(font.getlength(text))) // 2
+        draw.text((x, gap), text, fill="black", font=font)
     for r, row in enumerate(rows):
+        y0 = top + gap + r * (cell + below + gap)
         for c, img in enumerate(row):
+            if img is None:
+                continue
             thumb = img.convert("RGB")
             thumb.thumbnail((cell, cell), Image.Resampling.LANCZOS)
             if thumb.width < cell and thumb.height < cell:  # small images: scale up, keep aspect
@@ -150,6 +192,13 @@ def grid(rows: list[list[Image.Image]], cell: int = 128, gap: int = 4) -> Image.
                 size = (max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale)))
                 thumb = thumb.resize(size, Image.Resampling.NEAREST)
             x = gap + c * (cell + gap) + (cell - thumb.width) // 2
-            y = gap + r * (cell + gap) + (cell - thumb.height) // 2
+            y = y0 + (cell - thumb.height) // 2
             sheet.paste(thumb, (x, y))
+        if captions:
+            draw.text(
+                (gap, y0 + cell + 1),
+                _fit(captions[r], width - 2 * gap, font),
+                fill="black",
+                font=font,
+            )
     return sheet

@@ -51,18 +51,26 @@ def parse_lora_flag(text: str) -> dict[str, Any]:
 
 
 def prepare_loras(
-    loras: Sequence[LoraRef], inputs: InputResolver, tracker: Tracker, *, dry: bool = False
+    loras: Sequence[LoraRef],
+    inputs: InputResolver,
+    tracker: Tracker | None,
+    *,
+    dry: bool = False,
 ) -> tuple[list[LoraRef], list[str]]:
     """(the loras as a worker reads them, the ids of the fine-tunes the render must wait for).
 
     Local files and store URIs go through the input resolver (`InputResolver.adapter`:
-    checked, and local files queued for upload with the other inputs).
+    checked, and local files queued for upload with the other inputs). Without a `tracker`
+    (a dry run before the farm is found) `job:<id>` refs are left for the real submit.
     """
     out: list[LoraRef] = []
     waits: list[str] = []
     for lora in loras:
         ref = lora.ref
-        if ref.startswith("job:"):
+        if ref.startswith("job:") and tracker is None:
+            out.append(lora)
+            continue
+        if ref.startswith("job:") and tracker is not None:
             job_id = ref.removeprefix("job:")
             if _must_wait(tracker, inputs.store, job_id) and job_id not in waits:
                 waits.append(job_id)

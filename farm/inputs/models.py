@@ -5,6 +5,12 @@ model too (a local folder or file, or the local Hugging Face cache), `check_visi
 refuses the same things before anything is stored or enqueued: shipped Python code (remote
 code is never run) and pickle-only weights (only safetensors are loaded).
 
+What kinds of job a model runs is told from what the client can see too (`check_kind`): a
+built-in's name, a folder's `model_index.json` (`_class_name`) and `unet/config.json`
+(`in_channels`), a single file's safetensors header. An inpainting model (a 9-channel UNet,
+an `...InpaintPipeline`, FLUX.1 Fill) runs inpaint jobs only, so `farm submit txt2img --model
+tiny-inpaint` is refused at submit rather than failed by a worker.
+
 A repo id (`org/name`) that is neither a local path nor in the local Hugging Face cache is
 refused too, when this machine has a cache at all (`check_resolvable`): a submitter that shares
 the workers' cache learns of a typo before a thousand jobs queue behind it. A submit-only box
@@ -14,6 +20,7 @@ cannot resolve the ref fails the job with the same reason (never a retry, never 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -126,3 +133,74 @@ def check_visible_model(ref: str, models_dir: Path | None = None, check: bool = 
                 f"model: {ref!r} has only pickle weights in {folder.name}/; only .safetensors is loaded",
                 field="model",
             )
+
+
+INPAINT_ONLY_BUILTINS = {
+    "tiny-inpaint": "a 9-channel UNet",
+    "tiny-sdxl-inpaint": "a 9-channel UNet",
+    "tiny-flux-fill": "FLUX.1 Fill",
+}
+"""Built-ins that run inpaint jobs only, and why (for the message)."""
+
+_ORIGINAL_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+"""A single-file (original layout) Stable Diffusion checkpoint's first UNet conv: its input
+channels are 9 for an inpainting model."""
+
+
+def check_kind(ref: str, kind: str, models_dir: Path | None = None) -> None:
+    """Refuse a job whose model, as this machine sees it, cannot run its kind: an inpainting
+    model (`inpainting_model`) asked for anything but inpaint. Models the client cannot see
+    pass; the first worker refuses them as `InvalidJob`."""
+    if kind == "inpaint":
+        return
+    why = inpainting_model(ref, models_dir)
+    if why is not None:
+        raise InvalidJob(
+            f"model: {ref!r} is an inpainting model ({why}): it runs inpaint jobs only, not "
+            f"{kind}; give the job an image and a mask (inpaint), or use "
+            f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} model such as 'tiny'",
+            field="model",
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def inpainting_model(ref: str, models_dir: Path | None = None) -> str | None:
+    """Why `ref` is an inpaint-only model (`a 9-channel UNet`), or None when it is not, or
+    this machine cannot tell. Read once per ref and process."""
+    if ref in INPAINT_ONLY_BUILTINS:
+        return INPAINT_ONLY_BUILTINS[ref]
+    try:
+        path = visible_model(ref, models_dir)
+    except InvalidJob:
+        return None  # refused elsewhere, with its own reason
+    if path is None:
+        return None
+    if path.is_file():
+        return "a 9-channel UNet" if _single_file_in_channels(path) == 9 else None
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        name = str(index.get("_class_name", ""))
+    except (OSError, ValueError):
+        return None
+    if "Inpaint" in name or "Fill" in name:
+        return name
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return "a 9-channel UNet" if unet.get("in_channels") == 9 else None
+
+
+def _single_file_in_channels(path: Path) -> int | None:
+    """The UNet's input channels from a single-file checkpoint's safetensors header (the
+    JSON before the tensors: no torch, no weights read)."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100 << 20:
+                return None
+            header = json.loads(f.read(size))
+        shape = header.get(_ORIGINAL_CONV_IN, {}).get("shape")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(shape[1]) if isinstance(shape, list) and len(shape) == 4 else None

@@ -29,6 +29,7 @@ mask repaints a sensible share of the picture (5–50% by default).
 
 from __future__ import annotations
 
+import difflib
 import math
 import random
 from typing import Any, Literal
@@ -200,6 +201,7 @@ def parse_generator(value: Any, field: str = "mask") -> MaskGenerator | None:
     elif isinstance(value, str):
         name, sep, args = value.strip().partition(":")
         if name not in GENERATORS:
+            _near_miss(value, name, field)
             return None
         params = {}
         for part in filter(None, (p.strip() for p in args.split(","))) if sep else ():
@@ -213,6 +215,20 @@ def parse_generator(value: Any, field: str = "mask") -> MaskGenerator | None:
         return _build(name, params)
     except ValueError as e:
         raise InvalidJob(f"{field}: {e}", field=field) from None
+
+
+def _near_miss(value: str, name: str, field: str) -> None:
+    """`InvalidJob` for a bare word close to a generator's name (`stroke`): a typo, not a file
+    (a mask file has a suffix or a folder), which would otherwise read "no such file"."""
+    if "/" in value or "\\" in value or "." in name:
+        return
+    close = difflib.get_close_matches(name.lower(), list(GENERATORS), n=1, cutoff=0.6)
+    if close:
+        raise InvalidJob(
+            f"{field}: no mask generator {name!r}; did you mean {close[0]!r}? (a generator: "
+            f"{', '.join(GENERATORS)}, or a mask file's path)",
+            field=field,
+        )
 
 
 def generate(gen: MaskGenerator, size: tuple[int, int], seed: int | None = None) -> Image.Image:

@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
 
 from farm.jobs.state import JobState
+
+
+class Failure(StrEnum):
+    """What kind of failure ended a failed job (its record's `failure`), so that a retry
+    (`farm batch retry`) can tell a job that may succeed from one that must fail again.
+    Written by the one place that decides how a job ends (`workers.outcomes`)."""
+
+    INVALID = "invalid"
+    """The job as written cannot run (`InvalidJob`: a model that cannot do its kind, an input
+    a worker refused); the same spec fails again."""
+    DEPENDENCY = "dependency"
+    """A fine-tune it waited for failed or was cancelled; that job stays so."""
+    TRANSIENT = "transient"
+    """Gave up after `FARM_MAX_DELIVERIES` attempts at a transient error (storage down)."""
+    LOST = "lost"
+    """Dead-lettered: its worker was lost on every attempt (a poison job)."""
+    TIME_LIMIT = "time limit"
+    """Ran past `FARM_TIME_LIMIT` / `FARM_FINETUNE_TIME_LIMIT`."""
+    ERROR = "error"
+    """Any other error (a library's, or a bug)."""
+
+    @property
+    def retryable(self) -> bool:
+        """Whether a new attempt at the same spec may succeed."""
+        return self not in (Failure.INVALID, Failure.DEPENDENCY)
 
 
 class Progress(BaseModel):
@@ -31,6 +57,8 @@ class JobRecord(BaseModel):
     progress: Progress = Progress()
     cancel_requested: bool = False
     error: str | None = None
+    failure: Failure | None = None
+    """A failed job's kind of failure (`Failure`); None for older records and other states."""
     outputs: list[str] = []
     mask: str | None = None
     meta: str | None = None

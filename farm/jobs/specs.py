@@ -12,6 +12,7 @@ and the value.
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -42,6 +43,22 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 """Scheduler name → (diffusers class name, extra config). Built from the model's own config."""
+
+_SCHEDULER_CLASSES = {cls.lower(): name for name, (cls, extra) in reversed(SCHEDULERS.items())}
+"""A diffusers class name, lower-cased → the farm's name for it (its plain form)."""
+
+
+def scheduler_name(value: str) -> str:
+    """The farm's scheduler name for `value`: any case (`DDIM`), or diffusers' class name
+    (`EulerAncestralDiscreteScheduler`); `ValueError` with the closest name otherwise."""
+    key = value.strip().lower().replace("-", "_")
+    if key in SCHEDULERS:
+        return key
+    if key in _SCHEDULER_CLASSES:
+        return _SCHEDULER_CLASSES[key]
+    close = difflib.get_close_matches(key, list(SCHEDULERS), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown scheduler {value!r}{hint} (choose one of {', '.join(SCHEDULERS)})")
 
 
 def _image_input(value: Any) -> Any:
@@ -141,9 +158,7 @@ class _RenderSpec(BaseModel):
     @field_validator("scheduler")
     @classmethod
     def _scheduler(cls, v: str | None) -> str | None:
-        if v is not None and v not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {v!r}; choose one of {', '.join(SCHEDULERS)}")
-        return v
+        return None if v is None else scheduler_name(v)
 
     @field_validator("height", "width")
     @classmethod
@@ -359,6 +374,11 @@ def describe_validation_error(err: ValidationError) -> tuple[str, str]:
     shown = "" if isinstance(value, dict) or repr(value) in msg else f" (got {value!r:.80})"
     if first["type"] == "missing":
         return field, f"{field}: is required"
+    if first["type"] == "extra_forbidden":  # a field of another kind: say which kinds have it
+        kind = next((str(p) for p in first["loc"] if str(p) in SPECS), None)
+        have = [k for k, cls in SPECS.items() if field in cls.model_fields]
+        where = f" (it is for {', '.join(have)})" if have else ""
+        return field, f"{field}: not a field of {kind or 'these'} jobs{where}{shown}"
     return field, f"{field}: {msg}{shown}"
 
 

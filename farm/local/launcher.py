@@ -15,7 +15,8 @@ restarted with backoff.
 `Supervisor` is the one piece that starts, restarts and stops children; `farm up`
 (`farm.local.up.LocalFarm`) and `farm worker --gpus/--workers` both use it. SIGTERM or SIGINT to the
 parent is passed to every child as SIGTERM: each stops its job at the next step and hands it
-back (see `workers.worker`), then exits.
+back (see `workers.worker`), then exits. A parent killed outright (SIGKILL) takes its children
+along (`die_with_parent`), so no orphan keeps serving a farm nobody runs.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from farm.errors import InvalidJob
+from farm.local.embedded import die_with_parent
 
 log = logging.getLogger("farm.launcher")
 
@@ -219,6 +221,7 @@ class Supervisor:
             stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
             start_new_session=True,  # a Ctrl-C reaches the supervisor, which forwards it
+            preexec_fn=die_with_parent,  # and a supervisor killed outright takes them along
         )
 
     def _supervise(self) -> None:

@@ -3,7 +3,10 @@
     >>> with LocalFarm(FarmSettings(), workers=2) as lf:   # nothing configured: all private
     ...     Farm(lf.settings).submit(...)
 
-Used by `farm up`, `farm demo`, the tests and the benchmarks. Whatever it started, it stops.
+Used by `farm up`, `farm demo`, the tests and the benchmarks. Whatever it started, it stops:
+the workers first (each hands its job back, which needs Redis), then Redis. One farm per home
+at a time: a farm that starts a private Redis or writes `up.json` holds the home's lock
+(`farm.local.lock`), so a second `farm up` there is refused before it touches anything.
 """
 
 from __future__ import annotations
@@ -11,15 +14,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from farm.errors import TransientError
 from farm.local.embedded import RedisServer
 from farm.local.launcher import Supervisor, plan
+from farm.local.lock import HomeLock
 from farm.queue.routing import FINETUNE_QUEUE, RENDER_QUEUE
 from farm.settings import FarmSettings, settings_env
+from farm.state.tracker import Tracker
 
 log = logging.getLogger("farm.up")
 
@@ -73,14 +81,43 @@ class LocalFarm:
         self.redis: RedisServer | None = None
         self.supervisor: Supervisor | None = None
         self.settings = settings
+        self.lock: HomeLock | None = None
+        self._tracker: Tracker | None = None
 
     @property
     def procs(self) -> list[subprocess.Popen[bytes]]:
         """The worker processes now running, one per child (the supervisor replaces the dead)."""
         return self.supervisor.procs if self.supervisor else []
 
+    @property
+    def worker_names(self) -> list[str]:
+        """The names the workers register under (`farm workers` lists them)."""
+        return [c.name for c in self.supervisor.children] if self.supervisor else []
+
+    def ready_workers(self) -> list[str]:
+        """The registry names of this farm's workers that take jobs now (online, their
+        consumer attached), found by their pids: a worker whose name was taken serves
+        under another (`cpu0-2@host`). Redis away: none."""
+        if self._tracker is None:
+            self._tracker = Tracker.from_settings(self.settings)
+        pids = {p.pid for p in self.procs}
+        try:
+            entries = self._tracker.workers.read(starting=True)
+        except TransientError:
+            return []
+        now, host = time.time(), socket.gethostname()
+        return [
+            w.name
+            for w in entries
+            if w.pid in pids and w.host == host and w.online(now) and w.ready
+        ]
+
     def __enter__(self) -> LocalFarm:
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # a Ctrl-C half-way: stop what did start
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -89,9 +126,13 @@ class LocalFarm:
     def start(self) -> None:
         home = self.base.home
         home.mkdir(parents=True, exist_ok=True)
+        if self.write_state or not self.base.redis_url:
+            lock = HomeLock(home)
+            lock.acquire()  # FarmAlreadyRunning: nothing started, nothing written or removed
+            self.lock = lock
         update: dict[str, object] = {"storage": self.base.storage_url()}
         if not self.base.redis_url:
-            self.redis = RedisServer(home / "redis", appendonly=True)
+            self.redis = RedisServer(home / "redis", appendonly=True, die_with_parent=True)
             self.redis.start()
             update["redis_url"] = self.redis.url
         self.settings = self.base.model_copy(update=update)
@@ -151,6 +192,9 @@ class LocalFarm:
         return self.supervisor.restart_dead() if self.supervisor else 0
 
     def stop(self, timeout: float = 30.0) -> None:
+        """The API first (no new submissions), then the workers (SIGTERM: each stops at its
+        next step and hands its job back, which needs Redis), then Redis, then the state file
+        and the lock."""
         if self.api:
             self.api.terminate()  # uvicorn stops, then its webhook sender
             try:
@@ -160,10 +204,16 @@ class LocalFarm:
                 self.api.wait()
             self.api = None
         if self.supervisor:
-            self.supervisor.stop(timeout)  # SIGTERM: each worker finishes the job in hand
+            self.supervisor.stop(timeout)
             self.supervisor = None
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
         if self.redis:
             self.redis.stop()
             self.redis = None
-        if self.write_state:
-            (self.base.home / "up.json").unlink(missing_ok=True)
+        if self.lock:
+            if self.write_state:
+                (self.base.home / "up.json").unlink(missing_ok=True)
+            self.lock.release()
+            self.lock = None

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm.jobs.record import JobRecord
+from farm.jobs.record import Failure, JobRecord
 from farm.jobs.state import JobState
 from farm.queue.routing import RENDER_QUEUE
 from farm.state.tracker import Tracker
@@ -83,7 +83,10 @@ def release(tracker: Tracker, celery: Any, job_ids: Iterable[str]) -> Released:
                 send.append((rec.id, rec.queue or RENDER_QUEUE, int(rec.spec.get("priority", 0))))
         else:
             t = tracker.transition(
-                rec.id, JobState.FAILED, expect=[JobState.WAITING], fields={"error": verdict}
+                rec.id,
+                JobState.FAILED,
+                expect=[JobState.WAITING],
+                fields={"error": verdict, "failure": Failure.DEPENDENCY.value},
             )
             if t.ok:
                 out.failed.append(rec.id)

@@ -36,7 +36,7 @@ from typing import Any
 import redis
 
 from farm.errors import FarmError, JobNotFound, StaleAttempt
-from farm.jobs.record import JobRecord, Progress
+from farm.jobs.record import Failure, JobRecord, Progress
 from farm.jobs.state import JobState
 from farm.keys import PRIORITY_STEPS, RedisKeys
 from farm.settings import FarmSettings
@@ -259,6 +259,31 @@ class Tracker:
                 if len(ids) == limit:
                     break
         return ids
+
+    def job_ids_by_activity(self, chunk: int = SCAN_CHUNK) -> Iterator[list[str]]:
+        """Every job id the farm still knows, most recent activity first, each once, a chunk
+        at a time: the events stream read backwards (a job's last state change first), then
+        the live jobs it no longer mentions (it is trimmed to `EVENTS_MAXLEN`). What `farm
+        jobs` lists: ended jobs leave the live index (the reconciler prunes it) but stay in
+        the stream, and their records stay for `FARM_RECORD_TTL`."""
+        seen: set[str] = set()
+        end = "+"
+        while True:
+            with self._conn.doing("reading the events stream"):
+                events: Any = self._r.xrevrange(self.keys.events, max=end, count=chunk)
+            fresh = [e["job"] for _, e in events if e.get("job") and e["job"] not in seen]
+            fresh = list(dict.fromkeys(fresh))
+            seen.update(fresh)
+            if fresh:
+                yield fresh
+            if len(events) < chunk:
+                break
+            end = "(" + events[-1][0]
+        for ids in self.live_ids():
+            fresh = [job_id for job_id in ids if job_id not in seen]
+            seen.update(fresh)
+            if fresh:
+                yield fresh
 
     # ------------------------------------------------------------------ state changes
 
@@ -512,6 +537,7 @@ def _record(job_id: str, h: dict[str, str]) -> JobRecord:
         ),
         cancel_requested=h.get("cancel") == "1",
         error=h.get("error") or None,
+        failure=_failure(h.get("failure")),
         outputs=json.loads(h.get("outputs", "[]")),
         mask=h.get("mask") or None,
         meta=h.get("meta") or None,
@@ -519,3 +545,10 @@ def _record(job_id: str, h: dict[str, str]) -> JobRecord:
         queue=h.get("queue") or None,
         depends_on=json.loads(h.get("depends_on", "[]")),
     )
+
+
+def _failure(value: str | None) -> Failure | None:
+    try:
+        return Failure(value) if value else None
+    except ValueError:  # written by a newer farm: not this one's to judge
+        return None

@@ -27,6 +27,7 @@ from farm.batches.dataset import contact_sheet, fetch_dataset
 from farm.batches.manifest import InvalidManifest
 from farm.batches.submit import submit_batch
 from farm.cli.demo import box_mask, sample_image
+from farm.inputs.images import label_height
 from farm.jobs.masks import Box, Strokes, generate, parse_generator
 from farm.local.up import LocalFarm
 from farm.settings import FarmSettings, settings_env
@@ -220,9 +221,14 @@ def test_generated_masks_travel_as_generators_and_nothing_is_drawn_or_stored(far
         "box:max_size=0.4",
     ]
     assert len(stored(farm.settings, "inputs/")) == 2  # the two sources, no masks
-    # Before any worker drew them, a contact sheet draws them here: source | mask (| mask).
-    assert contact_sheet(Batch(farm, "cats"), data / "sheet.png", cell=32) == 2
-    assert Image.open(data / "sheet.png").size == (3 * 32 + 4 * 4, 2 * 32 + 3 * 4)
+    # Before any worker drew them, a contact sheet draws them here: one line per job,
+    # source | mask | output 1 (empty: not rendered yet), under a header, over a caption.
+    assert contact_sheet(Batch(farm, "cats"), data / "sheet.png", cell=32) == 4
+    line = label_height()
+    assert Image.open(data / "sheet.png").size == (
+        3 * 32 + 4 * 4,
+        line + 4 + 4 * (32 + line) + 5 * 4,
+    )
 
 
 def test_submit_one_job_with_a_generated_mask(farm, settings, data):
@@ -551,7 +557,7 @@ def test_fetch_writes_an_imagefolder_dataset(resumed, tmp_path):
     # Again: nothing to fetch; a lost file comes back.
     (out / rows[0]["file_name"]).unlink()
     again = run_cli(settings, "batch", "fetch", "cats", out)
-    assert "1 files fetched, 35 already there" in again.stdout, again.stdout  # 16 + 16 + 4
+    assert "1 file fetched, 35 already there" in again.stdout, again.stdout  # 16 + 16 + 4
 
 
 def test_worker_draws_generated_masks_as_the_client_would_and_stores_them(resumed, tmp_path):
@@ -598,9 +604,19 @@ def test_contact_sheet_shows_source_mask_and_outputs_per_row(resumed, tmp_path):
     out = tmp_path / "sheet.png"
     res = run_cli(resumed["settings"], "batch", "sheet", "cats", out, "--rows", 3, "--cell", 32)
     assert res.returncode == 0 and "3 rows" in res.stdout, res.stderr
-    # Row 1 (a mask file): source | mask | 2 outputs. Rows 2-3 (drawn masks, one per
-    # variation): source | mask | output | mask | output. Cells of 32 px, 4 px apart.
-    assert Image.open(out).size == (5 * 32 + 6 * 4, 3 * 32 + 4 * 4)
+    # One line per job (row 2's two variations, then row 3's first), each column one thing:
+    # source | mask | output 1, labelled above; the row, seed and prompt under each line.
+    # Cells of 32 px, 4 px apart.
+    line = label_height()
+    sheet = Image.open(out).convert("L")
+    assert sheet.size == (3 * 32 + 4 * 4, line + 4 + 3 * (32 + line) + 4 * 4)
+    header = sheet.crop((0, 4, sheet.width, 4 + line))
+    assert all(
+        min(header.crop((4 + c * 36, 0, 36 + c * 36, line)).getdata()) < 128 for c in range(3)
+    )
+    for r in range(3):  # a caption under every line
+        top = line + 8 + r * (32 + line + 4) + 32
+        assert min(sheet.crop((4, top, sheet.width - 4, top + line)).getdata()) < 128
 
 
 def test_wait_and_watch_follow_slots_that_wait_for_a_fine_tune(farm, settings, tmp_path):

@@ -6,7 +6,6 @@ import json
 import struct
 import subprocess
 import sys
-import uuid
 import zlib
 
 import pytest
@@ -15,18 +14,6 @@ from PIL import Image
 
 from farm import Farm, InvalidJob, Txt2Img
 from farm.settings import FarmSettings, settings_env
-
-
-@pytest.fixture
-def empty_farm(redis_server, tmp_path):
-    """Settings with a fresh key prefix and an empty store; no worker needed."""
-    store = tmp_path / "store"
-    return FarmSettings(
-        redis_url=redis_server.url,
-        storage=store.as_uri(),
-        home=tmp_path,
-        key_prefix=f"bad{uuid.uuid4().hex[:8]}:",
-    )
 
 
 @pytest.fixture
@@ -46,6 +33,11 @@ def files(tmp_path):
         (folder / "model_index.json").write_text(json.dumps(index))
         (folder / weights).write_bytes(b"\0")
     (tmp_path / "custom-model" / "pipeline.py").write_text("import os\n")
+    # An inpainting model as the client sees it: its class and its UNet's 9 input channels.
+    inpaint = tmp_path / "inpaint-model"
+    (inpaint / "unet").mkdir(parents=True)
+    (inpaint / "model_index.json").write_text(json.dumps({"_class_name": "MyPipeline"}))
+    (inpaint / "unet" / "config.json").write_text(json.dumps({"in_channels": 9}))
     (tmp_path / "bomb.png").write_bytes(png_header(30_000, 30_000))  # 900 Mpx declared
     (tmp_path / "zero.png").write_bytes(png_header(0, 64))
     Image.new("RGB", (9000, 8)).save(tmp_path / "wide.png")
@@ -105,6 +97,19 @@ CASES = {
     "nan-strength": (["img2img", "--image", "{d}/ok.png", "--strength", "nan"], "strength"),
     "remote-code": (["txt2img", "--model", "{d}/custom-model"], "model"),
     "pickle-folder": (["txt2img", "--model", "{d}/pickled-model"], "model"),
+    # What the client can see of a model's kind: refused here, not failed later by a worker.
+    "inpaint-model": (["txt2img", "--model", "tiny-inpaint"], "model"),
+    "inpaint-img2img": (["img2img", "--model", "tiny-flux-fill", "--image", "{d}/ok.png"], "model"),
+    "inpaint-folder": (["txt2img", "--model", "{d}/inpaint-model"], "model"),
+    "inpaint-style": (
+        ["style", "--model", "tiny-inpaint", "--ip-adapter", "tiny-ip-adapter"]
+        + ["--image", "{d}/ok.png", "--style-image", "{d}/ok.png"],
+        "inpainting model",
+    ),
+    # A flag of another kind, and a generator's name misspelt, are named as such.
+    "txt2img-image": (["txt2img", "--image", "{d}/ok.png"], "--image"),
+    "txt2img-strength": (["txt2img", "--strength", "0.5"], "--strength"),
+    "mask-typo": (["inpaint", "--image", "{d}/ok.png", "--mask", "stroke"], "strokes"),
 }
 
 

@@ -237,23 +237,27 @@ def test_cli_prints_job_id_and_wait_follows(farm_settings):
 
 
 def test_failed_job_exits_nonzero(farm_settings, tmp_path):
-    # A 9-channel inpainting model cannot do txt2img: the worker fails the job with the reason.
+    # A model no worker has, from a submitter that cannot check it (FARM_MODEL_CHECK=0): the
+    # worker fails the job with the reason. (A mismatch the client can see, txt2img on the
+    # 9-channel tiny-inpaint, is refused at submit: tests/cli/test_invalid_input.py.)
     res = run_cli(
         farm_settings,
         "submit",
         "txt2img",
         "--model",
-        "tiny-inpaint",
+        "nobody/missing",
         "--prompt",
         "x",
         "--steps",
         STEPS,
         "--wait",
         "--json",
+        FARM_MODEL_CHECK="0",
     )
     assert res.returncode == 1
     rec = json.loads(res.stdout)
-    assert rec["state"] == "failed" and "inpaint" in rec["error"]
+    assert rec["state"] == "failed" and "nobody/missing" in rec["error"]
+    assert rec["failure"] == "invalid"
 
 
 def test_cancel_running_job_within_steps(farm, inputs):

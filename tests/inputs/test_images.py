@@ -233,3 +233,33 @@ def test_grid_is_white_and_sized_by_its_longest_row() -> None:
 def test_grid_needs_a_row() -> None:
     with pytest.raises(ValueError):
         grid([])
+
+
+def test_grid_labels_its_columns_and_rows_and_keeps_empty_cells_empty() -> None:
+    """A contact sheet you can read: a header over each column, a caption under each row, and
+    a None cell left blank so every column keeps one meaning."""
+    from farm.inputs.images import label_height
+
+    red, blue = Image.new("RGB", (40, 40), "red"), Image.new("RGB", (40, 40), "blue")
+    plain = grid([[red, blue], [None, blue]], cell=50)
+    sheet = grid(
+        [[red, blue], [None, blue]],
+        cell=50,
+        header=["source", "output 1"],
+        captions=["row 1 · seed 7 · a red house", "row 2 · seed 8 · a blue house"],
+    )
+    line = label_height()
+    assert sheet.size == (plain.width, plain.height + line + 4 + 2 * line)
+
+    def dark(box: tuple[int, int, int, int]) -> bool:
+        return min(sheet.convert("L").crop(box).getdata()) < 128
+
+    assert dark((4, 4, 54, 4 + line)) and dark((58, 4, 108, 4 + line))  # each column's label
+    first, second = line + 8, line + 8 + 50 + line + 4
+    assert dark((4, first + 50, 104, first + 50 + line))  # each row's caption
+    assert dark((4, second + 50, 104, second + 50 + line))
+    assert sheet.getpixel((29, first + 25)) == (255, 0, 0)
+    assert sheet.getpixel((29, second + 25)) == (255, 255, 255)  # the empty cell stays empty
+    assert sheet.getpixel((83, second + 25)) == (0, 0, 255)
+    with pytest.raises(ValueError, match="captions"):
+        grid([[red]], captions=["one", "two"])

@@ -94,8 +94,18 @@ def processes_with_env(entry: str) -> list[int]:
     return found
 
 
-def test_demo_writes_contact_sheet(tmp_path):
+def test_demo_writes_contact_sheet(tmp_path, capsys):
     assert run_demo(tmp_path / "demo", workers=1, n_images=2, variations=1) == 0
     sheet = Image.open(tmp_path / "demo" / "contact-sheet.png")
     assert sheet.width > sheet.height > 0  # 2 rows: input | mask | output
     assert len(list((tmp_path / "demo" / "jobs").glob("*/0.png"))) == 2
+    # Label-preserving inpainting: only the masked boxes were repainted, and the sheet is
+    # labelled (a header over source | mask | variation 1, a caption under each row).
+    out = capsys.readouterr().out
+    assert "demo: preserve_unmasked: every pixel outside the masks is the source's" in out, out
+    from farm.inputs.images import label_height
+
+    line = label_height()
+    assert sheet.size == (3 * 128 + 4 * 4, line + 4 + 2 * (128 + line) + 3 * 4)
+    header = sheet.convert("L").crop((4, 4, sheet.width - 4, 4 + line))
+    assert min(header.getdata()) < 128

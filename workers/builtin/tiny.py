@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,9 @@ def export_single_file(name: str, path: str | Path) -> Path:
     check_round_trip(pipe, checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(checkpoint, str(out), metadata={"format": "pt", "farm_builtin": name})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)  # safetensors writes 0600: a model file others read too
     return out
 
 

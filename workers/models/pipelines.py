@@ -134,7 +134,7 @@ def _resolve_hub(ref: str) -> ModelSource:
         raise _invalid(
             ref,
             f"{repo_id!r}{where} is not in the local Hugging Face cache; workers never download "
-            f"(fetch it first, e.g. `hf download {repo_id}`) [{type(e).__name__}]",
+            f"(fetch it first with `farm models pull {ref}`) [{type(e).__name__}]",
         ) from None
     if not (folder / "model_index.json").is_file():
         raise _invalid(ref, f"the cached snapshot {str(folder)!r} is not a diffusers pipeline")

@@ -3,8 +3,10 @@
 `workers.worker.run_job` hands a claimed fine-tune here instead of the render path (no
 gathering: fine-tunes run alone). The job keeps every guarantee a render has: a heartbeat renews
 its lease and publishes progress (step, total, loss); a cancel, a shutdown (SIGTERM) or
-`FARM_FINETUNE_TIME_LIMIT` stops it at the next optimizer step; every write of its end state is
-fenced by its attempt token.
+`FARM_FINETUNE_TIME_LIMIT` stops it within the step it is in (the step abandoned, see
+`workers.train.train_lora`), not only at the next one: a 512 px step on a CPU takes minutes.
+Its progress shows its total from the claim on (`step 0/500`, not `0/?`) while the pipeline
+loads. Every write of its end state is fenced by its attempt token.
 
 Preemption: every `checkpointing_steps` the whole training state goes to storage
 (`workers.train.checkpoints`), and a shutdown writes one more before handing the job back, so the next
@@ -56,6 +58,9 @@ def run_finetune(rt: Runtime, job: Held) -> Outcome:
     with Heartbeat(
         rt.tracker, {job.id: job.token}, lease, interval=min(0.2, lease / 3), cancels=rt.cancels
     ) as hb:
+        # Its total from the start: the first steps may be minutes away (the model loads).
+        hb.watch([job.id])(0, int(job.record.spec.get("max_train_steps", 0)))
+        hb.beat()
         try:
             # 1. A retried job whose earlier attempt stored everything is just finished.
             stored = adapter_file_key(job.id, "meta.json")
@@ -107,6 +112,15 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> Outcome:
             stop.append(reason)
         return watch(step, total) or bool(stop)
 
+    def should_stop() -> bool:
+        """Asked within a step: a shutdown, the time limit, a cancel or a newer attempt
+        abandons the step at once."""
+        if not stop and (reason := limits.reason()) is not None:
+            stop.append(reason)
+        return (
+            bool(stop) or job.id in hb.cancelled or job.id in hb.stale or job.id in rt.cancels.ids
+        )
+
     def on_checkpoint(ckpt: Checkpoint) -> None:
         if job.id in hb.stale:
             return  # a newer attempt owns the job now: write nothing more
@@ -127,9 +141,10 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> Outcome:
             segments = list(ckpt.extra.get("segments", []))
             log.info("fine-tune %s: resuming from step %d", job.id, latest)
         segments.append({"attempt": job.attempt, "from_step": trainer.step, "worker": rt.name})
+        watch(trainer.step, spec.max_train_steps)
         # 5. Train: progress and loss through the heartbeat, checkpoints to storage; a cancel,
-        #    a shutdown or the time limit stops it between optimizer steps.
-        finished = trainer.run(on_step, on_checkpoint)
+        #    a shutdown or the time limit stops it within the step it is in.
+        finished = trainer.run(on_step, on_checkpoint, should_stop)
         hb.beat()  # a cancel or takeover that came during the last step counts too
         if not finished or job.id in hb.cancelled or job.id in hb.stale:
             if stop == [Stop.SHUTDOWN] and job.id not in hb.stale | hb.cancelled:

@@ -18,6 +18,13 @@ drawn from `seed + epoch`, so the position in the data follows from the step), a
 timesteps and VAE samples (one CPU generator whose state is checkpointed). A run resumed from a
 checkpoint on CPU ends with the same adapter, to the bit, as one that never stopped.
 
+Interruptible steps: a 512 px step takes minutes on a CPU, so a cancel or a shutdown does not
+wait for the step to end. `run(..., should_stop=...)` asks between micro-steps and at every
+convolution and linear layer of the forward and backward passes (module hooks and gradient
+hooks); when it says stop, the step is abandoned (`Interrupted`): its gradients are dropped and
+the random generators put back as they were at its start, so the trainer is exactly at the
+last whole step and a checkpoint taken then resumes bit for bit.
+
 Precision: on a GPU the frozen weights stay in the worker's dtype (float16), the LoRA
 parameters train in float32, and `mixed_precision` (`fp16`/`bf16`) turns on autocast (fp16 with
 a gradient scaler). A CPU worker trains in float32 whatever `mixed_precision` says.
@@ -47,6 +54,7 @@ from PIL import Image
 from farm.jobs.specs import Finetune
 from farm.keys import ADAPTER_FILE
 from workers.train.checkpoints import Checkpoint
+from workers.train.interrupt import Interrupted, StopFn, interruptible
 
 ADAPTER_NAME = "farm_finetune"
 """The peft adapter name while training (removed before the pipeline renders again)."""
@@ -244,27 +252,62 @@ class LoraTrainer:
 
     # ----------------------------------------------------------------------- training
 
-    def run(self, on_step: StepFn, on_checkpoint: Callable[[Checkpoint], None]) -> bool:
-        """Train from `self.step` to `max_train_steps`; False if `on_step` stopped it early."""
+    def run(
+        self,
+        on_step: StepFn,
+        on_checkpoint: Callable[[Checkpoint], None],
+        should_stop: StopFn | None = None,
+    ) -> bool:
+        """Train from `self.step` to `max_train_steps`; False if `on_step` stopped it after a
+        step, or `should_stop` within one (that step abandoned: see the module docstring)."""
         spec = self.spec
-        while self.step < spec.max_train_steps:
-            # 6. One optimizer step over `gradient_accumulation_steps` micro-batches.
-            self.optimizer.zero_grad(set_to_none=True)
-            micro_losses = []
-            for micro in range(spec.gradient_accumulation_steps):
-                index = self.step * spec.gradient_accumulation_steps + micro
-                loss = self._loss(self._batch(index)) / spec.gradient_accumulation_steps
-                self._backward(loss)
-                micro_losses.append(loss.item())
-            self._optimizer_step()
-            self.step += 1
-            self.losses.append(sum(micro_losses))
-            # 7. Every `checkpointing_steps`: the whole state to storage, for a retry to resume.
-            if self.step % spec.checkpointing_steps == 0 and self.step < spec.max_train_steps:
-                on_checkpoint(self.snapshot())
-            if on_step(self.step, spec.max_train_steps, self.losses[-1]):
-                return self.step >= spec.max_train_steps
+        modules = (self.pipe.vae.encoder, self.pipe.unet, self.pipe.text_encoder)
+        with interruptible(modules, should_stop):
+            while self.step < spec.max_train_steps:
+                # 6. One optimizer step over `gradient_accumulation_steps` micro-batches.
+                rng = self._rng_state()
+                try:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    micro_losses = []
+                    for micro in range(spec.gradient_accumulation_steps):
+                        if should_stop is not None and should_stop():
+                            raise Interrupted
+                        index = self.step * spec.gradient_accumulation_steps + micro
+                        loss = self._loss(self._batch(index)) / spec.gradient_accumulation_steps
+                        self._backward(loss)
+                        micro_losses.append(loss.item())
+                except Interrupted:
+                    # The state is the last whole step's again: no gradients, the generators
+                    # as they were when this step began.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._set_rng_state(rng)
+                    return False
+                self._optimizer_step()
+                self.step += 1
+                self.losses.append(sum(micro_losses))
+                # 7. Every `checkpointing_steps`: the whole state to storage, for a retry.
+                if self.step % spec.checkpointing_steps == 0 and self.step < spec.max_train_steps:
+                    on_checkpoint(self.snapshot())
+                if on_step(self.step, spec.max_train_steps, self.losses[-1]):
+                    return self.step >= spec.max_train_steps
         return True
+
+    def _rng_state(self) -> dict[str, Any]:
+        state = {
+            "torch_cpu": torch.get_rng_state(),
+            "noise": self.noise_generator.get_state(),
+            "python": random.getstate(),
+        }
+        if self.device.type == "cuda":
+            state["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_rng_state(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch_cpu"])
+        self.noise_generator.set_state(state["noise"])
+        random.setstate(state["python"])
+        if "torch_cuda" in state:
+            torch.cuda.set_rng_state(state["torch_cuda"], self.device)
 
     def _batch(self, micro_step: int) -> list[int]:
         """Example indices of a micro-batch. The data is an endless run of epochs, each a

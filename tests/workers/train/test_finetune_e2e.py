@@ -255,6 +255,31 @@ def test_cancel_a_running_finetune(farm, photos):
     assert farm.get(job.id).progress.step < 5000
 
 
+def test_progress_has_its_total_from_the_start_and_a_cancel_stops_the_step_it_is_in(farm, photos):
+    """At 256 px a step of the tiny model takes seconds on a CPU (at 512 px, minutes). The
+    record knows the total before the first step ends (`farm wait` showed `step 0/?`), and a
+    cancel does not wait for the step to end: the job ends cancelled still at step 0."""
+    job = farm.submit(
+        Finetune(
+            model="tiny",
+            images=str(photos),
+            instance_prompt="x",
+            max_train_steps=3,
+            **{**TRAIN, "resolution": 256},
+        )
+    )
+    deadline = time.monotonic() + 120
+    while (rec := farm.get(job.id)).state != JobState.RUNNING or not rec.progress.total:
+        assert not rec.done and time.monotonic() < deadline, rec
+        time.sleep(0.02)
+    assert (rec.progress.step, rec.progress.total) == (0, 3)
+    job.cancel()
+    with pytest.raises(JobCancelled):
+        job.wait(timeout=60)
+    rec = farm.get(job.id)
+    assert rec.progress.step == 0 and rec.error == "cancelled while training"
+
+
 def test_a_render_chained_to_an_unfinished_finetune_waits_then_uses_its_adapter(
     farm, photos, exported, tmp_path
 ):

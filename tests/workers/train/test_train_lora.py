@@ -189,3 +189,51 @@ def test_checkpoints_total_limit_keeps_the_newest_whole_checkpoints(tmp_path):
     assert checkpoints.latest_step(store, "job3") == 20
     assert checkpoints.load(store, "job3", 15).lora["unet.w"].tolist() == [15.0, 15.0]
     assert checkpoints.prune(store, "job3", 2) == []  # nothing more to do
+
+
+def _noop(ckpt: object) -> None:
+    pass
+
+
+@pytest.mark.parametrize("at", [0.01, 0.25, 0.5, 0.95])
+def test_a_step_stopped_part_way_is_dropped_and_the_run_resumes_bit_for_bit(cache, at):
+    """A cancel or a shutdown need not wait for a step to end (minutes at 512 px on a CPU):
+    `should_stop` is asked between micro-steps and at every layer of the forward and backward
+    passes. Stopped there (`at`: how far into step 7's questions), the step is abandoned, and
+    a checkpoint taken then resumes to the very adapter an unbroken run ends with."""
+    pipe = cache.get("tiny", "txt2img")
+    job = spec(max_train_steps=9, gradient_accumulation_steps=2, train_text_encoder=True)
+    images, captions = training_images(), ["sks disc", "a disc", "sks", "disc"]
+    asked = [0]
+
+    def count() -> bool:
+        asked[0] += 1
+        return False
+
+    with LoraTrainer(pipe, job, images, captions) as trainer:
+        assert trainer.run(never, _noop, count)
+        unbroken, unbroken_losses = trainer.adapter_bytes(), trainer.losses
+    per_step = asked[0] // job.max_train_steps
+    assert per_step > 100  # every layer asks, twice (forward, and its gradient)
+
+    stop_after = int(at * per_step)
+    with LoraTrainer(pipe, job, images, captions) as trainer:
+
+        def should_stop() -> bool:
+            if trainer.step < 6:
+                return False
+            asked[0] += 1
+            return asked[0] > stop_after
+
+        asked[0] = 0
+        assert not trainer.run(never, _noop, should_stop)
+        assert trainer.step == 6 and len(trainer.losses) == 6
+        assert all(p.grad is None for p in trainer.params)  # the half step left nothing
+        ckpt = trainer.snapshot()
+    with LoraTrainer(pipe, job, images, captions) as trainer:
+        trainer.resume(ckpt)
+        assert trainer.run(never, _noop)
+        resumed, resumed_losses = trainer.adapter_bytes(), trainer.losses
+    assert resumed_losses == unbroken_losses
+    a, b = load_tensors(unbroken), load_tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
