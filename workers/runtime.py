@@ -52,15 +52,17 @@ class Runtime:
         self.cancels = CancelListener(self.tracker)
         self.cancels.start()
         self.store = open_store(settings)
-        import torch
+        from workers.models.precision import check_offload
 
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        check_offload(settings.offload, self.device)
         self.cache = PipelineCache(
             str(self.device),
-            dtype,
+            settings.dtype,  # FARM_DTYPE: auto picks per family and device at each load
             max_models=2,
             models_dir=settings.models_dir,
             max_gb=settings.model_cache_gb,
+            offload=settings.offload,
+            vae_tiling=settings.vae_tiling,
         )
         from workers.models.optimize import from_settings
 

@@ -4,7 +4,10 @@ field each fills.
 A flag is the field's name (`--guidance-scale` → `guidance_scale`), or its short name where
 diffusers' is long (`--steps` → `num_inference_steps`, `farm.jobs.specs.SHORT_NAMES`); the
 diffusers name is accepted too (`--num-inference-steps`), so whoever knows diffusers knows the
-flags. `--mask` fills `mask_image`.
+flags. `--mask` fills `mask_image`. Family arguments are flags of their diffusers names too
+(`--prompt-2`, `--original-size 1024,1024`, `--true-cfg-scale 4`), refused at submit on a model
+whose pipeline does not take them; `--refiner REF` with `--denoising-end F` is SDXL's base →
+refiner render.
 """
 
 from __future__ import annotations
@@ -14,7 +17,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from farm.jobs.specs import SCHEDULERS, SHORT_NAMES
+from farm.jobs.families import FAMILY_ARGS, SCHEDULER_NAMES
+from farm.jobs.specs import SHORT_NAMES
+
+
+def pair(text: str) -> tuple[int, int] | str:
+    """`H,W` (diffusers' order for SDXL's sizes and crop corner) as a pair of integers;
+    anything else as it is, for the spec to refuse in one line naming the field."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        return text
+    return int(parts[0]), int(parts[1])
 
 
 @dataclass(frozen=True)
@@ -54,12 +67,29 @@ RENDER_FLAGS = {
         Flag("steps", int, help="denoising steps"),
         Flag("guidance_scale", float),
         Flag("strength", float, help="img2img and inpaint: how much of the input is repainted"),
-        Flag("scheduler", help=", ".join(SCHEDULERS)),
+        Flag(
+            "scheduler",
+            help=", ".join(SCHEDULER_NAMES) + " (which fit depends on the model's family)",
+        ),
         Flag("width", int),
         Flag("height", int),
         Flag("num_images", int, help="images per job"),
         Flag("priority", int, help="0..9, higher runs sooner"),
         Flag("key", help="idempotency key: the same key submits once"),
+        Flag("prompt_2", help="SDXL, SD3, FLUX.1: the second text encoder's prompt"),
+        Flag("negative_prompt_2", help="SDXL, SD3, FLUX.1"),
+        Flag("prompt_3", help="SD3: the T5 encoder's prompt"),
+        Flag("negative_prompt_3", help="SD3"),
+        Flag("original_size", pair, help="SDXL micro-conditioning: HEIGHT,WIDTH"),
+        Flag("target_size", pair, help="SDXL micro-conditioning: HEIGHT,WIDTH"),
+        Flag("crops_coords_top_left", pair, help="SDXL micro-conditioning: TOP,LEFT"),
+        Flag("aesthetic_score", float, help="SDXL img2img and inpaint (default 6.0)"),
+        Flag("negative_aesthetic_score", float, help="SDXL img2img and inpaint (default 2.5)"),
+        Flag("true_cfg_scale", float, help="FLUX.1: true CFG with a negative prompt above 1"),
+        Flag("max_sequence_length", int, help="SD3 (256), FLUX.1 (512): T5 tokens"),
+        Flag("denoising_start", float, help="SDXL img2img and inpaint"),
+        Flag("denoising_end", float, help="SDXL: the fraction of steps the base runs"),
+        Flag("refiner", help="SDXL: a refiner model, from denoising_end on"),
     ]
 }
 """Every render flag, by name."""
@@ -79,6 +109,8 @@ BATCH_FLAGS = (
     "height",
     "num_images",
     "priority",
+    *FAMILY_ARGS,
+    "refiner",
 )
 """`farm batch submit`'s flags that set the defaults every row gets (rows override them)."""
 

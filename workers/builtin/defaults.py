@@ -25,6 +25,8 @@ from diffusers.pipelines.auto_pipeline import (
     AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
 )
 
+from farm.jobs.families import FAMILY_ARGS
+
 FAMILIES: dict[str, tuple[str, str]] = {
     "sd15": ("stable-diffusion", "tiny"),
     "sdxl": ("stable-diffusion-xl", "tiny-sdxl"),
@@ -39,21 +41,7 @@ KINDS = {
     "inpaint": AUTO_INPAINT_PIPELINES_MAPPING,
 }
 COMMON = ("num_inference_steps", "guidance_scale", "strength")
-FAMILY_ONLY = (
-    "prompt_2",
-    "negative_prompt_2",
-    "prompt_3",
-    "negative_prompt_3",
-    "original_size",
-    "target_size",
-    "crops_coords_top_left",
-    "aesthetic_score",
-    "negative_aesthetic_score",
-    "true_cfg_scale",
-    "max_sequence_length",
-    "denoising_start",
-    "denoising_end",
-)
+FAMILY_ONLY = FAMILY_ARGS
 EXTRA_PIPELINES = {("flux", "inpaint-fill"): "FluxFillPipeline"}
 """Pipelines a family's dedicated models use that no AutoPipeline maps to (FLUX.1-Fill-dev)."""
 
