@@ -45,16 +45,16 @@ class Runtime:
         from workers.models.device import pin_device
         from workers.models.pipelines import PipelineCache
 
+        from workers.models.precision import check_offload
+
         self.settings = settings
         self.device = pin_device(device, threads)
+        check_offload(settings.offload, self.device)  # before anything connects
         self.name = name or f"{device}@{socket.gethostname()}"
         self.tracker = Tracker.from_settings(settings)
         self.cancels = CancelListener(self.tracker)
         self.cancels.start()
         self.store = open_store(settings)
-        from workers.models.precision import check_offload
-
-        check_offload(settings.offload, self.device)
         self.cache = PipelineCache(
             str(self.device),
             settings.dtype,  # FARM_DTYPE: auto picks per family and device at each load
