@@ -44,7 +44,6 @@ class Runtime:
     ) -> None:
         from workers.models.device import pin_device
         from workers.models.pipelines import PipelineCache
-
         from workers.models.precision import check_offload
 
         self.settings = settings
