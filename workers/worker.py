@@ -371,7 +371,7 @@ def run_worker(
         )
     rt = Runtime(settings, device, threads, name)
     for ref in preload or []:
-        rt.cache.get(ref, "inpaint" if "inpaint" in ref else "txt2img")
+        rt.cache.info(ref)  # loaded (any family, any kind it runs), its pipelines on demand
     for seconds in rt.cache.load_seconds.values():
         rt.metrics.loaded(seconds)
     if settings.metrics_port:

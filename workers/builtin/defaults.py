@@ -7,7 +7,8 @@ which family-only arguments it takes (SDXL's second prompt and micro-conditionin
 third prompt, FLUX.1's `true_cfg_scale`…), whether img2img takes a size at all, and which
 schedulers can replace the family's own. Rather than copy those by hand, `family_defaults()`
 reads them with `inspect.signature` here, on the heavy side; its output is what the light
-table is written from, and a test can compare the two when diffusers is upgraded.
+table (`farm.jobs.families`) is written from, and tests/workers/models/test_families.py checks
+that table against diffusers itself whenever diffusers is upgraded.
 
     $ python -m workers.builtin.defaults       # prints the table
 """
