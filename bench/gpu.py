@@ -1,55 +1,71 @@
-"""Full-size SD 1.5 inpainting on one GPU: images/s of diffusers called directly vs the farm's
-worker path, at batch 1 and at FARM_MAX_BATCH, with and without channels_last and torch.compile.
+"""Full-size SD 1.5 inpainting, SDXL and FLUX.1 on one GPU: images/s of diffusers called directly
+vs the farm's worker path, at batch 1 and at FARM_MAX_BATCH, in fp16 and bf16, with and without
+torch.compile (and channels_last).
 
-On a GPU machine (one prepared command; an estimate, not yet run: about 6-8 minutes on an
-H100, of which the four torch.compile compilations take about half):
+On a GPU machine, one prepared command per architecture (estimates, not yet run: no GPU was
+lent to this task; the compilations take about half of each):
 
-    python bench/gpu.py --json gpu.json
+    python bench/gpu.py --arch sd15-inpaint --json gpu-sd15.json     # about 6-8 minutes on an H100
+    python bench/gpu.py --arch sdxl --compile off --json gpu-sdxl.json    # about 5 minutes
+    python bench/gpu.py --arch flux --compile off --batch 2 --json gpu-flux.json   # about 6 minutes
 
-Where one command may run 10 minutes at most, the halves fit safely on their own:
+(`--arch all` runs the three in a row; where one command may run 10 minutes at most, split by
+architecture and by `--compile off|on`.)
 
-    python bench/gpu.py --compile off --json gpu-eager.json       # about 3 minutes
-    python bench/gpu.py --compile on --json gpu-compiled.json     # about 5 minutes
+On CPU, tiny shapes, seconds (what the tests run):
 
-On CPU, tiny shapes, seconds (what the test runs):
+    python bench/gpu.py --small --arch sd15-inpaint --compile off --rounds 1 --batch 2
+    python bench/gpu.py --small --arch sdxl,flux --compile off --dtype fp32 --rounds 1 --batch 2
 
-    python bench/gpu.py --small --compile off --rounds 1 --batch 2
+The models are the architectures built from their configs with seeded random weights (nothing
+is downloaded): random weights give noise, not pictures, but the same FLOPs as the real models.
 
-The model is SD 1.5 inpainting's architecture built from its config with seeded random weights
-(nothing is downloaded): UNet in_channels 9, block_out_channels (320, 640, 1280, 1280),
-layers_per_block 2, cross_attention_dim 768, attention_head_dim 8; VAE (128, 256, 512, 512),
-latent 4; CLIP text model hidden 768, 12 layers, 12 heads, 77 positions; the offline tokenizer
-of `workers.builtin.tiny`; SD 1.5's PNDM scheduler. fp16 on CUDA (fp32 on CPU), 512×512, 30 steps.
-Random weights give noise, not pictures, but the same FLOPs as the real model: the UNet has
-859,535,364 parameters, the VAE 83,653,863, the text encoder 123,060,480, as SD 1.5 inpainting.
-`--size 64 --steps 2` runs the full-size model on CPU in about a minute (a check of the build).
+    sd15-inpaint  SD 1.5 inpainting: UNet in_channels 9, block_out_channels (320, 640, 1280, 1280),
+                  cross_attention_dim 768 (859,535,364 parameters); VAE (128, 256, 512, 512); CLIP
+                  text model 768 wide, 12 layers; PNDM; inpaint, 512×512, 30 steps
+    sdxl          stable-diffusion-xl-base-1.0: UNet (320, 640, 1280), transformer layers (1, 2, 10),
+                  cross_attention_dim 2048, text_time conditioning (2,567,463,684 parameters); CLIP
+                  ViT-L and OpenCLIP bigG (694,659,840) text encoders; Euler; txt2img, 1024×1024,
+                  30 steps
+    flux          FLUX.1-dev: 19 double- and 38 single-stream blocks, 24 heads of 128
+                  (11,901,408,320 parameters), guidance-distilled; T5-XXL encoder (4,762,310,656)
+                  and CLIP-L; the 16-channel VAE; flow-matching Euler with dynamic shift; txt2img,
+                  1024×1024, 28 steps
+(The counts are those of the released models, checked on the meta device.)
 
-"direct" is `StableDiffusionInpaintPipeline.__call__` with a batch of prompts, images, masks and
-one generator per image, as a diffusers user would write it. "farm" is the worker's render
-path on the same pipeline object: `workers.render.render_batch` with `farm.jobs.Inpaint` specs
-(its input checks, mask shaping, scheduler copy, per-image generators, step callback, results
-at the input's size), after `workers.optimize.optimize` (what FARM_CHANNELS_LAST / FARM_COMPILE
-do in a worker). Redis, storage and PNG encoding are not in it (bench/overhead.py measures the
-whole farm on CPU). Each configuration gets one warm-up call of each (compiles happen there),
-then `--rounds` alternating rounds; the table shows medians and the ratios farm/direct and
-direct / (direct at batch 1, no options).
+dtype: `auto` is what a worker's FARM_DTYPE=auto picks (fp16 for SD and SDXL, bf16 for FLUX.1 on
+CUDA; fp32 on CPU); `both` measures fp16 and bf16 rows. `--small` builds the same families at
+the size of diffusers' test components (the farm's built-ins for SDXL and FLUX.1).
+
+"direct" is the family's pipeline `__call__` with a batch of prompts (and images, masks) and one
+generator per image, as a diffusers user would write it. "farm" is the worker's render path on
+the same pipeline object: `workers.render.render_batch` with the farm's specs (resolution
+against the model's family, input checks, mask shaping, scheduler copy, per-image generators,
+step callback, results at the input's size), after `workers.models.optimize.optimize` (what
+FARM_CHANNELS_LAST / FARM_COMPILE do in a worker: the UNet or transformer, and the VAE). Redis,
+storage and PNG encoding are not in it (bench/overhead.py measures the whole farm on CPU). Each
+configuration gets one warm-up call of each (compiles happen there), then `--rounds`
+alternating rounds; each table shows medians and the ratios farm/direct and direct / (direct
+at batch 1, no options) for its architecture and dtype.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import statistics
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from farm.jobs.specs import Inpaint
+from farm.jobs.specs import Inpaint, Txt2Img  # noqa: E402
 from farm.settings import FarmSettings  # noqa: E402
 
 FULL = {
@@ -147,6 +163,186 @@ def build_pipeline(shapes: dict[str, Any], device: str, dtype: Any) -> Any:
     return pipe.to(device=device, dtype=dtype) if dtype != torch.float32 else pipe
 
 
+SDXL = {
+    "size": 1024,
+    "steps": 30,
+    "unet": {
+        "sample_size": 128,
+        "block_out_channels": (320, 640, 1280),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "layers_per_block": 2,
+        "transformer_layers_per_block": (1, 2, 10),
+        "attention_head_dim": (5, 10, 20),
+        "cross_attention_dim": 2048,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+    },
+}
+"""stabilityai/stable-diffusion-xl-base-1.0's UNet config (and its encoders, VAE, scheduler below)."""
+
+FLUX = {
+    "size": 1024,
+    "steps": 28,
+    "transformer": {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": True,
+        "axes_dims_rope": (16, 56, 56),
+    },
+}
+"""black-forest-labs/FLUX.1-dev's transformer config (and its encoders, VAE, scheduler below)."""
+
+
+def _clip(hidden: int, layers: int, heads: int, inner: int, act: str, projection: bool) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=inner,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        vocab_size=49408,
+        hidden_act=act,
+        projection_dim=hidden,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _vae(latent_channels: int, **extra: Any) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=latent_channels,
+        **extra,
+    )
+
+
+@contextlib.contextmanager
+def created(device: str, dtype: Any) -> Iterator[None]:
+    """Weights created on `device` in `dtype`: no fp32 copy of 17 B parameters first."""
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else before)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def build_sdxl(device: str, dtype: Any) -> Any:
+    """SDXL base from its configs, seeded random weights, on `device` in `dtype`."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from workers.builtin.components import clip_tokenizer
+
+    torch.manual_seed(0)
+    with created(device, dtype):
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **SDXL["unet"])
+        vae = _vae(4, scaling_factor=0.13025, sample_size=1024)
+        text_encoder = _clip(768, 12, 12, 3072, "quick_gelu", projection=False)
+        text_encoder_2 = _clip(1280, 32, 20, 5120, "gelu", projection=True)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_flux(device: str, dtype: Any) -> Any:
+    """FLUX.1-dev from its configs, seeded random weights, on `device` in `dtype`."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from workers.builtin.components import clip_tokenizer, t5_tokenizer
+
+    torch.manual_seed(0)
+    with created(device, dtype):
+        transformer = FluxTransformer2DModel(**FLUX["transformer"])
+        vae = _vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                   use_post_quant_conv=False, sample_size=1024)  # fmt: skip
+        text_encoder = _clip(768, 12, 12, 3072, "quick_gelu", projection=False)
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                d_model=4096,
+                d_ff=10240,
+                d_kv=64,
+                num_heads=64,
+                num_layers=24,
+                vocab_size=32128,
+                feed_forward_proj="gated-gelu",
+            )
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer(),
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build(arch: str, small: bool, device: str, dtype: Any) -> Any:
+    """The architecture's pipeline: full size from its configs, or small (`--small`)."""
+    if arch == "sd15-inpaint":
+        return build_pipeline(SMALL if small else FULL, device, dtype)
+    if small:  # the farm's built-ins: diffusers' test-component sizes
+        from workers.builtin.families import build_builtin
+
+        pipe = build_builtin({"sdxl": "tiny-sdxl", "flux": "tiny-flux"}[arch])
+        pipe.set_progress_bar_config(disable=True)
+        return pipe if (device, str(dtype)) == ("cpu", "torch.float32") else pipe.to(device, dtype)
+    return {"sdxl": build_sdxl, "flux": build_flux}[arch](device, dtype)
+
+
+ARCHS = {
+    # name: (kind, family, full size and steps, small size and steps)
+    "sd15-inpaint": ("inpaint", "sd", (512, 30), (32, 4)),
+    "sdxl": ("txt2img", "sdxl", (1024, 30), (32, 4)),
+    "flux": ("txt2img", "flux", (1024, 28), (32, 4)),
+}
+
+
 def inputs(size: int, n: int) -> tuple[list[Any], list[Any]]:
     """`n` different source pictures and box masks at `size`×`size`."""
     import numpy as np
@@ -162,39 +358,51 @@ def inputs(size: int, n: int) -> tuple[list[Any], list[Any]]:
     return images, masks
 
 
-def direct(pipe: Any, batch: int, size: int, steps: int, images: list, masks: list) -> None:
+def direct(
+    pipe: Any, kind: str, batch: int, size: int, steps: int, images: list, masks: list
+) -> None:
+    """The family's pipeline called as a diffusers user writes it, its own guidance."""
     import torch
 
+    kwargs: dict[str, Any] = {}
+    if kind == "inpaint":
+        kwargs |= {"guidance_scale": 7.5, "strength": 1.0}
+        kwargs["image"] = images[:batch] if batch > 1 else images[0]
+        kwargs["mask_image"] = masks[:batch] if batch > 1 else masks[0]
     pipe(
         prompt=[f"a red house, variation {i}" for i in range(batch)],
-        image=images[:batch] if batch > 1 else images[0],
-        mask_image=masks[:batch] if batch > 1 else masks[0],
         height=size,
         width=size,
         num_inference_steps=steps,
-        guidance_scale=7.5,
-        strength=1.0,
         generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)],
         output_type="pil",
+        **kwargs,
     )
 
 
-def farm_path(pipe: Any, batch: int, size: int, steps: int, images: list, masks: list) -> None:
+def farm_path(
+    pipe: Any, kind: str, batch: int, size: int, steps: int, images: list, masks: list
+) -> None:
     from workers.render.render import render_batch
 
-    specs = [
-        Inpaint(
-            model="bench/sd15-inpaint-random",
-            prompt=f"a red house, variation {i}",
-            image="s3://bench/in.png",
-            mask_image="s3://bench/mask.png",
-            seed=i,
-            num_inference_steps=steps,
-            height=size,
-            width=size,
-        )
-        for i in range(batch)
-    ]
+    common = {"num_inference_steps": steps, "height": size, "width": size}
+    if kind == "inpaint":
+        specs: list[Any] = [
+            Inpaint(
+                model="bench/sd15-inpaint-random",
+                prompt=f"a red house, variation {i}",
+                image="s3://bench/in.png",
+                mask_image="s3://bench/mask.png",
+                seed=i,
+                **common,
+            )
+            for i in range(batch)
+        ]
+    else:
+        specs = [
+            Txt2Img(model="bench/random", prompt=f"a red house, variation {i}", seed=i, **common)
+            for i in range(batch)
+        ]
     progress: dict[str, tuple[int, int]] = {}
 
     def on_step(step: int, total: int) -> bool:  # what the worker's heartbeat watch does
@@ -202,7 +410,13 @@ def farm_path(pipe: Any, batch: int, size: int, steps: int, images: list, masks:
             progress[spec.prompt] = (step, total)
         return False
 
-    render_batch(pipe, specs, images[:batch], masks[:batch], on_step=on_step)
+    render_batch(
+        pipe,
+        specs,
+        images[:batch] if kind == "inpaint" else None,
+        masks[:batch] if kind == "inpaint" else None,
+        on_step=on_step,
+    )
 
 
 def sync(device: str) -> None:
@@ -222,6 +436,7 @@ def measure(fn: Any, device: str, batch: int) -> float:
 
 def bench_one(
     pipe: Any,
+    kind: str,
     device: str,
     batch: int,
     size: int,
@@ -231,8 +446,8 @@ def bench_one(
     rounds: int,
 ) -> dict[str, Any]:
     """Medians of `rounds` alternating rounds of the direct call and the farm's path."""
-    run_direct = functools.partial(direct, pipe, batch, size, steps, images, masks)
-    run_farm = functools.partial(farm_path, pipe, batch, size, steps, images, masks)
+    run_direct = functools.partial(direct, pipe, kind, batch, size, steps, images, masks)
+    run_farm = functools.partial(farm_path, pipe, kind, batch, size, steps, images, masks)
     run_direct()  # warm-up: cuDNN autotuning, compiles for this shape
     run_farm()
     d: list[float] = []
@@ -253,61 +468,16 @@ def choices(value: str) -> list[bool]:
     return {"both": [False, True], "off": [False], "on": [True]}[value]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--small", action="store_true", help="tiny shapes: CPU, seconds")
-    ap.add_argument("--device", help="default: cuda if available, else cpu")
-    ap.add_argument("--batch", type=int, help="the larger batch (default FARM_MAX_BATCH)")
-    ap.add_argument("--steps", type=int, help="default 30 (4 with --small)")
-    ap.add_argument("--size", type=int, help="image height and width (default 512; 32 --small)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--channels-last", choices=["both", "off", "on"], default="both")
-    ap.add_argument("--compile", choices=["both", "off", "on"], default="both")
-    ap.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
-    args = ap.parse_args()
+def dtypes(value: str, device: str, family: str) -> list[Any]:
+    """The dtypes to measure: `auto` (a worker's FARM_DTYPE=auto), one, or both half ones."""
+    from workers.models.precision import DTYPES, choose_dtype
 
-    import torch
+    if value == "both":
+        return [DTYPES["fp16"], DTYPES["bf16"]]
+    return [choose_dtype(value, device, family)]
 
-    from workers.models.optimize import optimize
 
-    warnings.filterwarnings("ignore")  # random weights in fp16 decode to NaN: no matter here
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    shapes = SMALL if args.small else FULL
-    size, steps = args.size or shapes["size"], args.steps or shapes["steps"]
-    max_batch = args.batch or FarmSettings().max_batch
-    batches = sorted({1, max_batch})
-    images, masks = inputs(size, max(batches))
-    if device == "cpu":
-        torch.set_num_threads(1)  # a smoke run: one thread is steadier on a shared machine
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    print(
-        f"SD 1.5 inpainting {'(small shapes) ' if args.small else ''}random weights, {dtype}, "
-        f"{size}x{size}, {steps} steps, on {name}; torch {torch.__version__}",
-        flush=True,
-    )
-    rows = []
-    for channels_last in choices(args.channels_last):
-        for compiled in choices(args.compile):
-            t0 = time.perf_counter()
-            pipe = optimize(
-                build_pipeline(shapes, device, dtype),
-                channels_last=channels_last,
-                compile=compiled,
-            )
-            for batch in batches:
-                row = bench_one(pipe, device, batch, size, steps, images, masks, args.rounds)
-                rows.append({"channels_last": channels_last, "compile": compiled, **row})
-                rows[-1]["setup_s"] = round(time.perf_counter() - t0, 1)
-                print(f"  measured batch {batch} cl={channels_last} compile={compiled}", flush=True)
-            del pipe
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-    plain = [r for r in rows if r["batch"] == 1 and not r["channels_last"] and not r["compile"]]
-    base_row = (plain or rows)[0]
-    base = base_row["direct_images_per_s"]
-    for row in rows:
-        row["direct_over_base"] = row["direct_images_per_s"] / base
+def table(rows: list[dict[str, Any]]) -> None:
     print()
     print("batch  channels_last  compile  direct img/s  farm img/s  farm/direct  direct/base")
     for r in rows:
@@ -316,13 +486,94 @@ def main() -> None:
             f"{r['direct_images_per_s']:>12.3f}  {r['farm_images_per_s']:>10.3f}  "
             f"{r['farm_over_direct']:>11.3f}  {r['direct_over_base']:>11.2f}"
         )
-    print(
-        f"medians of {args.rounds} alternating rounds; base = direct, batch 1, "
-        f"channels_last={base_row['channels_last']}, compile={base_row['compile']}; device {name}"
-    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="tiny shapes: CPU, seconds")
+    ap.add_argument("--arch", default="all", help=f"{', '.join(ARCHS)}, comma-separated, or all")
+    ap.add_argument("--device", help="default: cuda if available, else cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32", "both"])
+    ap.add_argument("--batch", type=int, help="the larger batch (default FARM_MAX_BATCH)")
+    ap.add_argument("--steps", type=int, help="default: the architecture's (4 with --small)")
+    ap.add_argument("--size", type=int, help="height and width (default: the architecture's)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--channels-last", choices=["both", "off", "on"], default="both")
+    ap.add_argument("--compile", choices=["both", "off", "on"], default="both")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    args = ap.parse_args()
+    archs = list(ARCHS) if args.arch == "all" else args.arch.split(",")
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        ap.error(f"--arch: unknown {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
+
+    import torch
+
+    from workers.models.optimize import optimize
+
+    warnings.filterwarnings("ignore")  # random weights in half precision decode to NaN
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    max_batch = args.batch or FarmSettings().max_batch
+    batches = sorted({1, max_batch})
+    if device == "cpu":
+        torch.set_num_threads(1)  # a smoke run: one thread is steadier on a shared machine
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    rows: list[dict[str, Any]] = []
+    first: tuple[int, int] | None = None
+    for arch in archs:
+        kind, family, full, small = ARCHS[arch]
+        size = args.size or (small if args.small else full)[0]
+        steps = args.steps or (small if args.small else full)[1]
+        first = first or (size, steps)
+        images, masks = inputs(size, max(batches))
+        for dtype in dtypes(args.dtype, device, family):
+            print(
+                f"{arch} {'(small shapes) ' if args.small else ''}random weights, {dtype}, "
+                f"{size}x{size}, {steps} steps, on {name}; torch {torch.__version__}",
+                flush=True,
+            )
+            part = []
+            for channels_last in choices(args.channels_last):
+                for compiled in choices(args.compile):
+                    t0 = time.perf_counter()
+                    pipe = optimize(
+                        build(arch, args.small, device, dtype),
+                        channels_last=channels_last,
+                        compile=compiled,
+                    )
+                    for batch in batches:
+                        row = bench_one(
+                            pipe, kind, device, batch, size, steps, images, masks, args.rounds
+                        )
+                        row = {"channels_last": channels_last, "compile": compiled, **row}
+                        row |= {"arch": arch, "dtype": str(dtype), "size": size, "steps": steps}
+                        row["setup_s"] = round(time.perf_counter() - t0, 1)
+                        part.append(row)
+                        print(
+                            f"  measured batch {batch} cl={channels_last} compile={compiled}",
+                            flush=True,
+                        )
+                    del pipe
+                    if device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+            plain = [r for r in part if r["batch"] == 1 and not r["channels_last"]]
+            base_row = ([r for r in plain if not r["compile"]] or part)[0]
+            for row in part:
+                row["direct_over_base"] = (
+                    row["direct_images_per_s"] / base_row["direct_images_per_s"]
+                )
+            table(part)
+            print(
+                f"{arch}, {dtype}: medians of {args.rounds} alternating rounds; base = direct, "
+                f"batch 1, channels_last={base_row['channels_last']}, "
+                f"compile={base_row['compile']}; device {name}"
+            )
+            rows += part
     if args.json:
-        meta = {"device": name, "dtype": str(dtype), "size": size, "steps": steps}
+        size, steps = first or (0, 0)
+        meta = {"device": name, "dtype": args.dtype, "size": size, "steps": steps}
         meta |= {"small": args.small, "torch": torch.__version__, "rounds": args.rounds}
+        meta["archs"] = archs
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -114,7 +115,20 @@ class FarmSettings(BaseSettings):
     """Workers put each model's UNet and VAE in channels_last memory format (`workers.models.optimize`)."""
 
     compile: bool = False
-    """Workers `torch.compile` each model's UNet (compiles on first use and on each new shape)."""
+    """Workers `torch.compile` each model's denoiser (UNet or transformer) and VAE decoder
+    (compiles on first use and on each new shape)."""
+
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    """The dtype workers load models in; auto: bf16 for SD3 and FLUX.1, fp16 for SD and SDXL
+    on CUDA, fp32 on CPU (`workers.models.precision`)."""
+
+    offload: Literal["none", "model", "sequential"] = "none"
+    """CPU offload for GPUs too small for a model: diffusers' `enable_model_cpu_offload`
+    (model) or `enable_sequential_cpu_offload` (sequential, CUDA only)."""
+
+    vae_tiling: bool = False
+    """Workers decode large images in tiles (`vae.enable_tiling()`): less memory above the
+    VAE's tile size, faint seams; nothing changes below it."""
 
     events: bool = True
     """Celery task events and worker heartbeats on, so Flower can list workers and tasks."""

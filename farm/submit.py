@@ -12,11 +12,12 @@ for the farm).
     >>> sub.store_inputs()                                     # inputs, content-addressed
     >>> sub.write(records)                                     # 3-6
 
-1. Prepare: a seed for a spec without one, every input resolved (`InputResolver`: checked,
-   given its content key, queued for upload), LoRA refs resolved (a render naming an
-   unfinished fine-tune waits for it), the model checked where this machine can see it (and
-   that it runs the job's kind: `farm.inputs.models.check_kind`), the batch signature and the
-   queue chosen.
+1. Prepare: the model checked where this machine can see it, and the spec resolved against it
+   (`farm.jobs.defaults.resolve`: its kind, family arguments, scheduler and sizes checked,
+   every left-out field at that model's own default), a seed for a spec without one, every
+   input resolved (`InputResolver`: checked, given its content key, queued for upload), LoRA
+   refs resolved (a render naming an unfinished fine-tune waits for it), the batch signature
+   and the queue chosen.
 2. Validate: everything the client can check is checked in step 1; the first problem is an
    `InvalidJob` naming the field, before anything is stored.
 3. Write: the records (`Tracker.create`: a record whose id exists is left alone; ids derive
@@ -38,11 +39,13 @@ from typing import Any, Protocol
 
 from farm.inputs import images
 from farm.inputs.loras import prepare_loras
-from farm.inputs.models import check_kind, check_resolvable, check_visible_model
+from farm.inputs.models import check_resolvable, check_visible_model, model_info
 from farm.inputs.resolver import InputResolver
+from farm.jobs.defaults import resolve
+from farm.jobs.families import ModelInfo
 from farm.jobs.masks import MaskGenerator
 from farm.jobs.signature import batch_signature
-from farm.jobs.specs import Inpaint, Style, Txt2Img, parse_spec
+from farm.jobs.specs import Inpaint, Style, Txt2Img, dump_spec, parse_spec
 from farm.jobs.state import JobState
 from farm.queue.app import enqueue
 from farm.queue.routing import Router
@@ -88,6 +91,7 @@ class Submission:
     def __init__(self, farm: Parts, inputs: InputResolver | None = None) -> None:
         self.farm = farm
         self.inputs = inputs or InputResolver(farm.store)
+        self._models: dict[str, ModelInfo | None] = {}
 
     # ------------------------------------------------------------------ 1-2
 
@@ -98,7 +102,17 @@ class Submission:
         """
         farm = self.farm
         farm.check_model(spec.model)
-        check_kind(spec.model, spec.kind, farm.settings.models_dir)
+        info = self.model_info(spec.model)
+        if spec.kind == "finetune":
+            if info is not None:
+                info.check_kind("finetune", spec.model)
+        else:
+            refiner = None
+            if spec.refiner is not None:
+                farm.check_model(spec.refiner.model)
+                refiner = self.model_info(spec.refiner.model)
+            if info is not None:  # else the worker resolves it against the loaded model
+                spec = resolve(spec, info, refiner)
         updates: dict[str, Any] = {}
         if spec.seed is None:
             updates["seed"] = secrets.randbits(32)
@@ -140,16 +154,23 @@ class Submission:
             "kind": spec.kind,
             "state": (JobState.WAITING if depends_on else JobState.QUEUED).value,
             "depends_on": depends_on or None,
-            "spec": spec.model_dump(mode="json", exclude_none=True),
+            "spec": dump_spec(spec),
             "priority": spec.priority,
             "created_at": repr(time.time()),
             "attempt": 0,
-            "signature": batch_signature(spec, image.size if image is not None else None),
+            "signature": batch_signature(spec, image.size if image is not None else None, info),
             "queue": farm.router.queue_for(spec),
             # The HTTP API submits through a farm view that names the caller's tenant
             # (`farm.api.farms`); the SDK and the CLI write none (the `default` tenant).
             "tenant": getattr(farm, "tenant", None),
         }
+
+    def model_info(self, ref: str) -> ModelInfo | None:
+        """What this machine can tell of model `ref` (`farm.inputs.models.model_info`), once
+        per submission."""
+        if ref not in self._models:
+            self._models[ref] = model_info(ref, self.farm.settings.models_dir)
+        return self._models[ref]
 
     # ------------------------------------------------------------------ 3-6
 

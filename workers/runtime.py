@@ -44,23 +44,24 @@ class Runtime:
     ) -> None:
         from workers.models.device import pin_device
         from workers.models.pipelines import PipelineCache
+        from workers.models.precision import check_offload
 
         self.settings = settings
         self.device = pin_device(device, threads)
+        check_offload(settings.offload, self.device)  # before anything connects
         self.name = name or f"{device}@{socket.gethostname()}"
         self.tracker = Tracker.from_settings(settings)
         self.cancels = CancelListener(self.tracker)
         self.cancels.start()
         self.store = open_store(settings)
-        import torch
-
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.cache = PipelineCache(
             str(self.device),
-            dtype,
+            settings.dtype,  # FARM_DTYPE: auto picks per family and device at each load
             max_models=2,
             models_dir=settings.models_dir,
             max_gb=settings.model_cache_gb,
+            offload=settings.offload,
+            vae_tiling=settings.vae_tiling,
         )
         from workers.models.optimize import from_settings
 

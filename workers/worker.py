@@ -22,7 +22,7 @@ from typing import Any
 from farm.errors import InvalidJob, TransientError
 from farm.inputs import images
 from farm.jobs import masks
-from farm.jobs.specs import Img2Img, Inpaint, Style, parse_spec
+from farm.jobs.specs import Img2Img, Inpaint, Style, dump_spec, parse_spec
 from farm.jobs.state import JobState
 from farm.keys import job_prefix, mask_key, meta_key, output_key
 from farm.queue.app import RUN_TASK
@@ -134,8 +134,10 @@ def _run_held(rt: Runtime, held: list[Held]) -> dict[str, Outcome]:
 
 
 def _stored(meta: dict[str, Any]) -> dict[str, Any]:
-    """The record's fields of a render whose earlier attempt stored everything."""
-    return {"outputs": meta["outputs"], "mask": meta.get("mask") or ""}
+    """The record's fields of a render whose earlier attempt stored everything (the spec as
+    it rendered with, too)."""
+    fields = {"outputs": meta["outputs"], "mask": meta.get("mask") or ""}
+    return fields | ({"spec": meta["spec"]} if isinstance(meta.get("spec"), dict) else {})
 
 
 def _run_micro_batch(
@@ -217,6 +219,10 @@ def _render_and_store(
     loads = rt.cache.loads
     ip_adapter = load_for(rt.cache, lead) if lead.kind == "style" else None
     pipe = ip_adapter.pipe if ip_adapter else rt.cache.get(lead.model, lead.kind)
+    refiner = None  # an SDXL refiner's pipeline, for jobs that name one (a second warm model)
+    if getattr(lead, "refiner", None) is not None:
+        second = "inpaint" if lead.kind == "inpaint" else "img2img"
+        refiner = rt.cache.get(lead.refiner.model, second)
     with rt.adapters.applied(pipe, lead.loras):
         t_load = time.perf_counter()
         if rt.cache.loads > loads:
@@ -247,6 +253,8 @@ def _render_and_store(
             ip_adapter=ip_adapter,
             ip_adapter_image=jobs[0].style_image,
             on_preview=on_preview,
+            info=rt.cache.info(lead.model),
+            refiner=refiner,
         )
     t_render = time.perf_counter()
     rt.metrics.rendered(lead.kind, len(jobs), t_render - t_load)
@@ -287,12 +295,15 @@ def _render_and_store(
     metas = {key: objects.pop(key) for key in [meta_key(job.id) for job, _ in done]}
     rt.store.put_many(objects)
     rt.store.put_many(metas)
-    # 7. Each job succeeded, if its own attempt is still the current one.
+    # 7. Each job succeeded, if its own attempt is still the current one; its record keeps the
+    #    spec as rendered (the model's defaults it took written in).
     for job, result in done:
+        resolved = rendered_spec(job, result)
         outcomes[job.id] = end(
             rt,
             job,
             JobState.SUCCEEDED,
+            **({"spec": resolved} if resolved != job.record.spec else {}),
             outputs=[rt.store.uri(output_key(job.id, i)) for i in range(len(result.images))],
             mask=rt.store.uri(mask_key(job.id)) if result.mask_used is not None else "",
             meta=rt.store.uri(meta_key(job.id)),
@@ -313,7 +324,7 @@ def job_objects(
     meta = {
         "job_id": job_id,
         "kind": spec.kind,
-        "spec": job.record.spec,
+        "spec": rendered_spec(job, result),
         "seed": spec.seed,
         "model": spec.model,
         "height": result.height,
@@ -330,6 +341,11 @@ def job_objects(
     }
     objects[meta_key(job_id)] = json.dumps(meta, indent=2).encode()
     return objects
+
+
+def rendered_spec(job: Held, result: Any) -> dict[str, Any]:
+    """The job's spec as rendered (resolved against its model), as its record holds a spec."""
+    return dump_spec(result.spec) if getattr(result, "spec", None) is not None else job.record.spec
 
 
 def register(rt: Runtime) -> None:
@@ -377,7 +393,7 @@ def _serve(
     rt: Runtime, settings: FarmSettings, queues: list[str] | None, preload: list[str], loglevel: str
 ) -> None:
     for ref in preload:
-        rt.cache.get(ref, "inpaint" if "inpaint" in ref else "txt2img")
+        rt.cache.info(ref)  # loaded (any family, any kind it runs), its pipelines on demand
     for seconds in rt.cache.load_seconds.values():
         rt.metrics.loaded(seconds)
     if settings.metrics_port:

@@ -6,6 +6,9 @@ diffusers' is long (`--steps` → `num_inference_steps`, `farm.jobs.specs.SHORT_
 diffusers name is accepted too (`--num-inference-steps`), so whoever knows diffusers knows the
 flags. `--mask` fills `mask_image`. A flag of another kind (`farm submit txt2img --image`) is
 refused by name (`check_kind_flags`), not with pydantic's "Extra inputs are not permitted".
+Family arguments are flags of their diffusers names too (`--prompt-2`, `--original-size
+1024,1024`, `--true-cfg-scale 4`), refused at submit on a model whose pipeline does not take
+them; `--refiner REF` with `--denoising-end F` is SDXL's base → refiner render.
 """
 
 from __future__ import annotations
@@ -16,7 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from farm.errors import InvalidJob
-from farm.jobs.specs import RENDER_KINDS, SCHEDULERS, SHORT_NAMES, SPECS
+from farm.jobs.families import FAMILY_ARGS, SCHEDULER_NAMES
+from farm.jobs.specs import RENDER_KINDS, SHORT_NAMES, SPECS
+
+
+def pair(text: str) -> tuple[int, int] | str:
+    """`H,W` (diffusers' order for SDXL's sizes and crop corner) as a pair of integers;
+    anything else as it is, for the spec to refuse in one line naming the field."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        return text
+    return int(parts[0]), int(parts[1])
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,10 @@ RENDER_FLAGS = {
         Flag("steps", int, help="denoising steps"),
         Flag("guidance_scale", float),
         Flag("strength", float, help="img2img and inpaint: how much of the input is repainted"),
-        Flag("scheduler", help=", ".join(SCHEDULERS)),
+        Flag(
+            "scheduler",
+            help=", ".join(SCHEDULER_NAMES) + " (which fit depends on the model's family)",
+        ),
         Flag("width", int),
         Flag("height", int),
         Flag("num_images", int, help="images per job"),
@@ -68,6 +84,20 @@ RENDER_FLAGS = {
             help="inpaint: pixels outside the mask come back exactly as in the source "
             "(`farm submit`: off, as diffusers; `farm batch submit`: on, so labels stay valid)",
         ),
+        Flag("prompt_2", help="SDXL, SD3, FLUX.1: the second text encoder's prompt"),
+        Flag("negative_prompt_2", help="SDXL, SD3, FLUX.1"),
+        Flag("prompt_3", help="SD3: the T5 encoder's prompt"),
+        Flag("negative_prompt_3", help="SD3"),
+        Flag("original_size", pair, help="SDXL micro-conditioning: HEIGHT,WIDTH"),
+        Flag("target_size", pair, help="SDXL micro-conditioning: HEIGHT,WIDTH"),
+        Flag("crops_coords_top_left", pair, help="SDXL micro-conditioning: TOP,LEFT"),
+        Flag("aesthetic_score", float, help="SDXL img2img and inpaint (default 6.0)"),
+        Flag("negative_aesthetic_score", float, help="SDXL img2img and inpaint (default 2.5)"),
+        Flag("true_cfg_scale", float, help="FLUX.1: true CFG with a negative prompt above 1"),
+        Flag("max_sequence_length", int, help="SD3 (256), FLUX.1 (512): T5 tokens"),
+        Flag("denoising_start", float, help="SDXL img2img and inpaint"),
+        Flag("denoising_end", float, help="SDXL: the fraction of steps the base runs"),
+        Flag("refiner", help="SDXL: a refiner model, from denoising_end on"),
     ]
 }
 """Every render flag, by name."""
@@ -88,6 +118,8 @@ BATCH_FLAGS = (
     "num_images",
     "priority",
     "preserve_unmasked",
+    *FAMILY_ARGS,
+    "refiner",
 )
 """`farm batch submit`'s flags that set the defaults every row gets (rows override them)."""
 

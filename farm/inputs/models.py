@@ -16,16 +16,22 @@ refused too, when this machine has a cache at all (`check_resolvable`): a submit
 the workers' cache learns of a typo before a thousand jobs queue behind it. A submit-only box
 with a cache of its own turns that off (`FARM_MODEL_CHECK=0`); then the first worker that
 cannot resolve the ref fails the job with the same reason (never a retry, never a stuck queue).
+
+What a model is (`model_info`, `family_of`: its family, the kinds it runs, its default size) is
+read from what the submitter can see too: a built-in's row of `farm.jobs.families.BUILTIN_INFO`,
+a folder's (or cached snapshot's) `model_index.json` and denoiser and VAE configs, a single-file
+checkpoint's `.config/` folder or, failing that, its safetensors header. None where it cannot
+tell: then the worker resolves the job against the pipeline it loads.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
 
 from farm.errors import InvalidJob
+from farm.jobs.families import BUILTIN_INFO, FAMILIES, ModelInfo, info_from_configs
 from farm.jobs.refs import BUILTIN_MODELS, is_repo_id
 
 _PICKLE = {".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"}
@@ -135,72 +141,113 @@ def check_visible_model(ref: str, models_dir: Path | None = None, check: bool = 
             )
 
 
-INPAINT_ONLY_BUILTINS = {
-    "tiny-inpaint": "a 9-channel UNet",
-    "tiny-sdxl-inpaint": "a 9-channel UNet",
-    "tiny-flux-fill": "FLUX.1 Fill",
-}
-"""Built-ins that run inpaint jobs only, and why (for the message)."""
-
-_ORIGINAL_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
-"""A single-file (original layout) Stable Diffusion checkpoint's first UNet conv: its input
-channels are 9 for an inpainting model."""
+# --------------------------------------------------------------------------- what a model is
 
 
-def check_kind(ref: str, kind: str, models_dir: Path | None = None) -> None:
-    """Refuse a job whose model, as this machine sees it, cannot run its kind: an inpainting
-    model (`inpainting_model`) asked for anything but inpaint. Models the client cannot see
-    pass; the first worker refuses them as `InvalidJob`."""
-    if kind == "inpaint":
-        return
-    why = inpainting_model(ref, models_dir)
-    if why is not None:
-        raise InvalidJob(
-            f"model: {ref!r} is an inpainting model ({why}): it runs inpaint jobs only, not "
-            f"{kind}; give the job an image and a mask (inpaint), or use "
-            f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} model such as 'tiny'",
-            field="model",
-        )
+def family_of(ref: str, models_dir: Path | None = None) -> str | None:
+    """The family (`sd`, `sdxl`, `sd3`, `flux`) of a model this machine can see, or None."""
+    info = model_info(ref, models_dir)
+    return info.family if info is not None else None
 
 
-@functools.lru_cache(maxsize=256)
-def inpainting_model(ref: str, models_dir: Path | None = None) -> str | None:
-    """Why `ref` is an inpaint-only model (`a 9-channel UNet`), or None when it is not, or
-    this machine cannot tell. Read once per ref and process."""
-    if ref in INPAINT_ONLY_BUILTINS:
-        return INPAINT_ONLY_BUILTINS[ref]
-    try:
-        path = visible_model(ref, models_dir)
-    except InvalidJob:
-        return None  # refused elsewhere, with its own reason
+def model_info(ref: str, models_dir: Path | None = None) -> ModelInfo | None:
+    """What the model `ref` is, read from what this machine can see; None where it cannot tell
+    (a path or repo only the workers see, a pipeline of no family the farm knows)."""
+    ref = ref.strip()
+    if ref in BUILTIN_INFO:
+        return BUILTIN_INFO[ref]
+    path = visible_model(ref, models_dir)
     if path is None:
         return None
-    if path.is_file():
-        return "a 9-channel UNet" if _single_file_in_channels(path) == 9 else None
-    try:
-        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-        name = str(index.get("_class_name", ""))
-    except (OSError, ValueError):
-        return None
-    if "Inpaint" in name or "Fill" in name:
-        return name
-    try:
-        unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return "a 9-channel UNet" if unet.get("in_channels") == 9 else None
+    if path.is_dir():
+        return folder_info(path)
+    beside = path.with_suffix(".config")  # where the workers look first, too
+    if (beside / "model_index.json").is_file():
+        return folder_info(beside)
+    return single_file_info(path)
 
 
-def _single_file_in_channels(path: Path) -> int | None:
-    """The UNet's input channels from a single-file checkpoint's safetensors header (the
-    JSON before the tensors: no torch, no weights read)."""
+def folder_info(folder: Path) -> ModelInfo | None:
+    """A diffusers folder's `ModelInfo`, from `model_index.json` and its components' configs."""
+    index = _json(folder / "model_index.json")
+    if index is None:
+        return None
+    class_name = index.get("_class_name")
+    info = info_from_configs(class_name if isinstance(class_name, str) else None)
+    if info is None:
+        return None
+    first_encoder = index.get("text_encoder")  # [null, null] in the SDXL refiner's
+    return info_from_configs(
+        info.pipeline,
+        _json(folder / info.traits.denoiser / "config.json"),
+        _json(folder / "vae" / "config.json"),
+        text_encoder=not (isinstance(first_encoder, list) and first_encoder[:1] == [None]),
+    )
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+_SINGLE_FILE_KEYS = (
+    # (family, a key only its original-layout checkpoints hold), most specific first; from
+    # diffusers' `single_file_utils.CHECKPOINT_KEY_NAMES`.
+    ("flux", "double_blocks.0.img_attn.norm.key_norm.scale"),
+    ("sd3", "joint_blocks.0.context_block.adaLN_modulation.1.bias"),
+    ("sdxl", "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"),
+    ("sdxl", "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias"),
+    ("sd", "model.diffusion_model.input_blocks.0.0.weight"),
+)
+_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def single_file_info(path: Path) -> ModelInfo | None:
+    """A single-file checkpoint's family and input channels, from its safetensors header."""
+    header = safetensors_header(path)
+    if header is None:
+        return None
+    names = set(header)
+    found = [f for f, key in _SINGLE_FILE_KEYS if {key, f"model.diffusion_model.{key}"} & names]
+    if not found:
+        return None
+    family = found[0]
+    row = FAMILIES[family]
+    conv_in = header.get(_CONV_IN, {}).get("shape") or [None, None]
+    in_channels = conv_in[1] if family in ("sd", "sdxl") else None
+    refiner = family == "sdxl" and not any(k.startswith("conditioner.embedders.1") for k in names)
+    img_in = header.get("img_in.weight") or header.get("model.diffusion_model.img_in.weight") or {}
+    fill = family == "flux" and (img_in.get("shape") or [0, 0])[1] == 384
+    kind = "inpaint" if in_channels == 9 or fill else ("img2img" if refiner else "txt2img")
+    pipeline = "FluxFillPipeline" if fill else row.auto[kind]
+    return ModelInfo(family, pipeline, in_channels, text_encoder=not refiner)
+
+
+def safetensors_header(path: Path) -> dict | None:
+    """A safetensors file's JSON header (tensor name → dtype, shape, offsets), read without
+    torch and without reading its tensors; None if it is not one."""
     try:
         with path.open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
-            if not 2 <= size <= 100 << 20:
+            if not 2 <= size <= 100_000_000:
                 return None
             header = json.loads(f.read(size))
-        shape = header.get(_ORIGINAL_CONV_IN, {}).get("shape")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         return None
-    return int(shape[1]) if isinstance(shape, list) and len(shape) == 4 else None
+    return header if isinstance(header, dict) else None
+
+
+def check_kind(ref: str, kind: str, models_dir: Path | None = None) -> None:
+    """Refuse a job whose model, as this machine sees it, cannot run its kind (a 9-channel or
+    Fill inpainting model asked for txt2img, a family without style or fine-tunes), by the one
+    rule `ModelInfo.check_kind`. Models the client cannot see pass; the first worker refuses
+    them as `InvalidJob`."""
+    try:
+        info = model_info(ref, models_dir)
+    except InvalidJob:
+        return  # refused elsewhere, with its own reason
+    if info is not None:
+        info.check_kind(kind, ref)

@@ -27,38 +27,20 @@ from pydantic import (
 )
 
 from farm.errors import InvalidJob
+from farm.jobs.families import KARRAS_SCHEDULERS, SCHEDULER_NAMES
 from farm.jobs.masks import MaskGenerator, generator_from
 from farm.jobs.refs import check_adapter_ref, check_ip_adapter_ref, check_model_ref
 
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
+    name: (choice.class_name, dict(choice.config)) for name, choice in KARRAS_SCHEDULERS.items()
 }
-"""Scheduler name → (diffusers class name, extra config). Built from the model's own config."""
+"""Stable Diffusion's (and SDXL's) schedulers: name → (diffusers class name, extra config), built
+from the model's own config. Each family has its own table (`farm.jobs.families`): on SD3 and
+FLUX.1 the same names mean their flow-matching counterparts."""
 
-_SCHEDULER_CLASSES = {cls.lower(): name for name, (cls, extra) in reversed(SCHEDULERS.items())}
-"""A diffusers class name, lower-cased → the farm's name for it (its plain form)."""
-
-
-def scheduler_name(value: str) -> str:
-    """The farm's scheduler name for `value`: any case (`DDIM`), or diffusers' class name
-    (`EulerAncestralDiscreteScheduler`); `ValueError` with the closest name otherwise."""
-    key = value.strip().lower().replace("-", "_")
-    if key in SCHEDULERS:
-        return key
-    if key in _SCHEDULER_CLASSES:
-        return _SCHEDULER_CLASSES[key]
-    close = difflib.get_close_matches(key, list(SCHEDULERS), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown scheduler {value!r}{hint} (choose one of {', '.join(SCHEDULERS)})")
+DEFAULTED = ("num_inference_steps", "guidance_scale", "strength")
+"""Fields that take the model's own pipeline default when left out (`left_out`). Until the job is
+resolved against its model (`farm.jobs.defaults.resolve`) they read as Stable Diffusion 1.5's."""
 
 
 def _image_input(value: Any) -> Any:
@@ -95,6 +77,28 @@ def check_webhook(value: str | None) -> str | None:
 
 ImageInput = Annotated[Any, Field(description="path, s3:// URI, bytes or PIL image")]
 Size = Annotated[int | None, Field(default=None, ge=8, le=4096)]
+Pair = tuple[Annotated[int, Field(ge=0, le=16384)], Annotated[int, Field(ge=0, le=16384)]]
+Fraction = Annotated[float | None, Field(default=None, gt=0.0, lt=1.0, allow_inf_nan=False)]
+Score = Annotated[float | None, Field(default=None, ge=0.0, le=10.0, allow_inf_nan=False)]
+Prompt = Annotated[str | None, Field(default=None, max_length=10_000)]
+
+
+def known_scheduler(value: str) -> str:
+    """A scheduler name some family knows: a farm name or a diffusers class name, any case
+    (`DDIM`, `dpmpp-2m`, `EulerAncestralDiscreteScheduler`), lower-cased; `ValueError` with the
+    closest name otherwise. Which ones fit a model is checked against its family at resolve
+    (`farm.jobs.defaults.scheduler_name`)."""
+    name = value.strip().lower().replace("-", "_")
+    classes = {c.class_name.lower() for c in KARRAS_SCHEDULERS.values()}
+    classes |= {"flowmatcheulerdiscretescheduler", "flowmatchheundiscretescheduler"}
+    if name in SCHEDULER_NAMES or name in classes:
+        return name
+    close = difflib.get_close_matches(name, list(SCHEDULER_NAMES), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"unknown scheduler {value!r}{hint} (choose one of {', '.join(SCHEDULER_NAMES)}, or a "
+        "diffusers scheduler class name)"
+    )
 
 
 class LoraRef(BaseModel):
@@ -111,8 +115,34 @@ class LoraRef(BaseModel):
         return check_adapter_ref(v)
 
 
+class Refiner(BaseModel):
+    """The second stage of an SDXL base → refiner render (diffusers' "ensemble of expert
+    denoisers"): the base denoises until the job's `denoising_end` and hands its latents to
+    this model's img2img (or inpaint) pipeline, which denoises from `denoising_start`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    denoising_start: Fraction = None
+    """None: the job's `denoising_end`, as diffusers' docs pair them."""
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=100.0, allow_inf_nan=False)
+    """None: the refiner pipeline's own default."""
+    aesthetic_score: Score = None
+    negative_aesthetic_score: Score = None
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return check_model_ref(v)
+
+
 class _RenderSpec(BaseModel):
-    """Fields every render job has, named and defaulted as diffusers does."""
+    """Fields every render job has, named and defaulted as diffusers does.
+
+    A field left out takes the model's own pipeline default (`DEFAULTED`, `height`/`width`,
+    the family arguments): the spec remembers which were left out (`left_out`), and
+    `farm.jobs.defaults.resolve` fills them in once the model's family is known.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -136,6 +166,37 @@ class _RenderSpec(BaseModel):
     pixels are the same either way."""
     webhook: str | None = Field(default=None, max_length=2048)
     """POSTed the job's record when it ends, signed (`X-Farm-Signature`), at least once."""
+    # Family arguments (`farm.jobs.families.FAMILY_ARGS`), diffusers' names; refused on a
+    # pipeline that does not take them.
+    prompt_2: Prompt = None
+    """SDXL, SD3, FLUX.1: the prompt for the second text encoder (None: `prompt`)."""
+    negative_prompt_2: Prompt = None
+    prompt_3: Prompt = None
+    """SD3: the prompt for the T5 encoder (None: `prompt`)."""
+    negative_prompt_3: Prompt = None
+    original_size: Pair | None = None
+    """SDXL micro-conditioning, (height, width); None: the working size."""
+    target_size: Pair | None = None
+    crops_coords_top_left: Pair | None = None
+    aesthetic_score: Score = None
+    """SDXL img2img and inpaint (refiner-style models)."""
+    negative_aesthetic_score: Score = None
+    true_cfg_scale: float | None = Field(default=None, ge=0.0, le=100.0, allow_inf_nan=False)
+    """FLUX.1: real classifier-free guidance with `negative_prompt` when above 1."""
+    max_sequence_length: int | None = Field(default=None, ge=1, le=512)
+    """SD3, FLUX.1: T5 tokens the prompt is cut to."""
+    denoising_start: Fraction = None
+    """SDXL img2img and inpaint: start denoising this far in (skips `strength`)."""
+    denoising_end: Fraction = None
+    """SDXL: stop this far in; with `refiner`, the refiner takes over from there."""
+    refiner: Refiner | None = None
+    """SDXL: a refiner model ref (or `Refiner`) for a two-stage render in one job."""
+
+    @field_validator("refiner", mode="before")
+    @classmethod
+    def _refiner(cls, v: Any) -> Any:
+        """A bare model ref is that refiner with its defaults."""
+        return {"model": v} if isinstance(v, str) else v
 
     @field_validator("model")
     @classmethod
@@ -158,7 +219,7 @@ class _RenderSpec(BaseModel):
     @field_validator("scheduler")
     @classmethod
     def _scheduler(cls, v: str | None) -> str | None:
-        return None if v is None else scheduler_name(v)
+        return None if v is None else known_scheduler(v)
 
     @field_validator("height", "width")
     @classmethod
@@ -167,7 +228,7 @@ class _RenderSpec(BaseModel):
 
 
 class Txt2Img(_RenderSpec):
-    """Text to image (diffusers' `StableDiffusionPipeline`)."""
+    """Text to image (diffusers' `StableDiffusionPipeline`, or its family's)."""
 
     kind: Literal["txt2img"] = "txt2img"
 
@@ -180,7 +241,7 @@ class Txt2Img(_RenderSpec):
 
 
 class Img2Img(_RenderSpec):
-    """Image to image (diffusers' `StableDiffusionImg2ImgPipeline`)."""
+    """Image to image (diffusers' `StableDiffusionImg2ImgPipeline`, or its family's)."""
 
     kind: Literal["img2img"] = "img2img"
     image: ImageInput
@@ -190,7 +251,8 @@ class Img2Img(_RenderSpec):
 
 
 class Inpaint(_RenderSpec):
-    """Inpainting (diffusers' `StableDiffusionInpaintPipeline`): white mask pixels are repainted."""
+    """Inpainting (diffusers' `StableDiffusionInpaintPipeline`, or its family's; FLUX.1 Fill's
+    own): white mask pixels are repainted."""
 
     kind: Literal["inpaint"] = "inpaint"
     image: ImageInput
@@ -382,10 +444,22 @@ def describe_validation_error(err: ValidationError) -> tuple[str, str]:
     return field, f"{field}: {msg}{shown}"
 
 
+def left_out(spec: BaseModel) -> set[str]:
+    """The `DEFAULTED` fields the user left out: they take the model's own defaults."""
+    fields = type(spec).model_fields
+    return {f for f in DEFAULTED if f in fields and f not in spec.model_fields_set}
+
+
+def dump_spec(spec: BaseModel) -> dict[str, Any]:
+    """The spec as its record holds it (JSON): fields left out stay out, so whoever reads it
+    back still knows they take the model's defaults."""
+    return spec.model_dump(mode="json", exclude_none=True, exclude=left_out(spec))
+
+
 def parse_spec(data: Any) -> Txt2Img | Img2Img | Inpaint | Style | Finetune:
     """A spec from a dict (or a spec), or `InvalidJob` naming the field and the value."""
     if isinstance(data, BaseModel):
-        data = data.model_dump(exclude_unset=False)
+        data = data.model_dump(exclude_unset=False, exclude=left_out(data))
     try:
         return _SPEC_ADAPTER.validate_python(data)
     except ValidationError as e:

@@ -94,7 +94,7 @@ INPUT_ERRORS = {
     ),
     "model kind": (
         ["txt2img", "--model", "tiny-inpaint"],
-        "model: 'tiny-inpaint' is an inpainting model (a 9-channel UNet): it runs inpaint jobs "
+        "model: 'tiny-inpaint' is an inpainting model (9-channel UNet): it runs inpaint jobs "
         "only, not txt2img",
     ),
     "finetune flag": (["txt2img", "--rank", "4"], "--rank: only for `farm submit finetune`"),

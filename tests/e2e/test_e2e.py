@@ -237,27 +237,19 @@ def test_cli_prints_job_id_and_wait_follows(farm_settings):
 
 
 def test_failed_job_exits_nonzero(farm_settings, tmp_path):
-    # A model no worker has, from a submitter that cannot check it (FARM_MODEL_CHECK=0): the
-    # worker fails the job with the reason. (A mismatch the client can see, txt2img on the
-    # 9-channel tiny-inpaint, is refused at submit: tests/cli/test_invalid_input.py.)
-    res = run_cli(
-        farm_settings,
-        "submit",
-        "txt2img",
-        "--model",
-        "nobody/missing",
-        "--prompt",
-        "x",
-        "--steps",
-        STEPS,
-        "--wait",
-        "--json",
-        FARM_MODEL_CHECK="0",
-    )
+    # A model path only a worker could see, and it cannot: the worker fails the job with the
+    # reason, recorded as a failure a retry cannot cure. (A 9-channel inpainting model asked
+    # for txt2img used to fail here too; the client knows the built-in, so that is refused at
+    # submit now: exit 2, nothing written.)
+    args = ["submit", "txt2img", "--prompt", "x", "--steps", STEPS, "--wait", "--json"]
+    res = run_cli(farm_settings, *args, "--model", "./no-such-model")
     assert res.returncode == 1
     rec = json.loads(res.stdout)
-    assert rec["state"] == "failed" and "nobody/missing" in rec["error"]
+    assert rec["state"] == "failed" and "no-such-model" in rec["error"]
     assert rec["failure"] == "invalid"
+
+    refused = run_cli(farm_settings, *args, "--model", "tiny-inpaint")
+    assert refused.returncode == 2 and "9-channel UNet" in refused.stderr
 
 
 def test_cancel_running_job_within_steps(farm, inputs):

@@ -1,6 +1,7 @@
 """Fixtures for the heavy side: tiny models exported once, inputs, a fresh pipeline cache.
 
 tiny_folders   {"tiny": Path, "tiny-inpaint": Path}: diffusers folders written by `export_tiny`
+family_folders {"tiny-sdxl": Path, …}: the SDXL, SD3 and FLUX.1 built-ins as diffusers folders
 photo          a 64×64 RGB test image (a smooth gradient with a disc)
 mask           a 64×64 L mask: a white square to repaint
 cache          a fresh CPU `PipelineCache`
@@ -24,6 +25,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from workers.builtin.families import FAMILY_MODELS, export_family_tiny
 from workers.builtin.tiny import TINY_MODELS, export_tiny
 from workers.models.pipelines import PipelineCache
 
@@ -44,6 +46,12 @@ def one_torch_thread():
 def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
     return {name: export_tiny(name, root / name) for name in TINY_MODELS}
+
+
+@pytest.fixture(scope="session")
+def family_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("family-models")
+    return {name: export_family_tiny(name, root / name) for name in FAMILY_MODELS}
 
 
 @pytest.fixture(autouse=True)

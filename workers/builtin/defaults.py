@@ -7,7 +7,8 @@ which family-only arguments it takes (SDXL's second prompt and micro-conditionin
 third prompt, FLUX.1's `true_cfg_scale`…), whether img2img takes a size at all, and which
 schedulers can replace the family's own. Rather than copy those by hand, `family_defaults()`
 reads them with `inspect.signature` here, on the heavy side; its output is what the light
-table is written from, and a test can compare the two when diffusers is upgraded.
+table (`farm.jobs.families`) is written from, and tests/workers/models/test_families.py checks
+that table against diffusers itself whenever diffusers is upgraded.
 
     $ python -m workers.builtin.defaults       # prints the table
 """
@@ -25,6 +26,8 @@ from diffusers.pipelines.auto_pipeline import (
     AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
 )
 
+from farm.jobs.families import FAMILY_ARGS
+
 FAMILIES: dict[str, tuple[str, str]] = {
     "sd15": ("stable-diffusion", "tiny"),
     "sdxl": ("stable-diffusion-xl", "tiny-sdxl"),
@@ -39,21 +42,7 @@ KINDS = {
     "inpaint": AUTO_INPAINT_PIPELINES_MAPPING,
 }
 COMMON = ("num_inference_steps", "guidance_scale", "strength")
-FAMILY_ONLY = (
-    "prompt_2",
-    "negative_prompt_2",
-    "prompt_3",
-    "negative_prompt_3",
-    "original_size",
-    "target_size",
-    "crops_coords_top_left",
-    "aesthetic_score",
-    "negative_aesthetic_score",
-    "true_cfg_scale",
-    "max_sequence_length",
-    "denoising_start",
-    "denoising_end",
-)
+FAMILY_ONLY = FAMILY_ARGS
 EXTRA_PIPELINES = {("flux", "inpaint-fill"): "FluxFillPipeline"}
 """Pipelines a family's dedicated models use that no AutoPipeline maps to (FLUX.1-Fill-dev)."""
 

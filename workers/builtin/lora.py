@@ -6,7 +6,8 @@ own `save_lora_weights`, in the layout diffusers' training script for that famil
 (train_dreambooth_lora_sdxl converts peft's keys to diffusers' `lora.down/up` names; the SD3 and
 FLUX.1 scripts save peft's `lora_A/lora_B` as they are). diffusers' `load_lora_weights` then
 reads it as it reads any trained adapter. The up-projections (`lora_B`) are drawn from a seeded
-generator: peft's initialisation zeroes them, and an adapter that does nothing proves nothing.
+generator: peft's initialisation zeroes them, and an adapter that does nothing proves nothing;
+the down-projections peft draws are seeded too, so the same seed writes the same adapter.
 
     >>> path = save_family_lora("out/style.safetensors", "tiny-flux", seed=1)
     >>> pipe.load_lora_weights("out", weight_name="style.safetensors", adapter_name="style")
@@ -68,7 +69,9 @@ def family_lora_layers(
         # peft itself rather than `add_adapter` (transformers' wants a newer peft than
         # diffusers does); the adapter is the same either way.
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets))
-        inject_adapter_in_model(config, module)
+        with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global RNG
+            torch.manual_seed(seed)
+            inject_adapter_in_model(config, module)
         with torch.no_grad():
             for param_name, param in sorted(module.named_parameters()):
                 if "lora_B" in param_name:

@@ -2,7 +2,11 @@
 
 A ref is resolved once into a `ModelSource` (where the weights are), then loaded once into a
 pipeline that stays warm in a `PipelineCache`. txt2img, img2img and inpaint share one set of
-weights (diffusers' `from_pipe`), so a model costs one load whatever kind of job asks for it.
+weights (diffusers' `from_pipe`), so a model costs one load whatever kind of job asks for it;
+the pipeline each kind runs is the one its family's table names (`farm.jobs.families`: what
+diffusers' AutoPipelines pick, or a dedicated model's own class, such as FLUX.1 Fill's).
+Each model loads in the dtype the worker's `FARM_DTYPE` gives its family, and is placed on the
+device whole or offloaded (`workers.models.precision`).
 
     >>> cache = PipelineCache(device="cpu", max_models=2)
     >>> pipe = cache.get("tiny", "img2img")         # loads `tiny` once
@@ -38,26 +42,19 @@ from typing import Any, Literal
 
 import diffusers
 import torch
-from diffusers import (
-    AutoPipelineForImage2Image,
-    AutoPipelineForInpainting,
-    AutoPipelineForText2Image,
-    DiffusionPipeline,
-)
+from diffusers import DiffusionPipeline
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 
 from farm.errors import InvalidJob, TransientError
 from farm.inputs.hub import PULL_PATTERNS
-from farm.inputs.models import local_path
+from farm.inputs.models import folder_info, local_path
+from farm.jobs.families import BUILTIN_INFO, ModelInfo
 from farm.jobs.refs import BUILTIN_MODELS, check_model_ref, is_repo_id
 from workers.builtin.families import build_builtin
+from workers.models.families import derive, info_of
+from workers.models.precision import choose_dtype, place
 
 KINDS = ("txt2img", "img2img", "inpaint")
-_AUTO_PIPELINES = {
-    "txt2img": AutoPipelineForText2Image,
-    "img2img": AutoPipelineForImage2Image,
-    "inpaint": AutoPipelineForInpainting,
-}
 _COMPONENT_LIBRARIES = ("diffusers", "transformers")
 _CONFIG_SUFFIX = ".config"
 
@@ -226,6 +223,7 @@ class _Entry:
     base: DiffusionPipeline
     scheduler: Any  # the model's own scheduler, put back before each job
     nbytes: int
+    info: ModelInfo
     pipes: dict[str, DiffusionPipeline] = field(default_factory=dict)
 
 
@@ -235,21 +233,27 @@ class PipelineCache:
     `max_gb` (0: no limit) also evicts the least recently used models while the weights held
     add up to more than that many GB; the newest model always stays. `loads` and
     `load_seconds` (ref → seconds of its latest load) are there for tests and metrics.
+    `dtype` is a torch dtype, or a `FARM_DTYPE` setting (`auto`: per family and device);
+    `offload` and `vae_tiling` are `FARM_OFFLOAD` and `FARM_VAE_TILING`.
     """
 
     def __init__(
         self,
         device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         max_models: int = 2,
         *,
         models_dir: Path | None = None,
         max_gb: float = 0.0,
+        offload: str = "none",
+        vae_tiling: bool = False,
     ) -> None:
         if max_models < 1:
             raise ValueError(f"max_models must be at least 1, got {max_models}")
         self.device = torch.device(device)
         self.dtype = dtype
+        self.offload = offload
+        self.vae_tiling = vae_tiling
         self.max_models = max_models
         self.models_dir = Path(models_dir) if models_dir is not None else None
         self.max_gb = max_gb
@@ -277,13 +281,21 @@ class PipelineCache:
             if entry is None:
                 entry = self._load(ref, source)
             self._entries.move_to_end(source)
-            _check_kind(entry, kind)
+            entry.info.check_kind(kind, ref)
             pipe = entry.pipes.get(kind)
             if pipe is None:
                 pipe = entry.pipes[kind] = self._derive(entry, kind)
             if pipe.scheduler is not entry.scheduler:  # a job's scheduler never outlives it
                 pipe.scheduler = entry.scheduler
             return pipe
+
+    def info(self, ref: str) -> ModelInfo:
+        """What model `ref` is (`farm.jobs.families.ModelInfo`), read from its loaded pipeline
+        (loading it if it is not warm)."""
+        source = resolve_model(ref, self.models_dir)
+        with self._lock:
+            entry = self._entries.get(source) or self._load(ref, source)
+            return entry.info
 
     def clear(self) -> None:
         with self._lock:
@@ -294,8 +306,13 @@ class PipelineCache:
 
     def _load(self, ref: str, source: ModelSource) -> _Entry:
         start = time.perf_counter()
+        dtype = self.dtype
+        if isinstance(dtype, str):  # FARM_DTYPE: auto picks by family and device
+            dtype = choose_dtype(dtype, self.device, _family(source))
         try:
-            base = _load_pipeline(ref, source, self.dtype).to(self.device)
+            base = place(
+                _load_pipeline(ref, source, dtype), self.device, self.offload, self.vae_tiling
+            )
         except InvalidJob:
             raise
         except torch.cuda.OutOfMemoryError as e:
@@ -321,22 +338,20 @@ class PipelineCache:
             if isinstance(module, torch.nn.Module)
             for p in module.parameters()
         )
-        entry = _Entry(ref=ref, base=base, scheduler=base.scheduler, nbytes=nbytes)
+        entry = _Entry(
+            ref=ref, base=base, scheduler=base.scheduler, nbytes=nbytes, info=info_of(base, ref)
+        )
         self._entries[source] = entry
         self._evict()
         return entry
 
     def _derive(self, entry: _Entry, kind: str) -> DiffusionPipeline:
         try:
-            pipe = _AUTO_PIPELINES[kind].from_pipe(entry.base)
-        except ValueError as e:
+            return derive(entry.base, entry.info, kind)
+        except (ValueError, TypeError) as e:
             raise InvalidJob(
                 f"model {entry.ref!r} cannot run {kind} jobs: {e}", field="model"
             ) from e
-        if type(pipe) is type(entry.base):  # the model's own class already runs this kind
-            return entry.base
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
 
     def _evict(self) -> None:
         budget = self.max_gb * 1e9
@@ -356,15 +371,13 @@ class PipelineCache:
             torch.cuda.empty_cache()
 
 
-def _check_kind(entry: _Entry, kind: str) -> None:
-    unet = getattr(entry.base, "unet", None)
-    in_channels = getattr(getattr(unet, "config", None), "in_channels", 4)
-    if kind != "inpaint" and in_channels == 9:
-        raise InvalidJob(
-            f"model {entry.ref!r} is an inpainting model (9-channel UNet): it runs inpaint jobs "
-            f"only, not {kind}",
-            field="model",
-        )
+def _family(source: ModelSource) -> str | None:
+    """The family of the model at `source`, from its files (or the built-in table), before it
+    is loaded: its dtype depends on it."""
+    if source.kind == "builtin":
+        return BUILTIN_INFO[source.location].family
+    info = folder_info(Path(source.config if source.kind == "single_file" else source.location))
+    return info.family if info is not None else None
 
 
 def _load_pipeline(ref: str, source: ModelSource, dtype: torch.dtype) -> DiffusionPipeline:

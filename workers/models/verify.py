@@ -4,13 +4,19 @@ A bad ref should fail here, once, not on the first of a thousand queued jobs. Th
 resolved as a worker resolves it (`resolve_model`, `resolve_ip_adapter`: local files and the
 local Hugging Face cache only), every torch component is built from its config with empty
 weights (`accelerate.init_empty_weights`: no memory, no time), and the safetensors headers are
-read to check that they cover every parameter and buffer at its shape. No weight is loaded.
+read to check that they cover every parameter and buffer at its shape (a tied weight, such as
+T5's `shared` / `encoder.embed_tokens`, is saved once and counts as present). No weight is
+loaded. UNet and transformer pipelines alike: the family and what the model runs come from the
+family table (`farm.jobs.families`), as the submitting side reads them.
 
     >>> verify("org/name")
     Verdict(kind='inpaint (9-channel UNet)', location='…/snapshots/…', details=[…])
 
-Kinds: `txt2img (4-channel UNet)` (also runs img2img, style, and inpaint by blending),
-`inpaint (9-channel UNet)` (a dedicated inpainting model: inpaint jobs only), `IP-Adapter`.
+Kinds: `txt2img (4-channel UNet)` (also runs img2img and inpaint by blending, and style and
+fine-tunes where its family can), `inpaint (9-channel UNet)` (a dedicated inpainting model:
+inpaint jobs only), `txt2img (transformer)` (SD3, FLUX.1), `inpaint (FLUX.1 Fill transformer)`,
+`img2img (refiner UNet)` (SDXL's refiner), `IP-Adapter`. The details name the family and list
+the kinds, and whether IP-Adapter (style) jobs and LoRA fine-tunes run on it.
 """
 
 from __future__ import annotations
@@ -21,10 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from farm.errors import InvalidJob
+from farm.jobs.families import BUILTIN_INFO, ModelInfo
 from farm.jobs.refs import BUILTIN_IP_ADAPTERS, BUILTIN_MODELS
 
 TXT2IMG = "txt2img (4-channel UNet)"
 INPAINT = "inpaint (9-channel UNet)"
+TRANSFORMER = "txt2img (transformer)"
+FILL = "inpaint (FLUX.1 Fill transformer)"
+REFINER = "img2img (refiner UNet)"
 IP_ADAPTER = "IP-Adapter"
 
 
@@ -34,6 +44,35 @@ class Verdict:
     kind: str
     location: str
     details: list[str] = field(default_factory=list)
+    info: ModelInfo | None = None
+    """What the model is and runs (None for an IP-Adapter)."""
+
+
+def kind_of(info: ModelInfo) -> str:
+    """The verdict's one-word-and-a-note kind of a model."""
+    if info.inpaint == "fill":
+        return FILL
+    if info.inpaint == "9-channel":
+        return INPAINT
+    if not info.text_encoder:
+        return REFINER
+    return TXT2IMG if info.traits.denoiser == "unet" else TRANSFORMER
+
+
+def runs(info: ModelInfo) -> list[str]:
+    """Lines saying the family and what the model runs."""
+    names = {"inpaint": {"blend": "inpaint (blending latents)"}.get(info.inpaint, "inpaint")}
+    kinds = [names.get(k, k) for k in info.kinds if k not in ("style", "finetune")]
+    yes = {True: "yes", False: "no"}
+    return [
+        f"family: {info.family} ({info.traits.title}), {info.pipeline}",
+        f"runs: {', '.join(kinds)}; IP-Adapter (style): {yes['style' in info.kinds]}; "
+        f"trainable (LoRA fine-tune): {yes['finetune' in info.kinds]}",
+    ]
+
+
+def _model_verdict(ref: str, info: ModelInfo, location: str, details: list[str]) -> Verdict:
+    return Verdict(ref, kind_of(info), location, [*runs(info), *details], info)
 
 
 def verify(ref: str, models_dir: Path | None = None) -> Verdict:
@@ -41,14 +80,7 @@ def verify(ref: str, models_dir: Path | None = None) -> Verdict:
     ref = ref.strip()
     # 1. Built-ins: nothing on disk.
     if ref in BUILTIN_MODELS:
-        from workers.builtin.families import FAMILY_KINDS
-
-        kind = (
-            INPAINT
-            if FAMILY_KINDS.get(ref, ()) == ("inpaint",) or ref == "tiny-inpaint"
-            else TXT2IMG
-        )
-        return Verdict(ref, kind, "built in", [BUILTIN_MODELS[ref]])
+        return _model_verdict(ref, BUILTIN_INFO[ref], "built in", [BUILTIN_MODELS[ref]])
     if ref in BUILTIN_IP_ADAPTERS:
         return Verdict(ref, IP_ADAPTER, "built in", [BUILTIN_IP_ADAPTERS[ref]])
     # 2. Where it is, as a worker finds it: a diffusers folder (or cached snapshot), a
@@ -75,12 +107,19 @@ def verify(ref: str, models_dir: Path | None = None) -> Verdict:
 
 
 def _verify_pipeline(ref: str, folder: Path) -> Verdict:
+    from farm.inputs.models import folder_info
     from workers.models.pipelines import _pipeline_class
 
     cls = _pipeline_class(ref, folder)  # refuses custom pipelines and remote code
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    info = folder_info(folder)
+    if info is None:
+        raise InvalidJob(
+            f"model {ref!r}: {cls.__name__} is of no family the farm renders (Stable Diffusion "
+            "1.x/2.x, SDXL, SD3, FLUX.1)",
+            field="model",
+        )
     details = [f"{cls.__name__} in {folder}"]
-    in_channels = None
     for name, value in index.items():
         if name.startswith("_") or not isinstance(value, list) or None in value:
             continue
@@ -91,20 +130,19 @@ def _verify_pipeline(ref: str, folder: Path) -> Verdict:
         details.append(
             f"{name}: {value[1]}, {n_tensors} tensors, {n_bytes / 1e6:.1f} MB: every weight present"
         )
-        if name == "unet":
-            in_channels = module.config.in_channels
-    if in_channels is None:
+    denoiser = info.traits.denoiser
+    if not isinstance(index.get(denoiser), list) or None in index[denoiser]:
         raise InvalidJob(
-            f"model {ref!r}: {cls.__name__} has no UNet; the farm runs Stable "
-            "Diffusion-style pipelines",
+            f"model {ref!r}: {cls.__name__} has no {denoiser}; {info.family} pipelines need one",
             field="model",
         )
-    if in_channels not in (4, 9):
+    if denoiser == "unet" and info.in_channels not in (4, 9):
         raise InvalidJob(
-            f"model {ref!r}: a {in_channels}-channel UNet is neither txt2img (4) nor inpaint (9)",
+            f"model {ref!r}: a {info.in_channels}-channel UNet is neither txt2img (4) nor "
+            "inpaint (9)",
             field="model",
         )
-    return Verdict(ref, INPAINT if in_channels == 9 else TXT2IMG, str(folder), details)
+    return _model_verdict(ref, info, str(folder), details)
 
 
 def _empty_module(ref: str, folder: Path, library: str, class_name: str) -> Any:
@@ -124,7 +162,9 @@ def _empty_module(ref: str, folder: Path, library: str, class_name: str) -> Any:
         if issubclass(cls, transformers.PreTrainedModel):
             config = cls.config_class.from_pretrained(folder, local_files_only=True)
             with init_empty_weights():
-                return cls(config)
+                module = cls(config)
+                module.tie_weights()  # empty weights are tied only when asked again
+                return module
     except Exception as e:
         raise InvalidJob(
             f"model {ref!r}: {folder.name}/ cannot be built from its config ({e})", field="model"
@@ -136,6 +176,11 @@ def _check_covers(ref: str, folder: Path, module: Any) -> tuple[int, int]:
     """Raise unless the folder's safetensors headers hold every tensor of `module` at its shape."""
     found = _headers(ref, folder)
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    for names in _tied(module):  # saved once, under any one of its names
+        saved = [n for n in names if n in found]
+        for name in names:
+            if saved and name not in found:
+                found[name] = found[saved[0]]
     missing = sorted(k for k in expected if k not in found)
     if missing and expected:  # saved with or without the model's own prefix
         prefix = getattr(module, "base_model_prefix", "") + "."
@@ -161,6 +206,19 @@ def _check_covers(ref: str, folder: Path, module: Any) -> tuple[int, int]:
             field="model",
         )
     return len(expected), sum(n for _, n in found.values())
+
+
+def _tied(module: Any) -> list[list[str]]:
+    """Groups of names that are one tied parameter (T5's `shared.weight` is also
+    `encoder.embed_tokens.weight`): safetensors stores each such tensor once."""
+    groups: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    tied = [names for names in groups.values() if len(names) > 1]
+    declared = getattr(module, "_tied_weights_keys", None)  # transformers: target → source
+    if isinstance(declared, dict):
+        tied += [[target, source] for target, source in declared.items()]
+    return tied
 
 
 def _headers(ref: str, folder: Path) -> dict[str, tuple[tuple[int, ...], int]]:
@@ -214,18 +272,22 @@ def _read_headers(ref: str, files: list[Path]) -> dict[str, tuple[tuple[int, ...
 
 
 def _verify_single_file(ref: str, path: Path, config: Path) -> Verdict:
+    from farm.inputs.models import folder_info, single_file_info
+
     found = _read_headers(ref, [path])
-    conv_in = found.get("model.diffusion_model.input_blocks.0.0.weight")
-    if conv_in is None:
+    info = single_file_info(path)
+    if info is None:
         raise InvalidJob(
-            f"model {ref!r}: {path.name} holds no Stable Diffusion UNet", field="model"
+            f"model {ref!r}: {path.name} holds no Stable Diffusion, SDXL, SD3 or FLUX.1 model",
+            field="model",
         )
-    in_channels = conv_in[0][1]
-    kind = {4: TXT2IMG, 9: INPAINT}.get(in_channels)
-    if kind is None:
-        raise InvalidJob(f"model {ref!r}: a {in_channels}-channel UNet", field="model")
+    if info.traits.denoiser == "unet" and info.in_channels not in (4, 9):
+        raise InvalidJob(f"model {ref!r}: a {info.in_channels}-channel UNet", field="model")
+    configured = folder_info(config)  # sizes and classes come from the config folder
+    if configured is not None and configured.family == info.family:
+        info = configured
     details = [f"single-file checkpoint, {len(found)} tensors; diffusers config from {config}"]
-    return Verdict(ref, kind, str(path), details)
+    return _model_verdict(ref, info, str(path), details)
 
 
 def _verify_ip_adapter(ref: str, weights: Path, encoder_folder: Path) -> Verdict:

@@ -15,26 +15,37 @@ image the batch shares.
 Determinism: image i of a job is drawn from its own `torch.Generator("cpu").manual_seed(seed + i)`,
 so its pixels depend on the spec and seed only, never on what else shares the call.
 
+Families: each job is first resolved against its model (`farm.jobs.defaults.resolve`, with the
+`ModelInfo` of the loaded pipeline): SD 1.x/2.x, SDXL, SD3 and FLUX.1 each get their own
+pipeline per kind, their own defaults for whatever the job left out, their own arguments
+(`workers.render.arguments`) and schedulers (`workers.models.families.make_scheduler`); an
+SDXL job with a refiner runs the base to `denoising_end` and the refiner from there.
+
 Sizes: the pipeline renders at the working size (`farm.jobs.signature.working_size`: the spec's
-height/width, else the input's size rounded down to a multiple of 8). Without an explicit size
-the outputs come back at the input's own size; `preserve_unmasked` always does.
+height/width, else the input's size rounded down to a multiple of 8, or 16 for SD3 and FLUX.1;
+txt2img without a size: the model's default). img2img passes it as height/width where its
+pipeline takes them (SD3, FLUX.1), else resizes the input to it. Without an explicit size the
+outputs come back at the input's own size; `preserve_unmasked` always does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-import diffusers
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image, ImageFilter
 
 from farm.errors import InvalidJob
+from farm.jobs.defaults import resolve
+from farm.jobs.families import ModelInfo
 from farm.jobs.signature import batch_signature, working_size
-from farm.jobs.specs import SCHEDULERS, Img2Img, Inpaint, Txt2Img
+from farm.jobs.specs import Img2Img, Inpaint, Txt2Img
+from workers.models.families import info_of, make_scheduler
+from workers.render import arguments
 
 Spec = Txt2Img | Img2Img | Inpaint
 
@@ -60,6 +71,9 @@ class RenderResult:
     """The working size the model rendered at (outputs may be at the input's own size)."""
     nsfw_content_detected: list[bool] | None = None
     """From the model's safety checker, when it has one."""
+    spec: Any = None
+    """The job as rendered: resolved against the model, every default it took written in
+    (what the record and meta.json keep, so the result can be reproduced)."""
 
 
 def render(
@@ -84,14 +98,18 @@ def render_batch(
     ip_adapter: Any = None,
     ip_adapter_image: Image.Image | None = None,
     on_preview: PreviewCallback | None = None,
+    info: ModelInfo | None = None,
+    refiner: DiffusionPipeline | None = None,
 ) -> list[RenderResult]:
     """Run jobs that share one batch signature as one pipeline call; one result per job.
 
     A batch of one is exactly the call a diffusers user writes for that job. A larger batch
     passes lists, one entry per image (prompts, negative prompts, images, masks) and one
-    generator per image, so every image's pixels are the ones it gets alone.
+    generator per image, so every image's pixels are the ones it gets alone. `info` is what
+    the model is (`PipelineCache.info`; else read from `pipe`); `refiner`, an SDXL refiner's
+    pipeline for jobs that name one (`PipelineCache.get(spec.refiner.model, …)`).
     """
-    # 1. Check inputs: the images each job's kind needs, already decoded; one signature.
+    # 1. Check inputs: the images each job's kind needs, already decoded.
     n_jobs = len(specs)
     images = list(images) if images is not None else [None] * n_jobs
     masks = list(masks) if masks is not None else [None] * n_jobs
@@ -99,24 +117,35 @@ def render_batch(
         raise ValueError("render_batch needs one spec, and one image and mask slot, per job")
     for i, spec in enumerate(specs):
         images[i], masks[i] = _check_inputs(spec, images[i], masks[i])
+
+    # 2. Resolve each job against its model (`farm.jobs.defaults`): its kind, arguments,
+    #    scheduler and sizes checked, every field left out at this model's own default (a job
+    #    resolved at submit comes through unchanged); then one signature for all.
+    info = info or info_of(pipe)
+    if specs[0].refiner is not None and refiner is None:
+        raise InvalidJob("a refiner job needs its refiner's pipeline", field="refiner")
+    refiner_info = info_of(refiner) if refiner is not None else None
+    specs = [resolve(spec, info, refiner_info) for spec in specs]
     lead, n_per_job = specs[0], specs[0].num_images_per_prompt
     if n_jobs > 1:
         signatures = {
-            batch_signature(s, im and im.size) for s, im in zip(specs, images, strict=True)
+            batch_signature(s, im and im.size, info) for s, im in zip(specs, images, strict=True)
         }
         if len(signatures) != 1 or None in signatures:
             raise ValueError("render_batch runs jobs of one batch signature only")
     kind = "img2img" if lead.kind == "style" else lead.kind
+    pipeline = info.pipeline_for(kind)
     if lead.kind == "style" and (ip_adapter is None or ip_adapter_image is None):
         raise InvalidJob("style needs its IP-Adapter and ip_adapter_image", field="ip_adapter")
 
-    # 2. The working size, shared by the batch.
-    height, width = working_size(lead, images[0] and images[0].size)
+    # 3. The working size, shared by the batch (a multiple of what the model needs).
+    height, width = working_size(lead, images[0] and images[0].size, info.size_multiple)
 
-    # 3. Inputs as the model takes them: img2img images at the working size (its pipeline has
-    #    no height/width), inpaint masks dilated then blurred as each job asks.
+    # 4. Inputs as the model takes them: img2img images at the working size where its
+    #    pipeline takes no height/width (SD, SDXL), inpaint masks dilated then blurred as each
+    #    job asks.
     model_images = images
-    if kind == "img2img":
+    if kind == "img2img" and not pipeline.takes_size:
         model_images = [
             im if im.size == (width, height) else pipe.image_processor.resize(im, height, width)
             for im in images
@@ -124,80 +153,81 @@ def render_batch(
     if kind == "inpaint":
         masks = [_shape_mask(pipe, spec, m) for spec, m in zip(specs, masks, strict=True)]
 
-    # 4. Scheduler: the batch's own, built from the model's default config (None: the default).
-    scheduler = make_scheduler(lead.scheduler, pipe.scheduler)
+    # 5. Scheduler: the batch's own, as the family means its name, built from the model's
+    #    default config (None: the default).
+    scheduler = make_scheduler(lead.scheduler, pipe.scheduler, info)
 
-    # 5. One generator per image, so an image's noise does not depend on its neighbours.
+    # 6. One generator per image, so an image's noise does not depend on its neighbours.
     generator = [
         torch.Generator("cpu").manual_seed(_seed(spec) + i)
         for spec in specs
         for i in range(n_per_job)
     ]
 
-    # 6. Arguments, named and valued as diffusers' own.
+    # 7. Arguments, named and valued as diffusers' own, and only those its pipeline takes.
     kwargs: dict[str, Any] = {
         "num_inference_steps": lead.num_inference_steps,
         "guidance_scale": lead.guidance_scale,
         "generator": generator,
         "output_type": "pil",
+        "num_images_per_prompt": n_per_job if n_jobs == 1 else 1,
+        **arguments.prompts(specs, pipeline, n_per_job),
+        **arguments.shared(lead, pipeline),
     }
-    if n_jobs == 1:
-        kwargs.update(
-            prompt=lead.prompt,
-            negative_prompt=lead.negative_prompt,
-            num_images_per_prompt=n_per_job,
-        )
-    else:
-        kwargs.update(
-            prompt=[s.prompt for s in specs for _ in range(n_per_job)],
-            negative_prompt=_negative_prompts(specs, n_per_job),
-            num_images_per_prompt=1,
-        )
     if kind != "txt2img":
-        kwargs.update(_per_image(image=model_images, n_jobs=n_jobs, n=n_per_job))
+        kwargs.update(image=arguments.per_image(model_images, n_jobs, n_per_job))
         kwargs.update(strength=lead.strength)
     if kind == "inpaint":
-        kwargs.update(_per_image(mask_image=masks, n_jobs=n_jobs, n=n_per_job))
-        kwargs.update(padding_mask_crop=lead.padding_mask_crop)
-    if kind != "img2img":
+        kwargs.update(mask_image=arguments.per_image(masks, n_jobs, n_per_job))
+        if "padding_mask_crop" in pipeline.args:
+            kwargs.update(padding_mask_crop=lead.padding_mask_crop)
+    if pipeline.takes_size:
         kwargs.update(height=height, width=width)
     if lead.kind == "style":  # one reference image for the whole batch (in its signature)
         kwargs.update(ip_adapter_image=ip_adapter_image.convert("RGB"))
 
-    # 7. Progress and cancellation, after each denoising step.
-    progress = {"steps": 0, "interrupted": False}
+    # 8. Progress and cancellation, after each denoising step (of both stages, with a refiner).
+    progress = {"steps": 0, "offset": 0, "interrupted": False}
 
     every = [getattr(spec, "preview_every", None) for spec in specs]
 
     def callback_on_step_end(p: DiffusionPipeline, i: int, t: Any, tensors: dict) -> dict:
-        progress["steps"] = i + 1
-        due = [j for j, n in enumerate(every) if n and (i + 1) % n == 0]
+        progress["steps"] = progress["offset"] + i + 1
+        total = p.num_timesteps  # the steps this call runs (strength or a refiner cut them)
+        if lead.refiner is not None:  # both stages: about the job's steps in all
+            total = max(lead.num_inference_steps, progress["steps"])
+        due = [j for j, n in enumerate(every) if n and progress["steps"] % n == 0]
         if on_preview is not None and due and tensors.get("latents") is not None:
             from workers.render.previews import preview
 
             shown = preview(p, tensors["latents"], height, width)  # reads the latents only
             if shown:
-                on_preview(i + 1, p.num_timesteps, {j: shown[j * n_per_job] for j in due})
-        if on_step is not None and on_step(i + 1, p.num_timesteps):
+                on_preview(progress["steps"], total, {j: shown[j * n_per_job] for j in due})
+        if on_step is not None and on_step(progress["steps"], total):
             p._interrupt = True
             progress["interrupted"] = True
         return tensors
 
-    # 8. Denoise and decode, with the batch's scheduler (and a style job's IP-Adapter at its
-    #    scale) in place for this call only.
+    # 9. Denoise and decode, with the batch's scheduler (and a style job's IP-Adapter at its
+    #    scale) in place for this call only; with a refiner, the base hands over its latents.
     attached = ip_adapter.attached(lead.ip_adapter_scale) if lead.kind == "style" else nullcontext()
-    default_scheduler = pipe.scheduler
-    pipe.scheduler = scheduler
-    try:
-        with attached:
-            out = pipe(**kwargs, callback_on_step_end=callback_on_step_end)
-    finally:
-        pipe.scheduler = default_scheduler
-    if height is None or width is None:  # txt2img at the model's default size
-        width, height = out.images[0].size
+    if lead.refiner is not None:
+        kwargs["output_type"] = "latent"
+    with _scheduler(pipe, scheduler), attached:
+        out = pipe(**kwargs, callback_on_step_end=callback_on_step_end)
+    outputs = out.images
+    if refiner is not None and refiner_info is not None and not progress["interrupted"]:
+        progress["offset"] = progress["steps"]
+        second = _refiner_arguments(lead, refiner_info, kind, kwargs, outputs)
+        with _scheduler(refiner, make_scheduler(lead.scheduler, refiner.scheduler, refiner_info)):
+            outputs = refiner(**second, callback_on_step_end=callback_on_step_end).images
+    if progress["interrupted"] and lead.refiner is not None:
+        outputs = []  # latents, not pictures: an interrupted job keeps no outputs anyway
+    if (height is None or width is None) and outputs:  # txt2img at the model's default size
+        width, height = outputs[0].size
 
-    # 9. Each job's results: at the input's size, the source kept outside the mask if asked,
-    #    with the mask as the model saw it.
+    # 10. Each job's results: at the input's size, the source kept outside the mask if asked,
+    #     with the mask as the model saw it.
     nsfw = getattr(out, "nsfw_content_detected", None)
     results = []
     for j, spec in enumerate(specs):
@@ -209,16 +239,50 @@ def render_batch(
             mask_used = mask_used.convert("L")
         results.append(
             RenderResult(
-                images=[_finish(spec, im, images[j], masks[j]) for im in out.images[part]],
+                images=[_finish(spec, im, images[j], masks[j]) for im in outputs[part]],
                 mask_used=mask_used,
                 interrupted=progress["interrupted"],
                 steps=progress["steps"],
-                height=height,
-                width=width,
+                height=height or 0,
+                width=width or 0,
                 nsfw_content_detected=nsfw[part] if nsfw is not None else None,
+                spec=spec,
             )
         )
     return results
+
+
+@contextmanager
+def _scheduler(pipe: DiffusionPipeline, scheduler: Any) -> Iterator[None]:
+    """`pipe` with `scheduler` for one call; its own one back after it, whatever happens."""
+    default, pipe.scheduler = pipe.scheduler, scheduler
+    try:
+        yield
+    finally:
+        pipe.scheduler = default
+
+
+def _refiner_arguments(
+    lead: Spec, info: ModelInfo, kind: str, base: dict[str, Any], latents: Any
+) -> dict[str, Any]:
+    """The refiner's call: the base's prompts, generators and conditioning, its latents as the
+    image, from `denoising_start` on (diffusers' "ensemble of expert denoisers")."""
+    assert lead.refiner is not None
+    pipeline = info.pipeline_for("inpaint" if kind == "inpaint" else "img2img")
+    keep = ("prompt", "num_inference_steps", "generator", "num_images_per_prompt", "mask_image")
+    keep += tuple(a for a in base if a in pipeline.args and a != "denoising_end")
+    if pipeline.takes_size:
+        keep += ("height", "width")
+    refined = lead.refiner
+    return {
+        **{k: v for k, v in base.items() if k in keep},
+        "image": latents,
+        "denoising_start": refined.denoising_start,
+        "guidance_scale": refined.guidance_scale,
+        "aesthetic_score": refined.aesthetic_score,
+        "negative_aesthetic_score": refined.negative_aesthetic_score,
+        "output_type": "pil",
+    }
 
 
 def _check_inputs(
@@ -242,21 +306,6 @@ def _check_inputs(
 
 def _seed(spec: Spec) -> int:
     return 0 if spec.seed is None else spec.seed
-
-
-def _negative_prompts(specs: Sequence[Spec], n: int) -> list[str] | None:
-    """One per image; None where no job has one (diffusers' "" for each, as alone)."""
-    if all(s.negative_prompt is None for s in specs):
-        return None
-    return [s.negative_prompt or "" for s in specs for _ in range(n)]
-
-
-def _per_image(*, n_jobs: int, n: int, **named: list[Any]) -> dict[str, Any]:
-    """A batch of one passes its one input as it is; a batch passes one entry per image."""
-    ((name, values),) = named.items()
-    if n_jobs == 1:
-        return {name: values[0]}
-    return {name: [v for v in values for _ in range(n)]}
 
 
 def _shape_mask(pipe: DiffusionPipeline, spec: Inpaint, mask: Image.Image) -> Image.Image:
@@ -284,18 +333,3 @@ def _finish(
     if preserve and spec.padding_mask_crop is None:
         out = Image.composite(out, image, mask)  # mask 0: the source pixel, exactly
     return out
-
-
-def make_scheduler(name: str | None, default: Any) -> Any:
-    """A fresh scheduler: `name` from `farm.jobs.specs.SCHEDULERS`, configured from the model's default.
-
-    None gives a fresh copy of the default itself, so no state carries over between jobs.
-    """
-    if name is None:
-        return type(default).from_config(default.config)
-    if name not in SCHEDULERS:
-        raise InvalidJob(
-            f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}", field="scheduler"
-        )
-    class_name, extra = SCHEDULERS[name]
-    return getattr(diffusers, class_name).from_config(default.config, **extra)

@@ -45,6 +45,8 @@ def test_gpu_bench_small_prints_its_table_and_json(tmp_path):
             sys.executable,
             str(ROOT / "bench" / "gpu.py"),
             "--small",
+            "--arch",
+            "sd15-inpaint",
             "--compile",
             "off",
             "--rounds",
@@ -81,3 +83,28 @@ def test_gpu_bench_small_prints_its_table_and_json(tmp_path):
         assert row["direct_images_per_s"] > 0 and row["farm_images_per_s"] > 0
         ratio = row["farm_images_per_s"] / row["direct_images_per_s"]
         assert abs(ratio - row["farm_over_direct"]) < 1e-9  # one round: the ratio of the two
+
+
+def test_gpu_bench_small_runs_sdxl_and_flux_through_the_farms_path(tmp_path):
+    """The SDXL and FLUX.1 architectures (the built-ins' shapes with --small), fp32 on CPU."""
+    out = tmp_path / "gpu.json"
+    args = ["--small", "--arch", "sdxl,flux", "--compile", "off", "--channels-last", "off"]
+    args += ["--rounds", "1", "--batch", "2", "--steps", "2", "--dtype", "fp32", "--json", out]
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["arch"], r["batch"]) for r in rows] == [
+        ("sdxl", 1),
+        ("sdxl", 2),
+        ("flux", 1),
+        ("flux", 2),
+    ]
+    assert {r["dtype"] for r in rows} == {"torch.float32"}
+    assert all(r["direct_images_per_s"] > 0 and r["farm_images_per_s"] > 0 for r in rows)
+    assert res.stdout.count("batch  channels_last  compile  direct img/s") == 2  # a table each
