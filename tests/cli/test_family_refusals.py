@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from tests.cli.test_invalid_input import empty_farm, nothing_written  # noqa: F401
+from tests.cli.test_invalid_input import nothing_written
 from tests.support.cli import run_cli
 from tests.workers.models.test_offline_models import put_in_hub_cache
 
