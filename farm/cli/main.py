@@ -232,13 +232,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         rec = farm.get(job.id)
         _print_record(rec, True) if args.json else print(job.id)
         return 0
-    # The id first, on stderr: a Ctrl-C while waiting stops the waiting, never loses the job.
-    print(
-        f"farm: submitted job {job.id}; waiting (Ctrl-C stops waiting, not the job)",
-        file=sys.stderr,
-        flush=True,
-    )
+    # The id first, on stderr: a Ctrl-C while waiting stops the waiting, never loses the job
+    # (inside the `try`: a Ctrl-C the moment the line is out still says how to wait again).
     try:
+        print(
+            f"farm: submitted job {job.id}; waiting (Ctrl-C stops waiting, not the job)",
+            file=sys.stderr,
+            flush=True,
+        )
         rec = _wait_one(farm, job.id, args.timeout, spec)
     except KeyboardInterrupt:
         print(

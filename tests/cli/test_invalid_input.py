@@ -36,7 +36,8 @@ def files(tmp_path):
     # An inpainting model as the client sees it: its class and its UNet's 9 input channels.
     inpaint = tmp_path / "inpaint-model"
     (inpaint / "unet").mkdir(parents=True)
-    (inpaint / "model_index.json").write_text(json.dumps({"_class_name": "MyPipeline"}))
+    index = {"_class_name": "StableDiffusionInpaintPipeline"}
+    (inpaint / "model_index.json").write_text(json.dumps(index))
     (inpaint / "unet" / "config.json").write_text(json.dumps({"in_channels": 9}))
     (tmp_path / "bomb.png").write_bytes(png_header(30_000, 30_000))  # 900 Mpx declared
     (tmp_path / "zero.png").write_bytes(png_header(0, 64))
