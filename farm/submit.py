@@ -130,6 +130,7 @@ class Submission:
                 spec.ip_adapter_image, "ip_adapter_image", dry=dry
             )
         spec = spec.model_copy(update=updates)
+        n_images = int(getattr(spec, "num_images_per_prompt", 1))
         return {
             "id": new_job_id(spec.key),
             "kind": spec.kind,
@@ -141,6 +142,7 @@ class Submission:
             "attempt": 0,
             "signature": batch_signature(spec, image.size if image is not None else None),
             "queue": farm.router.queue_for(spec),
+            "images": n_images if n_images > 1 else None,
         }
 
     # ------------------------------------------------------------------ 3-6

@@ -7,6 +7,27 @@ messages, when they arrive, find the jobs claimed or done and are acknowledged a
 
 Everything heavy (the device, the pipelines, the Redis and storage clients) is loaded once per
 process in `Runtime` and reused by every job.
+
+Exactly once against zombies. A worker paused after rendering (SIGSTOP, a GC pause, a VM
+stall, a partition holding its PUTs) may wake after its lease ran out and another attempt took
+the job over and finished it. Fencing in Redis cannot stop it: whatever it checks before a PUT,
+the pause can fall between the check and the PUT landing. So the writes themselves are
+conditional: every output, mask and meta.json is stored with `ObjectStore.put_new` (S3
+`If-None-Match: *`, `os.link` on a folder), and the first attempt to store a key wins; a
+loser drops its bytes. Keys stay deterministic (`jobs/<id>/out/<i>.png`, readers need no
+indirection), and what an object holds never changes once written, which is what a reader, a
+dataset fetch or a versioned bucket sees.
+
+Attempt-scoped keys promoted by the fenced finish were the other design: they keep a zombie's
+bytes apart, but promotion is a copy after the finish (a crash between the two leaves the
+record pointing at nothing), or the record points at attempt keys forever (every reader must
+follow it). First-writer-wins needs neither, because every attempt of a job renders the same
+spec with the same seed: an object stored by any attempt is a valid result. meta.json is
+stored last and conditionally too, so it names the attempt whose outputs are stored: an
+attempt whose meta.json lost to an earlier one finishes from that one (`finish_stored`), and a
+zombie whose meta.json lost to the attempt that took over learns so at its fenced finish,
+which refuses it ("superseded"). A retried attempt that finds its own earlier attempt's
+objects keeps them, by the same rule.
 """
 
 from __future__ import annotations
@@ -27,7 +48,8 @@ from farm.keys import job_prefix, mask_key, meta_key, output_key
 from farm.queue.app import RUN_TASK
 from farm.queue.routing import RENDER_QUEUE
 from farm.settings import FarmSettings
-from workers.faults import inject
+from farm.state.tracker import require_noeviction
+from workers.faults import inject, slow_steps
 from workers.heartbeat import Heartbeat
 from workers.outcomes import (
     Limits,
@@ -140,7 +162,8 @@ def _stored(meta: dict[str, Any]) -> dict[str, Any]:
 def _run_micro_batch(
     rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, Outcome]
 ) -> None:
-    """Render, store and finish `jobs` as one call. Out of memory: retry each half; any other
+    """Render, store and finish `jobs` as one call. Out of memory, or past the time limit
+    together: retry each half (jobs that each fit alone need not fit together); any other
     failure of a micro-batch: one by one, so a bad job fails alone."""
     if not jobs:
         return
@@ -150,6 +173,12 @@ def _run_micro_batch(
     except Exception as e:
         error = e
     pending = [job for job in jobs if job.id not in outcomes]
+    if isinstance(error, TooSlowTogether):
+        half = len(pending) // 2
+        log.warning("micro-batch of %d ran past its time limit; retrying halves", len(pending))
+        _run_micro_batch(rt, pending[:half], hb, outcomes)
+        _run_micro_batch(rt, pending[half:], hb, outcomes)
+        return
     if _out_of_memory(error) and len(pending) > 1:
         half = len(pending) // 2
         log.warning("micro-batch of %d ran out of memory; retrying halves", len(pending))
@@ -171,6 +200,11 @@ def _run_micro_batch(
             error = InvalidJob(f"out of device memory even alone ({error})")
         outcomes[job.id] = settle(rt, job, error)
         hb.release(job.id)
+
+
+class TooSlowTogether(Exception):
+    """A micro-batch of several jobs passed the time limit: its halves are tried (each job
+    alone gets the whole limit)."""
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -223,11 +257,13 @@ def _render_and_store(
         # 5. Render: one call, progress for every job; between steps, a cancel, a shutdown or
         #    the time limit stops it.
         inject(rt.settings.fault_injection, [job.spec for job in jobs])
+        slow = slow_steps(rt.settings.fault_injection, [job.spec for job in jobs])
         watch = hb.watch(ids)
         limits = Limits(rt, rt.settings.time_limit, "FARM_TIME_LIMIT")
         stop: list[Stop] = []
 
         def on_step(step: int, total: int) -> bool:
+            slow()
             reason = limits.reason()
             if reason is not None:
                 stop.append(reason)
@@ -245,13 +281,15 @@ def _render_and_store(
     t_render = time.perf_counter()
     rt.metrics.rendered(lead.kind, len(jobs), t_render - t_load)
     hb.beat()  # a cancel or takeover that came during the last step counts too
+    if stop and stop[0] == Stop.TIME_LIMIT and len(jobs) > 1:
+        raise TooSlowTogether(f"{len(jobs)} jobs together took over {limits.seconds:g} s")
     if stop:
         for job in jobs:
             outcomes[job.id] = stopped(rt, job, hb, stop[0], limits, "running")
             hb.release(job.id)
         return
-    # 6. Outputs of the jobs still wanted, before their state: deterministic keys, so a rerun
-    #    rewrites the same objects. A cancelled job ends without outputs.
+    # 6. Outputs of the jobs still wanted, before their state, at deterministic keys, first
+    #    writer wins (see the module docstring). A cancelled job ends without outputs.
     done = []
     for job, result in zip(jobs, results, strict=True):
         if job.id in hb.stale:
@@ -272,18 +310,25 @@ def _render_and_store(
             "render_s": round(t_render - t_load, 4),
         }
         objects.update(job_objects(rt, job, result, ids, timings))
-    # An earlier attempt that died while storing left some objects: keep them, so each key
-    # is written once. meta.json last: its presence means the job's outputs are all stored.
+    # An earlier attempt that died while storing left some objects: they stay (first writer
+    # wins), and are not even uploaded again. meta.json last: its presence means the job's
+    # outputs are all stored.
     for job, _ in done:
         if job.attempt > 1:
             for key in rt.store.list(job_prefix(job.id)):
                 objects.pop(key, None)
     metas = {key: objects.pop(key) for key in [meta_key(job.id) for job, _ in done]}
-    rt.store.put_many(objects)
-    rt.store.put_many(metas)
-    # 7. Each job succeeded, if its own attempt is still the current one.
+    first = any(job.attempt == 1 for job, _ in done)
+    inject(rt.settings.fault_injection, [job.spec for job, _ in done], "store", first)
+    rt.store.put_many_new(objects)
+    stored = rt.store.put_many_new(metas)
+    # 7. Each job succeeded, if its own attempt is still the current one; one whose meta.json
+    #    another attempt stored first finishes from that one's.
     for job, result in done:
-        outcomes[job.id] = end(
+        ended = (
+            None if stored[meta_key(job.id)] else finish_stored(rt, job, meta_key(job.id), _stored)
+        )
+        outcomes[job.id] = ended or end(
             rt,
             job,
             JobState.SUCCEEDED,
@@ -353,6 +398,7 @@ def run_worker(
             "job still rendering to another worker",
             field="time_limit",
         )
+    require_noeviction(settings)  # before anything heavy loads
     rt = Runtime(settings, device, threads, name)
     for ref in preload or []:
         rt.cache.get(ref, "inpaint" if "inpaint" in ref else "txt2img")

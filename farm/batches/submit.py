@@ -242,6 +242,7 @@ def _write_index(
         "variations": variations,
         "seed": base_seed,
         "jobs": len(planned),
+        "images": sum(int(p.row.fields.get("num_images_per_prompt", 1)) for p in planned),
         "defaults": base,
         "updated_at": now,
     }

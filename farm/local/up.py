@@ -19,6 +19,7 @@ from farm.local.embedded import RedisServer
 from farm.local.launcher import Supervisor, plan
 from farm.queue.routing import FINETUNE_QUEUE, RENDER_QUEUE
 from farm.settings import FarmSettings, settings_env
+from farm.state.tracker import require_noeviction
 
 log = logging.getLogger("farm.up")
 
@@ -83,6 +84,8 @@ class LocalFarm:
             self.redis.start()
             update["redis_url"] = self.redis.url
         self.settings = self.base.model_copy(update=update)
+        if self.redis is None:  # a Redis of its own is configured so; another must say so
+            require_noeviction(self.settings)
         storage = self.settings.storage_url()
         if storage.startswith("file://"):
             from farm.storage import open_store

@@ -18,6 +18,12 @@ Storage, under `adapters/<job_id>/`:
     meta.json                          spec, model, seed, worker, versions, timings; written last
     checkpoints/<step>/                the checkpoints (all kept, or the newest
                                        `checkpoints_total_limit`)
+
+The adapter, its loss log and curve and meta.json are stored first-writer-wins
+(`ObjectStore.put_new`), as a render's results are (`workers.worker` argues why): a superseded
+attempt that wakes after another one stored them can never replace them, and an attempt whose
+meta.json lost to an earlier attempt's finishes from that one. Checkpoints are the job's
+working state, not its result: each is written only while the attempt is current, marker last.
 """
 
 from __future__ import annotations
@@ -145,7 +151,7 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> Outcome:
         "max_train_steps": spec.max_train_steps,
         "segments": segments,
     }
-    rt.store.put_many(
+    rt.store.put_many_new(
         {
             adapter_key(job.id): adapter,
             adapter_file_key(job.id, "loss.json"): json.dumps(loss_log).encode(),
@@ -177,9 +183,11 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> Outcome:
         "outputs": uris,
     }
     meta_key = adapter_file_key(job.id, "meta.json")
-    rt.store.put(meta_key, json.dumps(meta, indent=2).encode())
-    # 7. Succeeded, if this attempt is still the current one.
-    return end(
+    stored = rt.store.put_new(meta_key, json.dumps(meta, indent=2).encode())
+    # 7. Succeeded, if this attempt is still the current one; if an earlier attempt stored
+    #    everything first, its files stay and are the result.
+    ended = None if stored else finish_stored(rt, job, meta_key, _stored)
+    return ended or end(
         rt,
         job,
         JobState.SUCCEEDED,
