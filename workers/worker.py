@@ -41,6 +41,7 @@ from typing import Any
 
 from farm.errors import InvalidJob, TransientError
 from farm.inputs import images
+from farm.inputs.budgets import Budgets
 from farm.jobs import masks
 from farm.jobs.specs import Img2Img, Inpaint, Style, parse_spec
 from farm.jobs.state import JobState
@@ -218,10 +219,15 @@ def _out_of_memory(error: BaseException) -> bool:
 
 
 def _read_inputs(rt: Runtime, job: Held) -> None:
+    """The job's spec and inputs, measured against the budgets again (`farm.inputs.budgets`):
+    a job that passed an older client fails here with the reason, before any step."""
     t = time.perf_counter()
     job.spec = parse_spec(job.record.spec)
+    budgets = Budgets.of(rt.settings)
+    budgets.check(job.spec)
     if isinstance(job.spec, Img2Img | Inpaint):
         job.image = load_input(rt, job.spec.image, "image").convert("RGB")
+        budgets.check(job.spec, job.image.size)
     if isinstance(job.spec, Inpaint):
         gen = job.spec.mask_generator()
         if gen is not None:  # a generated mask: drawn here, as the client would have drawn it

@@ -42,7 +42,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from farm.batches.batch import check_name, slot_key
-from farm.batches.manifest import Row, normalize, read_rows, validate_rows
+from farm.batches.manifest import (
+    MAX_PROBLEMS,
+    InvalidManifest,
+    Problem,
+    Row,
+    normalize,
+    read_rows,
+    validate_rows,
+)
 from farm.errors import InvalidJob
 from farm.inputs.uploader import UploadHelper
 from farm.jobs.masks import MaskGenerator
@@ -58,6 +66,9 @@ CHUNK_JOBS = 1000
 """Jobs written per chunk (one records pipeline, one messages batch, one index write)."""
 
 MAX_VARIATIONS = 1000
+
+MAX_SEED = 2**63 - 1
+"""The largest seed a spec takes (`farm.jobs.specs`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,17 +146,18 @@ def submit_batch(
     # 1. The manifest, and the batch-wide settings.
     name = check_name(name)
     path = Path(manifest)
-    block, raw_rows = read_rows(path)
+    block, raw_rows = read_rows(path, farm.settings.max_manifest_line)
     settings = {
         **normalize(block, "the defaults block", row=False),
         **normalize(defaults or {}, "the command line", row=False),
     }
     variations = _setting(settings, "variations", variations, 1, MAX_VARIATIONS)
-    base_seed = _setting(settings, "seed", seed, 0, 2**63 - 1)
+    base_seed = _setting(settings, "seed", seed, 0, MAX_SEED)
     base = {k: v for k, v in settings.items() if k not in ("variations", "seed")}
     # 2. Every row checked, each distinct input read once, before anything is written.
     sub = Submission(farm)
     rows = validate_rows(sub, path, raw_rows, base)
+    _check_seeds(path, rows, variations)
     # 3. The slots, and the batch's index.
     planned = list(_plan(rows, variations, base_seed))
     _write_index(farm, name, path, base, len(rows), variations, base_seed, planned)
@@ -205,6 +217,21 @@ def _finish(
     _commit_chunk(sub, name, chunk, result)
     if on_chunk:
         on_chunk(done, total)
+
+
+def _check_seeds(path: Path, rows: list[Row], variations: int) -> None:
+    """`InvalidManifest` for rows whose seed + variation leaves the seeds' range: found now,
+    before the index is written, not when their jobs are."""
+    top = variations - 1
+    problems = [
+        Problem(
+            row.line, f"seed: {row.seed} + variation {top} is over the largest seed, {MAX_SEED}"
+        )
+        for row in rows
+        if row.seed is not None and row.seed + top > MAX_SEED
+    ]
+    if problems:
+        raise InvalidManifest(path, problems[:MAX_PROBLEMS])
 
 
 def _plan(rows: list[Row], variations: int, base_seed: int) -> Iterator[Planned]:

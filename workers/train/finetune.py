@@ -35,6 +35,7 @@ from dataclasses import replace
 from typing import Any
 
 from farm.errors import InvalidJob
+from farm.inputs.budgets import Budgets
 from farm.jobs.specs import Finetune, parse_spec
 from farm.jobs.state import JobState
 from farm.keys import ADAPTER_FILE, adapter_file_key, adapter_key
@@ -97,6 +98,7 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> Outcome:
         raise InvalidJob(f"job {job.id} is a {spec.kind}, not a finetune", field="kind")
     if not isinstance(spec.images, list) or spec.captions is None:
         raise InvalidJob("images: a fine-tune reaches a worker as image URIs and captions")
+    Budgets.of(rt.settings).check(spec)  # its captions: a job that passed an older client
     images = [load_input(rt, uri, "images") for uri in spec.images]
     t_inputs = time.perf_counter()
     # 3. The warm pipeline renders use; the trainer adds its LoRA layers and removes them after.
