@@ -45,9 +45,8 @@ class RedisKeys:
 
     @property
     def queued(self) -> str:
-        """Sorted set: the queued jobs, scored by when a message for them was last sent or
-        seen in the broker (`farm.state.inflight`): the reconciler re-sends only those whose
-        message is really gone."""
+        """Sorted set: the queued jobs, scored by when a message for them was last sent
+        (`farm.state.inflight`): the reconciler re-sends only those whose message is gone."""
         return f"{self.prefix}queued"
 
     @property
@@ -79,6 +78,16 @@ class RedisKeys:
     def reconciler_epoch(self) -> str:
         """String (a counter): bumped each time a process takes the reconciler's lock."""
         return f"{self.prefix}reconciler:epoch"
+
+    @property
+    def reconciler_seen(self) -> str:
+        """Set: during the reconciler's audit of the broker, the jobs it found a message for."""
+        return f"{self.prefix}reconciler:seen"
+
+    @property
+    def reconciler_audited(self) -> str:
+        """String: when the reconciler's last audit of the broker began (epoch seconds)."""
+        return f"{self.prefix}reconciler:audited"
 
     @property
     def reconciler_cursor(self) -> str:

@@ -8,32 +8,12 @@ messages, when they arrive, find the jobs claimed or done and are acknowledged a
 Everything heavy (the device, the pipelines, the Redis and storage clients) is loaded once per
 process in `Runtime` and reused by every job.
 
-Exactly once against zombies. A worker paused after rendering (SIGSTOP, a GC pause, a VM
-stall, a partition holding its PUTs) may wake after its lease ran out and another attempt took
-the job over and finished it. Fencing in Redis cannot stop it: whatever it checks before a PUT,
-the pause can fall between the check and the PUT landing. So the writes themselves are
-conditional: every output, mask and meta.json is stored with `ObjectStore.put_new` (S3
-`If-None-Match: *`, `os.link` on a folder), and the first attempt to store a key wins; a
-loser drops its bytes. Keys stay deterministic (`jobs/<id>/out/<i>.png`, readers need no
-indirection), and what an object holds never changes once written, which is what a reader, a
-dataset fetch or a versioned bucket sees.
-
-Attempt-scoped keys promoted by the fenced finish were the other design: they keep a zombie's
-bytes apart, but promotion is a copy after the finish (a crash between the two leaves the
-record pointing at nothing), or the record points at attempt keys forever (every reader must
-follow it). First-writer-wins needs neither, because every attempt of a job renders the same
-spec with the same seed: an object stored by any attempt is a valid result. meta.json is
-stored last and conditionally too, so it names the attempt whose outputs are stored: an
-attempt whose meta.json lost to an earlier one finishes from that one (`finish_stored`), and a
-zombie whose meta.json lost to the attempt that took over learns so at its fenced finish,
-which refuses it ("superseded"). A retried attempt that finds its own earlier attempt's
-objects keeps them, by the same rule.
+Storing results, first writer wins (why: `workers.results`), and finishing jobs from them.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import threading
 import time
@@ -44,8 +24,7 @@ from farm.inputs import images
 from farm.inputs.budgets import Budgets
 from farm.jobs import masks
 from farm.jobs.specs import Img2Img, Inpaint, Style, parse_spec
-from farm.jobs.state import JobState
-from farm.keys import job_prefix, mask_key, meta_key, output_key
+from farm.keys import meta_key
 from farm.queue.app import RUN_TASK
 from farm.queue.routing import RENDER_QUEUE
 from farm.settings import FarmSettings
@@ -57,11 +36,11 @@ from workers.outcomes import (
     Outcome,
     Stop,
     dead_letter,
-    end,
     finish_stored,
     settle,
     stopped,
 )
+from workers.results import check_conditional_writes, store_and_finish, stored_fields
 from workers.runtime import Held, Runtime, load_input
 
 log = logging.getLogger("farm.worker")
@@ -141,7 +120,9 @@ def _run_held(rt: Runtime, held: list[Held]) -> dict[str, Outcome]:
         ready = []
         for job in held:
             try:
-                if job.attempt > 1 and (ended := finish_stored(rt, job, meta_key(job.id), _stored)):
+                if job.attempt > 1 and (
+                    ended := finish_stored(rt, job, meta_key(job.id), stored_fields)
+                ):
                     outcomes[job.id] = ended
                     hb.release(job.id)
                     continue
@@ -153,11 +134,6 @@ def _run_held(rt: Runtime, held: list[Held]) -> dict[str, Outcome]:
         # 4-7. One pipeline call for them all.
         _run_micro_batch(rt, ready, hb, outcomes)
     return outcomes
-
-
-def _stored(meta: dict[str, Any]) -> dict[str, Any]:
-    """The record's fields of a render whose earlier attempt stored everything."""
-    return {"outputs": meta["outputs"], "mask": meta.get("mask") or ""}
 
 
 def _run_micro_batch(
@@ -294,8 +270,8 @@ def _render_and_store(
             outcomes[job.id] = stopped(rt, job, hb, stop[0], limits, "running")
             hb.release(job.id)
         return
-    # 6. Outputs of the jobs still wanted, before their state, at deterministic keys, first
-    #    writer wins (see the module docstring). A cancelled job ends without outputs.
+    # 6-7. Outputs of the jobs still wanted, then their state: first writer wins
+    #      (`workers.results`). A cancelled or superseded job ends without outputs.
     done = []
     for job, result in zip(jobs, results, strict=True):
         if job.id in hb.stale:
@@ -307,74 +283,11 @@ def _render_and_store(
             done.append((job, result))
             continue
         hb.release(job.id)
-    objects: dict[str, bytes] = {}
-    for job, result in done:
-        timings = {
-            "queued_s": round(max(0.0, (job.record.started_at or 0) - job.record.created_at), 4),
-            "inputs_s": round(job.inputs_s, 4),
-            "load_s": round(t_load - t_start, 4),
-            "render_s": round(t_render - t_load, 4),
-        }
-        objects.update(job_objects(rt, job, result, ids, timings))
-    # An earlier attempt that died while storing left some objects: they stay (first writer
-    # wins), and are not even uploaded again. meta.json last: its presence means the job's
-    # outputs are all stored.
-    for job, _ in done:
-        if job.attempt > 1:
-            for key in rt.store.list(job_prefix(job.id)):
-                objects.pop(key, None)
-    metas = {key: objects.pop(key) for key in [meta_key(job.id) for job, _ in done]}
-    first = any(job.attempt == 1 for job, _ in done)
-    inject(rt.settings.fault_injection, [job.spec for job, _ in done], "store", first)
-    rt.store.put_many_new(objects)
-    stored = rt.store.put_many_new(metas)
-    # 7. Each job succeeded, if its own attempt is still the current one; one whose meta.json
-    #    another attempt stored first finishes from that one's.
-    for job, result in done:
-        ended = (
-            None if stored[meta_key(job.id)] else finish_stored(rt, job, meta_key(job.id), _stored)
-        )
-        outcomes[job.id] = ended or end(
-            rt,
-            job,
-            JobState.SUCCEEDED,
-            outputs=[rt.store.uri(output_key(job.id, i)) for i in range(len(result.images))],
-            mask=rt.store.uri(mask_key(job.id)) if result.mask_used is not None else "",
-            meta=rt.store.uri(meta_key(job.id)),
-            step=result.steps,
-            total=result.steps,
-        )
-        hb.release(job.id)
-
-
-def job_objects(
-    rt: Runtime, job: Held, result: Any, batch: list[str], timings: dict[str, float]
-) -> dict[str, bytes]:
-    """One job's outputs, mask and meta.json, at its own deterministic keys."""
-    job_id, spec = job.id, job.spec
-    objects = {output_key(job_id, i): images.encode_png(img) for i, img in enumerate(result.images)}
-    if result.mask_used is not None:
-        objects[mask_key(job_id)] = images.encode_png(result.mask_used)
-    meta = {
-        "job_id": job_id,
-        "kind": spec.kind,
-        "spec": job.record.spec,
-        "seed": spec.seed,
-        "model": spec.model,
-        "height": result.height,
-        "width": result.width,
-        "steps": result.steps,
-        "worker": rt.name,
-        "device": str(rt.device),
-        "attempt": job.attempt,
-        "batch": {"size": len(batch), "jobs": batch},
-        "versions": rt.versions,
-        "timings": timings,
-        "outputs": [rt.store.uri(output_key(job_id, i)) for i in range(len(result.images))],
-        "mask": rt.store.uri(mask_key(job_id)) if result.mask_used is not None else None,
+    timings = {
+        "load_s": round(t_load - t_start, 4),
+        "render_s": round(t_render - t_load, 4),
     }
-    objects[meta_key(job_id)] = json.dumps(meta, indent=2).encode()
-    return objects
+    store_and_finish(rt, done, ids, timings, hb, outcomes)
 
 
 def register(rt: Runtime) -> None:
@@ -406,6 +319,7 @@ def run_worker(
         )
     require_noeviction(settings)  # before anything heavy loads
     rt = Runtime(settings, device, threads, name)
+    check_conditional_writes(rt)
     for ref in preload or []:
         rt.cache.get(ref, "inpaint" if "inpaint" in ref else "txt2img")
     for seconds in rt.cache.load_seconds.values():

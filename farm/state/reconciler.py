@@ -12,8 +12,9 @@ process (workers take turns through a Redis lock held for the pass) looks for, i
    the release of its dependents): queued or failed (`farm.state.dependencies.release`);
 4. messages waiting in a model's affinity queue that no online worker consumes any more
    (`farm.queue.routing.stranded`): moved to `render`, and their jobs' records say so;
-5. `queued` jobs whose message is really gone: unseen for `requeue_after`, and not found when
-   the broker's lists are audited (`farm.state.inflight`): sent again, once;
+5. `queued` jobs whose message is really gone: sent longer than `requeue_after` ago, and not
+   found when the broker's lists are audited (at most once per `requeue_after`,
+   `farm.state.inflight`): sent again, once;
 6. a bounded sweep of the live index for records that vanished.
 
 Every step reads only what it acts on (the running, the waiting, the suspects), never every
@@ -34,7 +35,7 @@ from farm.jobs.state import JobState
 from farm.queue.app import enqueue
 from farm.queue.routing import RENDER_QUEUE, stranded
 from farm.state import dependencies as deps
-from farm.state.inflight import CHUNK, MIN_LEASE, UNFENCED, Turn
+from farm.state.inflight import MIN_LEASE, UNFENCED, Turn
 from farm.state.tracker import Tracker
 
 log = logging.getLogger("farm.reconciler")
@@ -109,15 +110,16 @@ def reconcile(
     lost_queues = {q for q in queues if stranded(q, consumed)}
     for queue in sorted(lost_queues):
         report.rerouted += inflight.move_stranded(turn, queue, RENDER_QUEUE)
-    # 5. Queued jobs whose message is gone: audit the broker only when some are suspect.
+    # 5. Queued jobs whose message is gone: when some were sent longer ago than
+    #    `requeue_after`, and the broker was not audited for as long, audit it.
     cutoff = now - requeue_after
-    if inflight.suspects(cutoff, 1):
-        report.audited = inflight.audit(turn, queues, now)
-        while ids := inflight.suspects(cutoff, CHUNK):
-            send = inflight.resend(turn, ids, cutoff, now, lost_queues)
+    audited = inflight.audited_at()
+    if inflight.overdue(cutoff) and (audited is None or audited <= cutoff):
+        report.audited = inflight.audit(turn, queues)
+        for send in inflight.lost(turn, cutoff, now, lost_queues):
             enqueue(celery, send)
             report.requeued += [job_id for job_id, _, _ in send]
-            inflight.renew(turn)
+        inflight.end_audit(turn, now)
     # 6. The live index, a chunk further.
     report.forgotten = inflight.sweep(turn)
     if report.handed_back or report.requeued or report.rerouted:

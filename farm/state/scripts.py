@@ -37,6 +37,8 @@ def lua_keys(keys: RedisKeys) -> str:
             "running": keys.running,
             "waiting": keys.waiting,
             "queues": keys.queues,
+            "seen": keys.reconciler_seen,
+            "audited": keys.reconciler_audited,
             "batch": keys.batch(""),
             "batch_counts": keys.batch_counts("")[len(keys.batch("")) :],
             "batch_failed": keys.batch_failed("")[len(keys.batch("")) :],
@@ -44,7 +46,7 @@ def lua_keys(keys: RedisKeys) -> str:
     )
 
 
-def _lua_table() -> str:
+def lua_tables() -> str:
     rows = ", ".join(
         f"{src.value} = {{{', '.join(f'{d.value} = true' for d in sorted(dsts))}}}"
         for src, dsts in TRANSITIONS.items()
@@ -61,7 +63,7 @@ def _lua_table() -> str:
 # first (higher priority, then older: each priority step weighs 10^8 s, and the score keeps
 # sub-microsecond precision).
 MOVED = (
-    _lua_table()
+    lua_tables()
     + """
 local K
 
@@ -306,148 +308,3 @@ local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, to
 if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
 return ids
 """
-
-
-# ---------------------------------------------------------------------------- the reconciler
-# Every write of a reconciler's pass checks, in the same step, that its process still holds
-# the lock (`FENCED`: ARGV lock key and value; an empty key means an unfenced, one-off pass).
-
-FENCED = """
-local K = cjson.decode(ARGV[1])
-if ARGV[2] ~= '' and redis.call('GET', ARGV[2]) ~= ARGV[3] then return false end
-"""
-"""The head of every fenced script (ARGV: K, lock key, its value, ...): false when the lock is
-no longer the pass's."""
-
-# Take the reconciler's lock unless someone holds it (KEYS: lock, epoch; ARGV: owner, ms):
-# its value `<owner>:<epoch>`, or false.
-TAKE_TURN = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local value = ARGV[1] .. ':' .. redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
-return value
-"""
-
-# Keep (ARGV[2] > 0: for that many ms more) or drop the lock, if it is still ours (KEYS: lock;
-# ARGV: value, ms). 1 if it was ours.
-HOLD_TURN = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2])
-else redis.call('DEL', KEYS[1]) end
-return 1
-"""
-
-# The job id of one of `farm.queue.app.enqueue`'s messages: Celery's `argsrepr` header.
-_MESSAGE_JOB = r"""
-local function message_job(m)
-  return string.match(m, '"argsrepr": "%[\'([^\']+)\'%]"')
-end
-
-local function seen(id, at)
-  local score = redis.call('ZSCORE', K.queued, id)
-  if score and tonumber(score) < tonumber(at) then redis.call('ZADD', K.queued, at, id) end
-end
-"""
-
-# Audit one chunk of a broker list (KEYS: the list; ARGV: K, lock, value, start, stop, at):
-# every queued job with a message there is marked seen at `at`. The number of messages read.
-AUDIT = (
-    FENCED
-    + _MESSAGE_JOB
-    + """
-local messages = redis.call('LRANGE', KEYS[1], ARGV[4], ARGV[5])
-for _, m in ipairs(messages) do
-  local id = message_job(m)
-  if id then seen(id, ARGV[6]) end
-end
-return #messages
-"""
-)
-
-# Mark jobs seen at `at` (ARGV: K, lock, value, at, ids...): those of unacknowledged messages.
-SEEN = (
-    FENCED
-    + _MESSAGE_JOB
-    + """
-for i = 5, #ARGV do seen(ARGV[i], ARGV[4]) end
-return #ARGV - 4
-"""
-)
-
-# Re-send: of the given queued jobs, those still unseen since `cutoff` are marked sent now,
-# and sent to their queue, or to `render` when theirs is stranded (their record says so).
-# ARGV: K, lock, value, cutoff, now, stranded queues (JSON list), render, ids...
-# Returns {id, queue, priority, ...}.
-RESEND = (
-    FENCED
-    + """
-local cutoff, now, render = tonumber(ARGV[4]), ARGV[5], ARGV[7]
-local stranded = {}
-for _, q in ipairs(cjson.decode(ARGV[6])) do stranded[q] = true end
-local out = {}
-for i = 8, #ARGV do
-  local id = ARGV[i]
-  local score = redis.call('ZSCORE', K.queued, id)
-  if score and tonumber(score) < cutoff then
-    local key = K.job .. id
-    local h = redis.call('HMGET', key, 'queue', 'priority')
-    local queue = h[1] or render
-    if stranded[queue] then
-      queue = render
-      redis.call('HSET', key, 'queue', render)
-    end
-    redis.call('HSET', key, 'enqueued_at', now)
-    redis.call('ZADD', K.queued, now, id)
-    out[#out + 1], out[#out + 2], out[#out + 3] = id, queue, h[2] or '0'
-  end
-end
-return out
-"""
-)
-
-# Move up to n messages, oldest first, from a stranded model queue's list to `render`'s at the
-# same priority step (KEYS: from, to; ARGV: K, lock, value, n, from queue, render). The jobs'
-# records say `render` from now on. Returns {messages moved, ids of queued jobs moved...}.
-MOVE_STRANDED = (
-    FENCED
-    + _MESSAGE_JOB
-    + """
-local out, moved = {}, 0
-for _ = 1, tonumber(ARGV[4]) do
-  local m = redis.call('RPOPLPUSH', KEYS[1], KEYS[2])
-  if not m then break end
-  moved = moved + 1
-  local id = message_job(m)
-  if id then
-    local key = K.job .. id
-    local h = redis.call('HMGET', key, 'state', 'queue')
-    if h[2] == ARGV[5] then redis.call('HSET', key, 'queue', ARGV[6]) end
-    if h[1] == 'queued' then out[#out + 1] = id end
-  end
-end
-table.insert(out, 1, moved)
-return out
-"""
-)
-
-# Sweep the next n ids of the live index (KEYS: cursor; ARGV: K, lock, value, n): those whose
-# record is gone or ended leave it. Returns how many left.
-SWEEP = (
-    FENCED
-    + _lua_table()
-    + """
-local n = tonumber(ARGV[4])
-local start = tonumber(redis.call('GET', KEYS[1]) or '0')
-local ids = redis.call('ZRANGE', K.jobs, start, start + n - 1)
-local gone = 0
-for _, id in ipairs(ids) do
-  local state = redis.call('HGET', K.job .. id, 'state')
-  if not state or TERMINAL[state] then
-    redis.call('ZREM', K.jobs, id)
-    gone = gone + 1
-  end
-end
-if #ids < n then redis.call('SET', KEYS[1], 0) else redis.call('SET', KEYS[1], start + n - gone) end
-return gone
-"""
-)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from farm import Farm, Txt2Img
 from farm.errors import FarmError
 from farm.settings import FarmSettings
-from farm.state.inflight import LostTurn
+from farm.state.inflight import UNFENCED, LostTurn
 from farm.state.reconciler import reconcile, take_turn
 from farm.state.tracker import Tracker
 from tests.support.raw import raw
@@ -97,7 +98,9 @@ def test_one_pass_at_a_time_and_a_stalled_pass_is_fenced_off(farm, redis_url):
         with pytest.raises(LostTurn):
             reconcile(farm.tracker, farm.celery, requeue_after=0, now=time.time() + 5, turn=a)
         with pytest.raises(LostTurn):
-            farm.tracker.inflight.resend(a, ids, time.time() + 5, time.time(), set())
+            next(farm.tracker.inflight.lost(a, time.time() + 5, time.time(), set()))
+        with pytest.raises(LostTurn):
+            farm.tracker.inflight.audit(a, ["render"])
         assert isinstance(LostTurn("x"), FarmError)
         report = reconcile(other, farm.celery, requeue_after=0, now=time.time() + 5, turn=b)
         assert report.requeued == [] and report.audited == 5
@@ -108,3 +111,38 @@ def test_one_pass_at_a_time_and_a_stalled_pass_is_fenced_off(farm, redis_url):
     finally:
         other.close()
     assert messages(farm) == dict.fromkeys(ids, 1)
+
+
+def test_an_audit_of_a_long_list_misses_nothing_while_workers_pop_and_clients_push(farm):
+    # Long enough that the audit reads the newer half from the head and the rest from the
+    # tail, in several windows each.
+    ids = backlog(farm, 6000)
+    (key,) = lists(farm)
+    r = raw(farm)
+    stop = threading.Event()
+
+    def publish() -> None:  # clients send duplicates at the head
+        while not stop.is_set():
+            r.lpush(key, r.lindex(key, -1) or "")
+
+    def consume() -> None:  # workers take the oldest, and claim its job
+        while not stop.is_set():
+            m = r.rpop(key)
+            if m and "argsrepr" in m:
+                farm.tracker.claim(m.split("\"argsrepr\": \"['", 1)[1].split("'", 1)[0], "w", 30)
+
+    threads = [threading.Thread(target=f) for f in (publish, consume)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(3):
+            farm.tracker.inflight.audit(UNFENCED, ["render"])
+            seen = raw(farm).smembers(farm.tracker.keys.reconciler_seen)
+            queued = raw(farm).zrange(farm.tracker.keys.queued, 0, -1)
+            # Every job still queued had its message in the list all along: it was seen.
+            assert queued and set(queued) <= seen, i
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(queued) < len(ids)  # the workers did take some meanwhile

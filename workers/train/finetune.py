@@ -20,7 +20,7 @@ Storage, under `adapters/<job_id>/`:
                                        `checkpoints_total_limit`)
 
 The adapter, its loss log and curve and meta.json are stored first-writer-wins
-(`ObjectStore.put_new`), as a render's results are (`workers.worker` argues why): a superseded
+(`ObjectStore.put_new`), as a render's results are (`workers.results` argues why): a superseded
 attempt that wakes after another one stored them can never replace them, and an attempt whose
 meta.json lost to an earlier attempt's finishes from that one. Checkpoints are the job's
 working state, not its result: each is written only while the attempt is current, marker last.
