@@ -129,7 +129,7 @@ def test_an_audit_of_a_long_list_misses_nothing_while_workers_pop_and_clients_pu
         while not stop.is_set():
             m = r.rpop(key)
             if m and "argsrepr" in m:
-                farm.tracker.claim(m.split("\"argsrepr\": \"['", 1)[1].split("'", 1)[0], "w", 30)
+                farm.tracker.claim(m.split('"argsrepr": "[\'', 1)[1].split("'", 1)[0], "w", 30)
 
     threads = [threading.Thread(target=f) for f in (publish, consume)]
     for t in threads:
