@@ -215,7 +215,9 @@ return out
 )
 
 # Sweep the next n ids of the live index (KEYS: cursor; ARGV: fence, n): those whose
-# record is gone or ended leave it. Returns how many left.
+# record is gone or ended leave it; the others are put in the index of their state and their
+# queue among the audited ones, should a client older than these indexes have written them.
+# Returns how many left.
 SWEEP = (
     FENCED
     + lua_tables()
@@ -225,11 +227,18 @@ local start = tonumber(redis.call('GET', KEYS[1]) or '0')
 local ids = redis.call('ZRANGE', K.jobs, start, start + n - 1)
 local gone = 0
 for _, id in ipairs(ids) do
-  local state = redis.call('HGET', K.job .. id, 'state')
+  local h = redis.call('HMGET', K.job .. id, 'state', 'queue', 'enqueued_at', 'created_at')
+  local state = h[1]
   if not state or TERMINAL[state] then
     redis.call('ZREM', K.jobs, id)
     gone = gone + 1
-  end
+  elseif state == 'queued' then
+    if not redis.call('ZSCORE', K.queued, id) then
+      redis.call('ZADD', K.queued, h[3] or h[4] or '0', id)
+    end
+  elseif state == 'running' then redis.call('SADD', K.running, id)
+  elseif state == 'waiting' then redis.call('SADD', K.waiting, id) end
+  if h[2] and not TERMINAL[state or 'failed'] then redis.call('SADD', K.queues, h[2]) end
 end
 if #ids < n then redis.call('SET', KEYS[1], 0) else redis.call('SET', KEYS[1], start + n - gone) end
 return gone

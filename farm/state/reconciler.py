@@ -15,7 +15,9 @@ process (workers take turns through a Redis lock held for the pass) looks for, i
 5. `queued` jobs whose message is really gone: sent longer than `requeue_after` ago, and not
    found when the broker's lists are audited (at most once per `requeue_after`,
    `farm.state.inflight`): sent again, once;
-6. a bounded sweep of the live index for records that vanished.
+6. a bounded sweep of the live index, going on where the last pass stopped: records that
+   ended or vanished leave it, and a live job a client older than the indexes of step 2-5
+   wrote joins them.
 
 Every step reads only what it acts on (the running, the waiting, the suspects), never every
 job, and works in bounded chunks; every write checks the pass still holds the lock. A backlog

@@ -146,3 +146,18 @@ def test_an_audit_of_a_long_list_misses_nothing_while_workers_pop_and_clients_pu
         for t in threads:
             t.join()
     assert len(queued) < len(ids)  # the workers did take some meanwhile
+
+
+def test_the_sweep_takes_in_jobs_an_older_client_wrote_without_the_indexes(farm):
+    ids = backlog(farm, 3)
+    keys = farm.tracker.keys
+    r = raw(farm)
+    # As an older client leaves them: in the live index only (and one ended meanwhile).
+    r.delete(keys.queued, keys.queues)
+    r.hset(keys.job(ids[2]), "state", "succeeded")
+    report = reconcile(farm.tracker, farm.celery, requeue_after=600)
+    assert report.forgotten == 1
+    assert set(r.zrange(keys.queued, 0, -1)) == set(ids[:2]) and r.smembers(keys.queues) == {
+        "render"
+    }
+    assert set(r.zrange(keys.jobs, 0, -1)) == set(ids[:2])
