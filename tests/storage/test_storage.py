@@ -223,9 +223,7 @@ def s3_store(s3_server: S3Server, request) -> S3Store:
     return store
 
 
-def test_s3_server_honours_conditional_writes_and_the_probe_leaves_nothing(
-    s3_store: S3Store,
-) -> None:
+def test_s3_honours_conditional_writes(s3_store: S3Store) -> None:
     assert s3_store.conditional_writes_honoured() is True  # what a worker checks at start
     assert s3_store.list() == []
 
