@@ -11,7 +11,7 @@ from PIL import Image
 
 from farm import Farm, InvalidJob, Txt2Img
 from farm.keys import RedisKeys
-from tests.cli.test_invalid_input import empty_farm, nothing_written  # noqa: F401 (a fixture)
+from tests.cli.test_invalid_input import nothing_written
 from tests.support.cli import run_cli
 from tests.support.raw import raw
 
