@@ -15,3 +15,11 @@ builtin/      tiny random-weight models, built offline
 
 May import every wing of `farm` but `farm.cli`; nothing in `farm` imports this package.
 """
+
+import logging
+
+# Without torchvision, transformers says on first use of an image processor that it falls back to
+# its PIL one. The farm never uses torchvision, so that line is noise in a worker's start (and in
+# the one-line error a bad start prints): keep that one logger to errors.
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+
