@@ -156,11 +156,13 @@ class Farm:
         """Submit many jobs; all are validated before anything is written.
 
         A spec with an idempotency `key` that was submitted before is not submitted again:
-        its handle points at the existing job.
+        its handle points at the existing job. A key submitted before with a different spec
+        is refused (`InvalidJob`), nothing written.
         """
         parsed = [parse_spec(s) for s in specs]
         sub = Submission(self)
         records = [sub.prepare(spec) for spec in parsed]  # every check, nothing written
+        sub.check_keys(records)  # a key re-used for another spec: refused, nothing written
         sub.store_inputs()  # content-addressed: each input once
         sub.write(records)
         return [JobHandle(self, rec["id"]) for rec in records]

@@ -33,8 +33,36 @@ class RedisKeys:
 
     @property
     def jobs(self) -> str:
-        """Sorted set: every live job id, scored by creation time."""
+        """Sorted set: every live job id (not yet ended), scored by creation time."""
         return f"{self.prefix}jobs"
+
+    @property
+    def counts(self) -> str:
+        """Hash: state → jobs in it now (waiting, queued, running), or jobs that ever ended in
+        it (succeeded, failed, cancelled: their records expire, the count stays). Kept by the
+        scripts that change states (`farm.state.scripts`), so reading it is O(1)."""
+        return f"{self.prefix}counts"
+
+    @property
+    def queued(self) -> str:
+        """Sorted set: the queued jobs, scored by when a message for them was last sent
+        (`farm.state.inflight`): the reconciler re-sends only those whose message is gone."""
+        return f"{self.prefix}queued"
+
+    @property
+    def running(self) -> str:
+        """Set: the running jobs (the reconciler reads their leases)."""
+        return f"{self.prefix}running"
+
+    @property
+    def waiting(self) -> str:
+        """Set: the waiting jobs (the reconciler releases those whose dependencies ended)."""
+        return f"{self.prefix}waiting"
+
+    @property
+    def queues(self) -> str:
+        """Set: every queue a job was created for (the broker lists the reconciler audits)."""
+        return f"{self.prefix}queues"
 
     def signature(self, signature: str) -> str:
         """Sorted set: the queued jobs of one batch signature, most urgent first."""
@@ -42,8 +70,29 @@ class RedisKeys:
 
     @property
     def reconciler_lock(self) -> str:
-        """String with a TTL: the worker that runs this interval's reconciler pass."""
+        """String with a TTL: `<owner>:<epoch>` of the process running the reconciler's pass,
+        renewed as the pass goes; every write of the pass checks it (fencing)."""
         return f"{self.prefix}reconciler"
+
+    @property
+    def reconciler_epoch(self) -> str:
+        """String (a counter): bumped each time a process takes the reconciler's lock."""
+        return f"{self.prefix}reconciler:epoch"
+
+    @property
+    def reconciler_seen(self) -> str:
+        """Set: during the reconciler's audit of the broker, the jobs it found a message for."""
+        return f"{self.prefix}reconciler:seen"
+
+    @property
+    def reconciler_audited(self) -> str:
+        """String: when the reconciler's last audit of the broker began (epoch seconds)."""
+        return f"{self.prefix}reconciler:audited"
+
+    @property
+    def reconciler_cursor(self) -> str:
+        """String: where in `jobs` the reconciler's sweep for vanished records goes on."""
+        return f"{self.prefix}reconciler:cursor"
 
     @property
     def workers(self) -> str:
@@ -67,6 +116,16 @@ class RedisKeys:
         """Hash: slot id → JSON (current job id, retry generation, row, variation, labels)."""
         return f"{self.prefix}batch:{name}:slots"
 
+    def batch_counts(self, name: str) -> str:
+        """Hash: the batch's current jobs (one per indexed slot) per state (`<state>`), their
+        images per state (`images:<state>`), the first start (`started_at`) and the last
+        success (`finished_at`). Kept by the state scripts: `farm batch status` reads this."""
+        return f"{self.batch(name)}:counts"
+
+    def batch_failed(self, name: str) -> str:
+        """Sorted set: the batch's current jobs that failed, scored by when they failed."""
+        return f"{self.batch(name)}:failed"
+
     def broker_queue(self, queue: str, step: int = 0) -> str:
         """List: one Celery queue's messages at one kombu priority step. kombu's Redis
         transport keeps the bare name for step 0 and `name + '\\x06\\x16' + step` for the
@@ -74,6 +133,12 @@ class RedisKeys:
         the sum over the steps (what the dashboard shows and KEDA scales on)."""
         name = f"{queue}{BROKER_PRIORITY_SEP}{step}" if step else queue
         return f"{self.prefix}celery:{name}"
+
+    @property
+    def broker_unacked(self) -> str:
+        """Hash: kombu's messages delivered to a worker and not acknowledged yet (delivery tag
+        → JSON of [message, exchange, routing key]), under Celery's `global_keyprefix`."""
+        return f"{self.prefix}celery:unacked"
 
     @property
     def retries(self) -> str:

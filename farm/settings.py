@@ -87,6 +87,20 @@ class FarmSettings(BaseSettings):
     requeue_after: float = Field(default=600.0, gt=0)
     """A job queued this long without being claimed is enqueued again (its message was lost)."""
 
+    max_pixels: int = Field(default=2048 * 2048, ge=64)
+    """Pixels per image a job may render: its working height × width, given or taken from its
+    input image (`farm.inputs.budgets`). Refused at submit, and by a worker."""
+
+    max_input_pixels: int = Field(default=4096 * 4096, ge=64)
+    """Pixels an input image may have once decoded, read from its header before decoding: a
+    small file that declares a huge picture is refused before it takes any memory."""
+
+    max_prompt_chars: int = Field(default=4000, ge=1)
+    """Characters per prompt, negative prompt, instance prompt or caption."""
+
+    max_manifest_line: int = Field(default=64 * 1024, ge=256)
+    """Bytes per line of a batch manifest (its labels are stored in Redis with each slot)."""
+
     allow_foreign_inputs: bool = False
     """Let jobs read `s3://` inputs outside the farm's bucket and `file://` inputs outside its
     folder. Off by default: a job names only what the farm itself stored. (`http://` never.)"""

@@ -18,8 +18,10 @@ for the farm).
    input resolved (`InputResolver`: checked, given its content key, queued for upload), LoRA
    refs resolved (a render naming an unfinished fine-tune waits for it), the batch signature
    and the queue chosen.
-2. Validate: everything the client can check is checked in step 1; the first problem is an
-   `InvalidJob` naming the field, before anything is stored.
+2. Validate: everything the client can check is checked in step 1, the budgets a job must fit
+   (`farm.inputs.budgets`: pixels, prompt length, text that is UTF-8 and holds no NUL)
+   included; and before step 3 that no idempotency key names a job written with another
+   spec. The first problem is an `InvalidJob` naming the field, before anything is stored.
 3. Write: the records (`Tracker.create`: a record whose id exists is left alone; ids derive
    from idempotency keys), after registering waiting ones with what they wait for.
 4. Enqueue: one message per new record that is not waiting.
@@ -31,13 +33,16 @@ for the farm).
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from farm.errors import InvalidJob
 from farm.inputs import images
+from farm.inputs.budgets import Budgets
 from farm.inputs.loras import prepare_loras
 from farm.inputs.models import check_resolvable, check_visible_model, model_info
 from farm.inputs.resolver import InputResolver
@@ -90,7 +95,12 @@ class Submission:
 
     def __init__(self, farm: Parts, inputs: InputResolver | None = None) -> None:
         self.farm = farm
-        self.inputs = inputs or InputResolver(farm.store)
+        self.budgets = Budgets.of(farm.settings)
+        """What one job may ask of a worker (`farm.inputs.budgets`), checked in `prepare`."""
+        self.inputs = inputs or InputResolver(
+            farm.store, max_input_pixels=self.budgets.max_input_pixels
+        )
+        self._drawn: set[str] = set()  # ids of records whose seed `prepare` drew at random
         self._models: dict[str, ModelInfo | None] = {}
 
     # ------------------------------------------------------------------ 1-2
@@ -101,6 +111,7 @@ class Submission:
         `dry`: inputs are checked but not encoded or queued for upload (manifest validation).
         """
         farm = self.farm
+        self.budgets.check(spec)  # text and explicit sizes, before anything is read
         farm.check_model(spec.model)
         info = self.model_info(spec.model)
         if spec.kind == "finetune":
@@ -149,8 +160,14 @@ class Submission:
                 spec.ip_adapter_image, "ip_adapter_image", dry=dry
             )
         spec = spec.model_copy(update=updates)
+        if image is not None:  # the working size taken from the input
+            self.budgets.check(spec, image.size)
+        n_images = int(getattr(spec, "num_images_per_prompt", 1))
+        job_id = new_job_id(spec.key)
+        if "seed" in updates:
+            self._drawn.add(job_id)
         return {
-            "id": new_job_id(spec.key),
+            "id": job_id,
             "kind": spec.kind,
             "state": (JobState.WAITING if depends_on else JobState.QUEUED).value,
             "depends_on": depends_on or None,
@@ -163,6 +180,7 @@ class Submission:
             # The HTTP API submits through a farm view that names the caller's tenant
             # (`farm.api.farms`); the SDK and the CLI write none (the `default` tenant).
             "tenant": getattr(farm, "tenant", None),
+            "images": n_images if n_images > 1 else None,
         }
 
     def model_info(self, ref: str) -> ModelInfo | None:
@@ -189,6 +207,7 @@ class Submission:
         """Write the records, send the new ones' messages, release the waiting ones; with
         `resend_present`, re-send the messages of records already written and still queued."""
         tracker, celery = self.farm.tracker, self.farm.celery
+        self.check_keys(records)
         # 3. Records, after registering the waiting ones with what they wait for.
         dependencies.register(tracker, records)
         created = tracker.create(records)
@@ -218,6 +237,37 @@ class Submission:
         if waiting:
             dependencies.release(tracker, celery, waiting)
         return Written(created, len(resent))
+
+    def check_keys(self, records: Sequence[dict[str, Any]]) -> None:
+        """`InvalidJob` for a record whose idempotency key names a job already written with a
+        different spec: submitting it would silently return the old job. A seed `prepare`
+        drew at random (and a generated mask's seed drawn from it) does not count."""
+        keyed = [rec for rec in records if rec["spec"].get("key")]
+        if not keyed:
+            return
+        stored = self.farm.tracker.job_fields([rec["id"] for rec in keyed], "spec")
+        for rec, (raw,) in zip(keyed, stored, strict=True):
+            if raw is None:
+                continue
+            drawn = rec["id"] in self._drawn
+            if _comparable(json.loads(raw), drawn) != _comparable(rec["spec"], drawn):
+                key = rec["spec"]["key"]
+                raise InvalidJob(
+                    f"key: {key!r} was used for job {rec['id']} with a different spec; give "
+                    "this job a key of its own",
+                    field="key",
+                )
+
+
+def _comparable(spec: dict[str, Any], drawn: bool) -> dict[str, Any]:
+    """A spec as two submits of the same job agree on it (see `Submission.check_keys`)."""
+    if not drawn:
+        return spec
+    out = {k: v for k, v in spec.items() if k != "seed"}
+    mask = out.get("mask_image")
+    if isinstance(mask, dict) and "generator" in mask:
+        out["mask_image"] = {k: v for k, v in mask.items() if k != "seed"}
+    return out
 
 
 class Offline:

@@ -12,6 +12,9 @@ Metric names (every worker serves the same; Prometheus adds the `instance` label
     farm_batch_size                      histogram: jobs per pipeline call
     farm_queue_depth{queue}              gauge: messages waiting per Celery queue, every kombu
                                          priority sub-list counted, read from Redis at scrape
+    farm_jobs_in_state{state}            gauge: the farm's jobs per state (waiting, queued,
+                                         running: now; succeeded, failed, cancelled: ever),
+                                         from the counters the state scripts keep: one read
     farm_device_memory_bytes{device}     gauge: torch.cuda.memory_allocated on a GPU, the
                                          process's resident memory on CPU
     farm_models_warm                     gauge: models this worker holds warm
@@ -75,6 +78,15 @@ class _LiveCollector(Collector):
         except Exception as e:  # Redis away: the scrape still answers, without depths
             log.warning("queue depth: %s", e)
         yield depth
+        states = GaugeMetricFamily(
+            "farm_jobs_in_state", "The farm's jobs per state (ended states: ever)", labels=["state"]
+        )
+        try:
+            for state, n in self.rt.tracker.counts().items():
+                states.add_metric([state], n)
+        except Exception as e:  # Redis away, as above
+            log.warning("job counts: %s", e)
+        yield states
         memory = GaugeMetricFamily(
             "farm_device_memory_bytes", "Bytes held on the device", labels=["device"]
         )

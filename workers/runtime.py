@@ -86,8 +86,10 @@ class Runtime:
 
 def load_input(rt: Runtime, uri: str, field: str) -> Any:
     """An input image as the client saw it when it validated the job (EXIF orientation
-    applied, RGB), so a URI used as it is decodes the same on both sides."""
-    return images.load_image_input(rt.store.get_uri(uri, field=field), field=field)
+    applied, RGB), so a URI used as it is decodes the same on both sides; one that declares
+    more than `FARM_MAX_INPUT_PIXELS` is refused from its header, before it is decoded."""
+    data = rt.store.get_uri(uri, field=field)
+    return images.load_image_input(data, field=field, max_pixels=rt.settings.max_input_pixels)
 
 
 @dataclass

@@ -7,12 +7,13 @@ messages, when they arrive, find the jobs claimed or done and are acknowledged a
 
 Everything heavy (the device, the pipelines, the Redis and storage clients) is loaded once per
 process in `Runtime` and reused by every job.
+
+Storing results, first writer wins (why: `workers.results`), and finishing jobs from them.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import signal
 import threading
@@ -21,25 +22,26 @@ from typing import Any
 
 from farm.errors import InvalidJob, TransientError
 from farm.inputs import images
+from farm.inputs.budgets import Budgets
 from farm.jobs import masks
-from farm.jobs.specs import Img2Img, Inpaint, Style, dump_spec, parse_spec
-from farm.jobs.state import JobState
-from farm.keys import job_prefix, mask_key, meta_key, output_key
+from farm.jobs.specs import Img2Img, Inpaint, Style, parse_spec
+from farm.keys import meta_key
 from farm.queue.app import RUN_TASK
 from farm.queue.routing import RENDER_QUEUE
 from farm.settings import FarmSettings
-from workers.faults import inject
+from farm.state.tracker import require_noeviction
+from workers.faults import inject, slow_steps
 from workers.heartbeat import Heartbeat
 from workers.outcomes import (
     Limits,
     Outcome,
     Stop,
     dead_letter,
-    end,
     finish_stored,
     settle,
     stopped,
 )
+from workers.results import check_conditional_writes, store_and_finish, stored_fields
 from workers.runtime import Held, Runtime, load_input
 
 log = logging.getLogger("farm.worker")
@@ -119,7 +121,9 @@ def _run_held(rt: Runtime, held: list[Held]) -> dict[str, Outcome]:
         ready = []
         for job in held:
             try:
-                if job.attempt > 1 and (ended := finish_stored(rt, job, meta_key(job.id), _stored)):
+                if job.attempt > 1 and (
+                    ended := finish_stored(rt, job, meta_key(job.id), stored_fields)
+                ):
                     outcomes[job.id] = ended
                     hb.release(job.id)
                     continue
@@ -133,17 +137,11 @@ def _run_held(rt: Runtime, held: list[Held]) -> dict[str, Outcome]:
     return outcomes
 
 
-def _stored(meta: dict[str, Any]) -> dict[str, Any]:
-    """The record's fields of a render whose earlier attempt stored everything (the spec as
-    it rendered with, too)."""
-    fields = {"outputs": meta["outputs"], "mask": meta.get("mask") or ""}
-    return fields | ({"spec": meta["spec"]} if isinstance(meta.get("spec"), dict) else {})
-
-
 def _run_micro_batch(
     rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, Outcome]
 ) -> None:
-    """Render, store and finish `jobs` as one call. Out of memory: retry each half; any other
+    """Render, store and finish `jobs` as one call. Out of memory, or past the time limit
+    together: retry each half (jobs that each fit alone need not fit together); any other
     failure of a micro-batch: one by one, so a bad job fails alone."""
     if not jobs:
         return
@@ -153,6 +151,12 @@ def _run_micro_batch(
     except Exception as e:
         error = e
     pending = [job for job in jobs if job.id not in outcomes]
+    if isinstance(error, TooSlowTogether):
+        half = len(pending) // 2
+        log.warning("micro-batch of %d ran past its time limit; retrying halves", len(pending))
+        _run_micro_batch(rt, pending[:half], hb, outcomes)
+        _run_micro_batch(rt, pending[half:], hb, outcomes)
+        return
     if _out_of_memory(error) and len(pending) > 1:
         half = len(pending) // 2
         log.warning("micro-batch of %d ran out of memory; retrying halves", len(pending))
@@ -176,6 +180,11 @@ def _run_micro_batch(
         hb.release(job.id)
 
 
+class TooSlowTogether(Exception):
+    """A micro-batch of several jobs passed the time limit: its halves are tried (each job
+    alone gets the whole limit)."""
+
+
 def _out_of_memory(error: BaseException) -> bool:
     import torch
 
@@ -187,10 +196,15 @@ def _out_of_memory(error: BaseException) -> bool:
 
 
 def _read_inputs(rt: Runtime, job: Held) -> None:
+    """The job's spec and inputs, measured against the budgets again (`farm.inputs.budgets`):
+    a job that passed an older client fails here with the reason, before any step."""
     t = time.perf_counter()
     job.spec = parse_spec(job.record.spec)
+    budgets = Budgets.of(rt.settings)
+    budgets.check(job.spec)
     if isinstance(job.spec, Img2Img | Inpaint):
         job.image = load_input(rt, job.spec.image, "image").convert("RGB")
+        budgets.check(job.spec, job.image.size)
     if isinstance(job.spec, Inpaint):
         gen = job.spec.mask_generator()
         if gen is not None:  # a generated mask: drawn here, as the client would have drawn it
@@ -230,11 +244,13 @@ def _render_and_store(
         # 5. Render: one call, progress for every job; between steps, a cancel, a shutdown or
         #    the time limit stops it.
         inject(rt.settings.fault_injection, [job.spec for job in jobs])
+        slow = slow_steps(rt.settings.fault_injection, [job.spec for job in jobs])
         watch = hb.watch(ids)
         limits = Limits(rt, rt.settings.time_limit, "FARM_TIME_LIMIT")
         stop: list[Stop] = []
 
         def on_step(step: int, total: int) -> bool:
+            slow()
             reason = limits.reason()
             if reason is not None:
                 stop.append(reason)
@@ -259,13 +275,15 @@ def _render_and_store(
     t_render = time.perf_counter()
     rt.metrics.rendered(lead.kind, len(jobs), t_render - t_load)
     hb.beat()  # a cancel or takeover that came during the last step counts too
+    if stop and stop[0] == Stop.TIME_LIMIT and len(jobs) > 1:
+        raise TooSlowTogether(f"{len(jobs)} jobs together took over {limits.seconds:g} s")
     if stop:
         for job in jobs:
             outcomes[job.id] = stopped(rt, job, hb, stop[0], limits, "running")
             hb.release(job.id)
         return
-    # 6. Outputs of the jobs still wanted, before their state: deterministic keys, so a rerun
-    #    rewrites the same objects. A cancelled job ends without outputs.
+    # 6-7. Outputs of the jobs still wanted, then their state: first writer wins
+    #      (`workers.results`). A cancelled or superseded job ends without outputs.
     done = []
     for job, result in zip(jobs, results, strict=True):
         if job.id in hb.stale:
@@ -277,75 +295,11 @@ def _render_and_store(
             done.append((job, result))
             continue
         hb.release(job.id)
-    objects: dict[str, bytes] = {}
-    for job, result in done:
-        timings = {
-            "queued_s": round(max(0.0, (job.record.started_at or 0) - job.record.created_at), 4),
-            "inputs_s": round(job.inputs_s, 4),
-            "load_s": round(t_load - t_start, 4),
-            "render_s": round(t_render - t_load, 4),
-        }
-        objects.update(job_objects(rt, job, result, ids, timings))
-    # An earlier attempt that died while storing left some objects: keep them, so each key
-    # is written once. meta.json last: its presence means the job's outputs are all stored.
-    for job, _ in done:
-        if job.attempt > 1:
-            for key in rt.store.list(job_prefix(job.id)):
-                objects.pop(key, None)
-    metas = {key: objects.pop(key) for key in [meta_key(job.id) for job, _ in done]}
-    rt.store.put_many(objects)
-    rt.store.put_many(metas)
-    # 7. Each job succeeded, if its own attempt is still the current one; its record keeps the
-    #    spec as rendered (the model's defaults it took written in).
-    for job, result in done:
-        resolved = rendered_spec(job, result)
-        outcomes[job.id] = end(
-            rt,
-            job,
-            JobState.SUCCEEDED,
-            **({"spec": resolved} if resolved != job.record.spec else {}),
-            outputs=[rt.store.uri(output_key(job.id, i)) for i in range(len(result.images))],
-            mask=rt.store.uri(mask_key(job.id)) if result.mask_used is not None else "",
-            meta=rt.store.uri(meta_key(job.id)),
-            step=result.steps,
-            total=result.steps,
-        )
-        hb.release(job.id)
-
-
-def job_objects(
-    rt: Runtime, job: Held, result: Any, batch: list[str], timings: dict[str, float]
-) -> dict[str, bytes]:
-    """One job's outputs, mask and meta.json, at its own deterministic keys."""
-    job_id, spec = job.id, job.spec
-    objects = {output_key(job_id, i): images.encode_png(img) for i, img in enumerate(result.images)}
-    if result.mask_used is not None:
-        objects[mask_key(job_id)] = images.encode_png(result.mask_used)
-    meta = {
-        "job_id": job_id,
-        "kind": spec.kind,
-        "spec": rendered_spec(job, result),
-        "seed": spec.seed,
-        "model": spec.model,
-        "height": result.height,
-        "width": result.width,
-        "steps": result.steps,
-        "worker": rt.name,
-        "device": str(rt.device),
-        "attempt": job.attempt,
-        "batch": {"size": len(batch), "jobs": batch},
-        "versions": rt.versions,
-        "timings": timings,
-        "outputs": [rt.store.uri(output_key(job_id, i)) for i in range(len(result.images))],
-        "mask": rt.store.uri(mask_key(job_id)) if result.mask_used is not None else None,
+    timings = {
+        "load_s": round(t_load - t_start, 4),
+        "render_s": round(t_render - t_load, 4),
     }
-    objects[meta_key(job_id)] = json.dumps(meta, indent=2).encode()
-    return objects
-
-
-def rendered_spec(job: Held, result: Any) -> dict[str, Any]:
-    """The job's spec as rendered (resolved against its model), as its record holds a spec."""
-    return dump_spec(result.spec) if getattr(result, "spec", None) is not None else job.record.spec
+    store_and_finish(rt, done, ids, timings, hb, outcomes)
 
 
 def register(rt: Runtime) -> None:
@@ -375,6 +329,7 @@ def run_worker(
             "job still rendering to another worker",
             field="time_limit",
         )
+    require_noeviction(settings)  # before anything heavy loads
     rt = Runtime(settings, device, threads, name)
     # Until Celery installs its own handlers, SIGTERM ends the start-up cleanly (the entry
     # is withdrawn below), rather than killing the process with its entry left behind.
@@ -392,6 +347,7 @@ def run_worker(
 def _serve(
     rt: Runtime, settings: FarmSettings, queues: list[str] | None, preload: list[str], loglevel: str
 ) -> None:
+    check_conditional_writes(rt)
     for ref in preload:
         rt.cache.info(ref)  # loaded (any family, any kind it runs), its pipelines on demand
     for seconds in rt.cache.load_seconds.values():

@@ -37,8 +37,8 @@ from farm.jobs.specs import parse_spec
 if TYPE_CHECKING:
     from farm.client import Farm
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-"""Batch names: safe in Redis keys, idempotency keys and folder names."""
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""Batch names (matched whole: `fullmatch`, so no trailing newline slips through `$`)."""
 
 READ_CHUNK = 1000
 """Slots or job records read per pipelined round trip."""
@@ -46,13 +46,18 @@ READ_CHUNK = 1000
 PENDING = ("unsubmitted", "waiting", "queued", "running")
 """Slot states that may still change (unsubmitted: indexed, but its job was never written)."""
 
+ENDED = ("succeeded", "failed", "cancelled")
+"""Job states that never change."""
+
+STATES = ("waiting", "queued", "running", *ENDED)
+
 MOVING = ("waiting", "queued", "running")
 """Slot states that change by themselves: a waiting slot is queued when what it waits for
 ends. (An unsubmitted slot moves only when the batch is submitted again.)"""
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME.match(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise InvalidJob(
             f"name: {name!r} is not a batch name (letters, digits, '.', '_', '-'; up to 128)",
             field="name",
@@ -219,21 +224,28 @@ class Batch:
     # ------------------------------------------------------------------ following
 
     def status(self) -> BatchStatus:
-        slots = self.slots()
-        counts = Counter(s.state for s in slots)
-        per_job = [int(s.info.get("images", 1)) for s in slots]
-        done = sum(n for s, n in zip(slots, per_job, strict=True) if s.state == "succeeded")
-        total = sum(per_job)
-        started = [s.started_at for s in slots if s.started_at]
-        finished = [s.finished_at for s in slots if s.state == "succeeded" and s.finished_at]
+        """Counts per state, images done, rate and ETA, from the counters the state scripts
+        keep (`BatchIndex.counts`): two reads, whatever the batch's size. A slot whose job was
+        never written counts as `unsubmitted`; a job whose record expired keeps the state it
+        ended in."""
+        meta = self.meta()
+        c = self.index.counts(self.name)
+        total = int(meta.get("jobs", 0))
+        images_total = int(meta.get("images", total))
+        counts = {s: int(c[s]) for s in STATES if c.get(s)}
+        unsubmitted = total - sum(counts.values())
+        if unsubmitted > 0:
+            counts["unsubmitted"] = unsubmitted
+        done = int(c.get("images:succeeded", 0))
+        ended = sum(int(c.get(f"images:{s}", 0)) for s in ENDED)
         rate = eta = None
-        if done and started and finished:
+        if done and c.get("started_at") and c.get("finished_at"):
             pending = sum(counts.get(s, 0) for s in PENDING)
-            until = max(finished) if not pending else time.time()
-            rate = done / max(1e-3, until - min(started))
-            left = sum(n for s, n in zip(slots, per_job, strict=True) if s.state in PENDING)
+            until = c["finished_at"] if not pending else time.time()
+            rate = done / max(1e-3, until - c["started_at"])
+            left = max(0, images_total - ended) if pending else 0
             eta = left / rate if left else None
-        return BatchStatus(self.name, len(slots), dict(counts), done, total, rate, eta)
+        return BatchStatus(self.name, total, counts, done, images_total, rate, eta)
 
     def wait(
         self,
@@ -269,26 +281,24 @@ class Batch:
             )
 
     def failures(self, limit: int | None = None) -> list[SlotFailure]:
-        """The failed slots in manifest order (the first `limit`), each with its job's reason
-        and kind of failure. Reads every slot's state for now (O(slots)); the one method to
-        switch to the batch's failed set once the index keeps one."""
-        failed = [s for s in self.slots() if s.state == "failed" and s.job]
-        if limit is not None:
-            failed = failed[: max(0, limit)]
+        """The failed slots, first failed first (the first `limit`), each with its job's reason
+        and kind of failure: O(failed) whatever the batch's size (the batch's failed set,
+        kept by the same scripts that change states; each record names its slot)."""
+        self.meta()
+        ids = self.index.failed(self.name, limit)
         out: list[SlotFailure] = []
-        for start in range(0, len(failed), READ_CHUNK):
-            chunk = failed[start : start + READ_CHUNK]
-            for s, rec in zip(
-                chunk, self.farm.tracker.get_many(x.job or "" for x in chunk), strict=True
-            ):
-                if rec is None:
-                    continue
+        for start in range(0, len(ids), READ_CHUNK):
+            records = [r for r in self.farm.tracker.get_many(ids[start : start + READ_CHUNK]) if r]
+            slot_ids = [rec.slot or "" for rec in records]
+            infos = self.index.slots(self.name, slot_ids)
+            for rec, slot_id, info in zip(records, slot_ids, infos, strict=True):
+                info = info or {}
                 out.append(
                     SlotFailure(
-                        s.id,
+                        slot_id,
                         rec.id,
-                        s.info.get("row"),
-                        s.info.get("variation"),
+                        info.get("row"),
+                        info.get("variation"),
                         rec.error or "no reason recorded",
                         rec.failure,
                     )

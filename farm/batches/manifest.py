@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from farm.errors import InvalidJob
+from farm.inputs.budgets import Budgets, check_text
 from farm.inputs.resolver import URI_SCHEMES, InputInfo, InputResolver
 from farm.jobs.masks import MaskGenerator, parse_generator
 from farm.jobs.specs import SHORT_NAMES, SPECS, parse_spec
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
 
 MAX_PROBLEMS = 20
 """Bad rows reported at once; validation stops after this many."""
+
+MAX_LINE = 64 * 1024
+"""Bytes per manifest line by default (`FARM_MAX_MANIFEST_LINE`)."""
 
 JOB_FIELDS = frozenset().union(*(cls.model_fields for cls in SPECS.values())) - {
     "image",
@@ -228,8 +232,10 @@ def resolve_row(
     base: dict[str, Any],
     folder: Path,
     inputs: InputResolver,
+    budgets: Budgets | None = None,
 ) -> Row:
-    """One row merged over the batch's defaults (`base`), checked, its inputs read once."""
+    """One row merged over the batch's defaults (`base`), checked, its inputs read once, its
+    job measured against the `budgets` (prompts too: the dry runs skip them)."""
     # 1. Split the row into job fields and labels.
     row = normalize(raw, f"line {line}", row=True)
     labels = {k: v for k, v in row.items() if k not in _ROW_FIELDS}
@@ -277,6 +283,9 @@ def resolve_row(
     if kind == "inpaint":
         spec["mask_image"] = "file:///placeholder"
     checked = parse_spec(spec)
+    budgets = budgets or Budgets()
+    budgets.check(checked)
+    check_text(labels, "label")
     fields = checked.model_dump(mode="json", exclude={"image", "mask_image", "seed", "key"})
     fields = {k: v for k, v in fields.items() if k in merged or k == "kind"}
     out = Row(line, kind, fields, seed=checked.seed, labels=labels, mask_gen=mask_gen)
@@ -284,6 +293,7 @@ def resolve_row(
         out.image_given = str(image_given)
         src = _source(image_given, folder, "image")
         out.image = inputs.info(src, mask=False, field="image")
+        budgets.check(checked, out.image.size)  # the working size taken from the image
     if kind == "inpaint" and mask_gen is None:
         out.mask_given = mask_given if isinstance(mask_given, str) else None
         out.mask = inputs.info(_source(mask_given, folder, "mask"), mask=True, field="mask")
@@ -303,9 +313,12 @@ def resolve_row(
     return out
 
 
-def read_rows(path: Path) -> tuple[dict[str, Any], Iterator[tuple[int, dict[str, Any] | str]]]:
-    """(the defaults block, (line, row) pairs). A row that cannot be parsed comes as a string:
-    what is wrong with it. `InvalidJob` if the file itself cannot be read."""
+def read_rows(
+    path: Path, max_line: int = MAX_LINE
+) -> tuple[dict[str, Any], Iterator[tuple[int, dict[str, Any] | str]]]:
+    """(the defaults block, (line, row) pairs). A row that cannot be parsed, or whose line is
+    longer than `max_line` bytes (`FARM_MAX_MANIFEST_LINE`), comes as a string: what is wrong
+    with it. `InvalidJob` if the file itself cannot be read."""
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".ndjson", ".csv"):
         raise InvalidJob(
@@ -317,9 +330,14 @@ def read_rows(path: Path) -> tuple[dict[str, Any], Iterator[tuple[int, dict[str,
         raise InvalidJob(f"manifest: no such file {str(path)!r}", field="manifest") from None
     except (OSError, UnicodeDecodeError) as e:
         raise InvalidJob(f"manifest: cannot read {str(path)!r} ({e})", field="manifest") from None
+    long = {
+        n: size for n, t in enumerate(text.splitlines(), 1) if (size := len(t.encode())) > max_line
+    }
     if suffix == ".csv":
-        return {}, _csv_rows(text)
+        return {}, _csv_rows(text, long, max_line)
     lines = [(n, s) for n, s in enumerate(text.splitlines(), 1) if s.strip()]
+    if lines and lines[0][0] in long:
+        raise InvalidJob(f"{path.name}:{lines[0][0]}: {_too_long(long[lines[0][0]], max_line)}")
     defaults: dict[str, Any] = {}
     if lines:
         try:
@@ -333,11 +351,20 @@ def read_rows(path: Path) -> tuple[dict[str, Any], Iterator[tuple[int, dict[str,
                 )
             defaults = first["defaults"]
             lines = lines[1:]
-    return defaults, _jsonl_rows(lines)
+    return defaults, _jsonl_rows(lines, long, max_line)
 
 
-def _jsonl_rows(lines: list[tuple[int, str]]) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def _too_long(size: int, max_line: int) -> str:
+    return f"the line is {size} bytes, over FARM_MAX_MANIFEST_LINE ({max_line})"
+
+
+def _jsonl_rows(
+    lines: list[tuple[int, str]], long: dict[int, int], max_line: int
+) -> Iterator[tuple[int, dict[str, Any] | str]]:
     for n, text in lines:
+        if n in long:
+            yield n, _too_long(long[n], max_line)
+            continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
@@ -346,10 +373,18 @@ def _jsonl_rows(lines: list[tuple[int, str]]) -> Iterator[tuple[int, dict[str, A
         yield n, obj if isinstance(obj, dict) else f"expected a JSON object, got {text:.60}"
 
 
-def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def _csv_rows(
+    text: str, long: dict[int, int], max_line: int
+) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    if 1 in long:  # the header
+        yield 1, _too_long(long[1], max_line)
+        return
     reader = csv.DictReader(text.splitlines(keepends=True))
+    first = 2
     for row in reader:
-        yield reader.line_num, row
+        over = [n for n in range(first, reader.line_num + 1) if n in long]
+        first = reader.line_num + 1
+        yield reader.line_num, _too_long(long[over[0]], max_line) if over else row
 
 
 def validate_rows(
@@ -368,7 +403,7 @@ def validate_rows(
         try:
             if isinstance(raw, str):
                 raise InvalidJob(raw)
-            row = resolve_row(line, raw, base, path.parent, sub.inputs)
+            row = resolve_row(line, raw, base, path.parent, sub.inputs, sub.budgets)
             # The client's own checks see the fields and the inputs, not the prompts: rows
             # that differ only in prompts pass or fail them alike.
             alike = _dry_run_key(row)

@@ -42,7 +42,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from farm.batches.batch import check_name, slot_key
-from farm.batches.manifest import Row, normalize, read_rows, validate_rows
+from farm.batches.manifest import (
+    MAX_PROBLEMS,
+    InvalidManifest,
+    Problem,
+    Row,
+    normalize,
+    read_rows,
+    validate_rows,
+)
 from farm.errors import InvalidJob
 from farm.inputs.uploader import UploadHelper
 from farm.jobs.masks import MaskGenerator
@@ -58,6 +66,9 @@ CHUNK_JOBS = 1000
 """Jobs written per chunk (one records pipeline, one messages batch, one index write)."""
 
 MAX_VARIATIONS = 1000
+
+MAX_SEED = 2**63 - 1
+"""The largest seed a spec takes (`farm.jobs.specs`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,16 +153,18 @@ def validate_manifest(
     found): then bad rows are still reported as such. `InvalidManifest` lists them by line."""
     # 1. The manifest, and the batch-wide settings.
     path = Path(manifest)
-    block, raw_rows = read_rows(path)
+    block, raw_rows = read_rows(path, farm.settings.max_manifest_line)
     settings = {
         **normalize(block, "the defaults block", row=False),
         **normalize(defaults or {}, "the command line", row=False),
     }
     variations = _setting(settings, "variations", variations, 1, MAX_VARIATIONS)
-    base_seed = _setting(settings, "seed", seed, 0, 2**63 - 1)
+    base_seed = _setting(settings, "seed", seed, 0, MAX_SEED)
     base = {k: v for k, v in settings.items() if k not in ("variations", "seed")}
-    # 2. Every row checked, each distinct input read once, before anything is written.
+    # 2. Every row checked, each distinct input read once, before anything is written; a
+    #    row's own seed must leave room for its variations.
     rows = validate_rows(sub or Submission(farm), path, raw_rows, base)
+    _check_seeds(path, rows, variations)
     return Validated(path, rows, variations, base_seed, base)
 
 
@@ -247,6 +260,21 @@ def _finish(
         on_chunk(done, total)
 
 
+def _check_seeds(path: Path, rows: list[Row], variations: int) -> None:
+    """`InvalidManifest` for rows whose seed + variation leaves the seeds' range: found now,
+    before the index is written, not when their jobs are."""
+    top = variations - 1
+    problems = [
+        Problem(
+            row.line, f"seed: {row.seed} + variation {top} is over the largest seed, {MAX_SEED}"
+        )
+        for row in rows
+        if row.seed is not None and row.seed + top > MAX_SEED
+    ]
+    if problems:
+        raise InvalidManifest(path, problems[:MAX_PROBLEMS])
+
+
 def _plan(rows: list[Row], variations: int, base_seed: int) -> Iterator[Planned]:
     seen: Counter[str] = Counter()
     for row in rows:
@@ -282,6 +310,7 @@ def _write_index(
         "variations": variations,
         "seed": base_seed,
         "jobs": len(planned),
+        "images": sum(int(p.row.fields.get("num_images_per_prompt", 1)) for p in planned),
         "defaults": base,
         "updated_at": now,
     }

@@ -9,6 +9,7 @@ stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -143,6 +144,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # what cannot be printed as it is, escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     args.argv = argv
@@ -193,7 +197,10 @@ def _farm(*specs: dict[str, Any]) -> Any:
 
 def _print_record(rec: JobRecord, as_json: bool) -> None:
     if as_json:
-        print(rec.model_dump_json(indent=2))
+        try:
+            print(rec.model_dump_json(indent=2))
+        except ValueError:  # text that is not UTF-8 (a record an older client wrote): escaped
+            print(json.dumps(rec.model_dump(mode="json"), indent=2))
         return
     p = rec.progress
     line = f"{rec.id}  {rec.kind}  {rec.state.value}"

@@ -69,10 +69,12 @@ def run_many(args: argparse.Namespace) -> int:
     """`farm worker --gpus ...` or `--workers N`: supervise the children until stopped."""
     from farm.local.launcher import Supervisor, parse_gpus, plan
     from farm.settings import FarmSettings, resolve_settings, settings_env
+    from farm.state.tracker import require_noeviction
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     gpus = parse_gpus(args.gpus) if args.gpus else None
     settings = resolve_settings(FarmSettings())
+    require_noeviction(settings)
     children = plan(
         gpus=gpus,
         workers=args.workers or 1,

@@ -38,27 +38,41 @@ def _refuse(field: str, why: str) -> InvalidJob:
     return InvalidJob(f"{field}: {why}", field=field)
 
 
-def _check_size(img: Image.Image, field: str, max_side: int) -> None:
+MAX_PIXELS = 4096 * 4096
+"""Pixels of a decoded input accepted by default (`FARM_MAX_INPUT_PIXELS`)."""
+
+
+def _check_size(img: Image.Image, field: str, max_side: int, max_pixels: int = MAX_PIXELS) -> None:
     w, h = img.size
     if w <= 0 or h <= 0:
         raise _refuse(field, f"image has no pixels ({w}x{h})")
     if w > max_side or h > max_side:
         raise _refuse(field, f"image is {w}x{h}; the largest side allowed is {max_side}")
+    if w * h > max_pixels:
+        raise _refuse(
+            field,
+            f"image is {w}x{h} = {w * h} pixels, over FARM_MAX_INPUT_PIXELS ({max_pixels})",
+        )
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and w * h > limit:  # Pillow only warns here; we refuse
         raise _refuse(field, f"image is {w}x{h} = {w * h} pixels, over the limit of {limit}")
 
 
-def decode_image(data: bytes, *, field: str, max_side: int = MAX_SIDE) -> Image.Image:
+def decode_image(
+    data: bytes, *, field: str, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS
+) -> Image.Image:
     """Decode PNG, JPEG or WEBP bytes fully, or `InvalidJob(field=field)` with one clear line.
 
-    `load()` runs here, so a truncated or corrupt file fails now. The image keeps its mode.
+    The size is checked from the header first (at most `max_side` a side, `max_pixels` in
+    all), so a small file that declares a huge picture is refused before its pixels take any
+    memory. `load()` runs here, so a truncated or corrupt file fails now. The image keeps its
+    mode.
     """
     if not data:
         raise _refuse(field, "empty file, not an image")
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
-        _check_size(img, field, max_side)  # from the header, before decoding any pixels
+        _check_size(img, field, max_side, max_pixels)  # from the header, before any pixels
         img.load()
     except InvalidJob:
         raise
@@ -71,7 +85,9 @@ def decode_image(data: bytes, *, field: str, max_side: int = MAX_SIDE) -> Image.
     return img
 
 
-def load_image_input(value: Any, *, field: str, max_side: int = MAX_SIDE) -> Image.Image:
+def load_image_input(
+    value: Any, *, field: str, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS
+) -> Image.Image:
     """An RGB image from a path, bytes or a PIL image. URIs are the caller's to fetch."""
     if isinstance(value, str | os.PathLike):
         path = os.fspath(value)
@@ -87,11 +103,11 @@ def load_image_input(value: Any, *, field: str, max_side: int = MAX_SIDE) -> Ima
             raise _refuse(field, f"no such file {str(path)!r}") from None
         except OSError as e:
             raise _refuse(field, f"cannot read {str(path)!r} ({e.strerror or e})") from None
-        img = decode_image(data, field=field, max_side=max_side)
+        img = decode_image(data, field=field, max_side=max_side, max_pixels=max_pixels)
     elif isinstance(value, bytes | bytearray | memoryview):
-        img = decode_image(bytes(value), field=field, max_side=max_side)
+        img = decode_image(bytes(value), field=field, max_side=max_side, max_pixels=max_pixels)
     elif isinstance(value, Image.Image):
-        _check_size(value, field, max_side)
+        _check_size(value, field, max_side, max_pixels)
         img = value
     else:
         raise _refuse(field, f"expected a path, bytes or PIL image, got {type(value).__name__}")

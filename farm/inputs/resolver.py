@@ -10,8 +10,9 @@ a worker reads it from, and (for local inputs) bytes to upload, content-addresse
 Renders, manifests, fine-tunes (their training images) and LoRA refs all go through it, so an
 input is decoded, checked and encoded by one rule wherever it comes from:
 
-- a local path, bytes or a PIL image is decoded (`farm.inputs.images`: formats, bombs, EXIF
-  orientation, RGB; `L` for masks), encoded as PNG and stored at `inputs/<sha256>.png`;
+- a local path, bytes or a PIL image is decoded (`farm.inputs.images`: formats, bombs and
+  `FARM_MAX_INPUT_PIXELS` from the header before decoding, EXIF orientation, RGB; `L` for
+  masks), encoded as PNG and stored at `inputs/<sha256>.png`;
 - an `s3://` / `file://` URI is read from the farm's store (outside it only with
   `FARM_ALLOW_FOREIGN_INPUTS`), decoded and checked, and used where it is;
 - anything else with `://` is refused: the farm never fetches URLs.
@@ -114,9 +115,16 @@ def check_safetensors(data: bytes, what: str, field: str = "loras") -> dict[str,
 class InputResolver:
     """Inputs read, checked and stored once; see the module docstring."""
 
-    def __init__(self, store: ObjectStore, cache_bytes: int = CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        cache_bytes: int = CACHE_BYTES,
+        max_input_pixels: int = images.MAX_PIXELS,
+    ) -> None:
         self.store = store
         self.cache_bytes = cache_bytes
+        self.max_input_pixels = max_input_pixels
+        """Pixels an input may decode to (`FARM_MAX_INPUT_PIXELS`), checked from its header."""
         self.uploads: dict[str, bytes] = {}
         """Key → bytes of what local inputs need stored, until `take_uploads`."""
         self._info: dict[tuple[str, bool], InputInfo | InvalidJob] = {}
@@ -148,7 +156,7 @@ class InputResolver:
             if key not in self._stored:
                 self._stored[key] = self._store(picture)
             return self._stored[key], picture
-        picture = images.load_image_input(value, field=field)  # bytes or a PIL image
+        picture = self._load(value, field)  # bytes or a PIL image
         picture = images.as_mask(picture) if mask else picture
         return ("memory:" if dry else self._store(picture)), picture
 
@@ -234,8 +242,11 @@ class InputResolver:
 
     def _decode(self, source: str, mask: bool, field: str) -> tuple[bytes, Image.Image]:
         data = self._read(source, field)
-        img = images.load_image_input(data, field=field)
+        img = self._load(data, field)
         return data, images.as_mask(img) if mask else img
+
+    def _load(self, value: Any, field: str) -> Image.Image:
+        return images.load_image_input(value, field=field, max_pixels=self.max_input_pixels)
 
     def _remember(self, key: tuple[str, bool], img: Image.Image) -> None:
         self._pixels[key] = img

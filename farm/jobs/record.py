@@ -68,6 +68,10 @@ class JobRecord(BaseModel):
     """The queue its message goes to (`queue_for`); re-sends go there too."""
     depends_on: list[str] = []
     """Jobs that must succeed before this one is queued (a `waiting` job)."""
+    batch: str | None = None
+    """The batch whose slot this job fills now (set when the slot is written)."""
+    slot: str | None = None
+    """That slot's id in the batch's index."""
 
     @property
     def done(self) -> bool:

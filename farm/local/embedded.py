@@ -162,7 +162,7 @@ class RedisServer(ChildProcess):
     """A private `redis-server` on 127.0.0.1, its data (AOF, log, config) in `dir`.
 
     AOF is on by default (`appendfsync everysec`; pass `appendfsync="always"` for tests that
-    SIGKILL the server), RDB snapshots are off. A port is picked when none is given, and kept
+    SIGKILL the server), RDB snapshots are off, nothing is ever evicted (`noeviction`). A port is picked when none is given, and kept
     across `restart()`.
     """
 
@@ -176,6 +176,8 @@ class RedisServer(ChildProcess):
         appendfsync: str = "everysec",
         executable: str | None = None,
         die_with_parent: bool = False,
+        maxmemory: str = "0",
+        maxmemory_policy: str = "noeviction",
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync must be always, everysec or no, got {appendfsync!r}")
@@ -187,6 +189,10 @@ class RedisServer(ChildProcess):
         self.password = password
         self.executable = executable
         self.die_with_parent = die_with_parent
+        self.maxmemory = maxmemory
+        """Its memory limit (`0`: none; `100mb` ...); tests set one to meet `OOM` errors."""
+        self.maxmemory_policy = maxmemory_policy
+        """`noeviction`, as the farm needs; tests set others to see them refused."""
 
     def __repr__(self) -> str:
         return f"RedisServer(port={self.port}, dir={str(self.dir)!r}, running={self.running})"
@@ -214,6 +220,10 @@ class RedisServer(ChildProcess):
             "daemonize no",
             'save ""',
             f"appendonly {'yes' if self.appendonly else 'no'}",
+            # Never evict: an evicting Redis silently deletes queued jobs and batches; full, it
+            # refuses writes instead, which the farm reports as the server's memory limit.
+            f"maxmemory {self.maxmemory}",
+            f"maxmemory-policy {self.maxmemory_policy}",
         ]
         if self.appendonly:
             lines.append(f"appendfsync {self.appendfsync}")

@@ -27,7 +27,7 @@ from farm.local.launcher import Supervisor, plan
 from farm.local.lock import HomeLock
 from farm.queue.routing import FINETUNE_QUEUE, RENDER_QUEUE
 from farm.settings import FarmSettings, settings_env
-from farm.state.tracker import Tracker
+from farm.state.tracker import Tracker, require_noeviction
 
 log = logging.getLogger("farm.up")
 
@@ -136,6 +136,8 @@ class LocalFarm:
             self.redis.start()
             update["redis_url"] = self.redis.url
         self.settings = self.base.model_copy(update=update)
+        if self.redis is None:  # a Redis of its own is configured so; another must say so
+            require_noeviction(self.settings)
         storage = self.settings.storage_url()
         if storage.startswith("file://"):
             from farm.storage import open_store

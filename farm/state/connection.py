@@ -34,6 +34,10 @@ _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 """Down, unreachable, or still loading its AOF (`BusyLoadingError` is a `ConnectionError`)."""
 
 
+_OOM = "OOM command not allowed"
+"""What Redis answers a write past its `maxmemory` (with `noeviction`)."""
+
+
 class Connection:
     """One redis-py client (a thread-safe pool) and where it points, for messages."""
 
@@ -87,10 +91,12 @@ class Connection:
             ) from e
         except redis.ResponseError as e:
             text = str(e)
-            if text.startswith("OOM"):
+            # `-OOM ...`: redis-py makes it an OutOfMemoryError without the code; from inside
+            # a script (a pipeline's EVALSHA) it comes wrapped in a plain ResponseError.
+            if isinstance(e, redis.exceptions.OutOfMemoryError) or _OOM in text:
                 raise TransientError(
                     f"Redis at {self.where} is at its memory limit (the server's maxmemory) and "
-                    f"refused a write while {what}: {text}",
+                    f"refused a write while {what}: OOM {text[text.find(_OOM[4:]) :]}",
                     job_id=job_id,
                 ) from e
             if text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):

@@ -1,16 +1,52 @@
 """The Lua scripts `farm.state.tracker.Tracker` runs in Redis: each is one atomic step.
 
 Every state change goes through `apply`, which checks it against `farm.jobs.state.TRANSITIONS`
-(rendered into the script as a Lua table) and keeps the per-signature index of queued jobs.
-The scripts build job and index keys from their prefixes: one Redis, not a Redis Cluster.
+(rendered into the script as a Lua table), and every change of a job's state, its creation
+included, goes through `moved`, which keeps in the same step everything that follows from
+states, so none of it ever needs a scan to read:
+
+    counts        jobs per state (`RedisKeys.counts`)
+    queued        the queued jobs, scored by when their message was last sent or seen
+    running       the running jobs          waiting    the waiting jobs
+    jobs          the live (not ended) jobs sig:<s>    the queued jobs of a batch signature
+    a batch's     counts and images per state, first start, last success, failed jobs
+                  (for a job that is the current job of one of the batch's slots)
+
+The scripts build keys from the names in `K`, a JSON table the tracker renders from
+`farm.keys.RedisKeys` (`lua_keys`): one Redis, not a Redis Cluster.
 """
 
 from __future__ import annotations
 
+import json
+
 from farm.jobs.state import TERMINAL, TRANSITIONS
+from farm.keys import RedisKeys
 
 
-def _lua_table() -> str:
+def lua_keys(keys: RedisKeys) -> str:
+    """The key names every script takes as its `K` (one JSON argument)."""
+    return json.dumps(
+        {
+            "job": keys.job(""),
+            "sig": keys.signature(""),
+            "events": keys.events,
+            "jobs": keys.jobs,
+            "counts": keys.counts,
+            "queued": keys.queued,
+            "running": keys.running,
+            "waiting": keys.waiting,
+            "queues": keys.queues,
+            "seen": keys.reconciler_seen,
+            "audited": keys.reconciler_audited,
+            "batch": keys.batch(""),
+            "batch_counts": keys.batch_counts("")[len(keys.batch("")) :],
+            "batch_failed": keys.batch_failed("")[len(keys.batch("")) :],
+        }
+    )
+
+
+def lua_tables() -> str:
     rows = ", ".join(
         f"{src.value} = {{{', '.join(f'{d.value} = true' for d in sorted(dsts))}}}"
         for src, dsts in TRANSITIONS.items()
@@ -18,43 +54,101 @@ def _lua_table() -> str:
     return f"local ALLOWED = {{{rows}}}\nlocal TERMINAL = {{{', '.join(f'{t.value} = true' for t in sorted(TERMINAL))}}}\n"
 
 
-# The signature index (`RedisKeys.signature`) holds exactly the queued jobs of each batch
-# signature, most urgent first (higher priority, then older: each priority step weighs 10^8 s,
-# and the score keeps sub-microsecond precision): every script that moves a job into or out of
-# `queued` updates it in the same atomic step.
-INDEX = """
+# `moved(key, id, from, to, at)`: what follows from one job leaving state `from` (nil: it was
+# just created) for `to`, at time `at` (a string: seconds since the epoch; for `to == queued`,
+# when its message was sent). `batch_moved` is the batch's share, also used when a job joins
+# or leaves a batch's slot (`INDEX_SLOTS`: `to` or `from` nil).
+#
+# The signature index holds exactly the queued jobs of each batch signature, most urgent
+# first (higher priority, then older: each priority step weighs 10^8 s, and the score keeps
+# sub-microsecond precision).
+MOVED = (
+    lua_tables()
+    + """
+local K
+
+local function bump(hash, field, by)
+  if by ~= 0 then redis.call('HINCRBY', hash, field, by) end
+end
+
 local function index_score(priority, created_at)
   return string.format('%.6f', (9 - tonumber(priority or '0')) * 1e8 + tonumber(created_at or '0'))
 end
 
-local function reindex(key, id, state, sig_prefix)
+local function reindex(key, id, state)
   local sig = redis.call('HGET', key, 'signature')
   if not sig or sig == '' then return end
   if state == 'queued' then
     local p = redis.call('HMGET', key, 'priority', 'created_at')
-    redis.call('ZADD', sig_prefix .. sig, index_score(p[1], p[2]), id)
+    redis.call('ZADD', K.sig .. sig, index_score(p[1], p[2]), id)
   else
-    redis.call('ZREM', sig_prefix .. sig, id)
+    redis.call('ZREM', K.sig .. sig, id)
+  end
+end
+
+local function batch_moved(key, id, batch, from, to, started, finished)
+  local counts = K.batch .. batch .. K.batch_counts
+  local n = tonumber(redis.call('HGET', key, 'images') or '1')
+  if from then
+    bump(counts, from, -1)
+    bump(counts, 'images:' .. from, -n)
+    if from == 'failed' then redis.call('ZREM', K.batch .. batch .. K.batch_failed, id) end
+  end
+  if not to then return end
+  bump(counts, to, 1)
+  bump(counts, 'images:' .. to, n)
+  if started and started ~= '' then
+    local first = redis.call('HGET', counts, 'started_at')
+    if not first or tonumber(started) < tonumber(first) then
+      redis.call('HSET', counts, 'started_at', started)
+    end
+  end
+  if to == 'succeeded' and finished and finished ~= '' then
+    local last = redis.call('HGET', counts, 'finished_at')
+    if not last or tonumber(finished) > tonumber(last) then
+      redis.call('HSET', counts, 'finished_at', finished)
+    end
+  end
+  if to == 'failed' then
+    redis.call('ZADD', K.batch .. batch .. K.batch_failed, finished or '0', id)
+  end
+end
+
+local function moved(key, id, from, to, at)
+  if from then bump(K.counts, from, -1) end
+  bump(K.counts, to, 1)
+  if from == 'queued' then redis.call('ZREM', K.queued, id)
+  elseif from == 'running' then redis.call('SREM', K.running, id)
+  elseif from == 'waiting' then redis.call('SREM', K.waiting, id) end
+  if to == 'queued' then redis.call('ZADD', K.queued, at, id)
+  elseif to == 'running' then redis.call('SADD', K.running, id)
+  elseif to == 'waiting' then redis.call('SADD', K.waiting, id)
+  elseif TERMINAL[to] then redis.call('ZREM', K.jobs, id) end
+  reindex(key, id, to)
+  local batch = redis.call('HGET', key, 'batch')
+  if batch and batch ~= '' then
+    batch_moved(key, id, batch, from, to, to == 'running' and at or nil, at)
   end
 end
 """
+)
 
 # `apply` makes every state change, for `TRANSITION` (one job) and `CLAIM_BATCH` (several).
 # It returns {status, state, token, attempt}: status is ok | missing | stale | illegal |
 # unexpected (state not among the expected ones). `c` holds what the call shares: now, ttl,
-# lease, worker, nonce, events key, events maxlen, signature index prefix.
+# lease, worker, nonce, events maxlen.
 APPLY = (
-    _lua_table()
-    + INDEX
+    MOVED
     + """
-local function apply(key, id, to, token, expect, fields, c)
+local function apply(id, to, token, expect, fields, c)
+  local key = K.job .. id
   local cur = redis.call('HGET', key, 'state')
   if not cur then return {'missing', '', '', '0'} end
   local attempt = redis.call('HGET', key, 'attempt') or '0'
   local current_token = redis.call('HGET', key, 'token') or ''
 
   local function event(state)
-    redis.call('XADD', c.events, 'MAXLEN', '~', c.maxlen, '*', 'job', id, 'state', state)
+    redis.call('XADD', K.events, 'MAXLEN', '~', c.maxlen, '*', 'job', id, 'state', state)
   end
 
   -- A claim (to == running, no token) may take over a running job whose lease ran out:
@@ -63,6 +157,7 @@ local function apply(key, id, to, token, expect, fields, c)
     local lease_until = tonumber(redis.call('HGET', key, 'lease_until') or '0')
     if lease_until < c.now then
       redis.call('HSET', key, 'state', 'queued', 'token', '')
+      moved(key, id, 'running', 'queued', c.now_s)
       event('queued')
       cur = 'queued'
     end
@@ -90,41 +185,43 @@ local function apply(key, id, to, token, expect, fields, c)
     redis.call('HSET', key, 'finished_at', c.now_s)
     redis.call('EXPIRE', key, c.ttl)
   end
-  reindex(key, id, to, c.sig_prefix)
+  moved(key, id, cur, to, to == 'queued' and (fields.enqueued_at or c.now_s) or c.now_s)
   event(to)
   return {'ok', to, out_token, attempt}
 end
 
-local function context(now, ttl, lease, worker, nonce, events, maxlen, sig_prefix)
-  return {now = tonumber(now), now_s = now, ttl = tonumber(ttl), lease = tonumber(lease),
-          worker = worker, nonce = nonce, events = events, maxlen = tonumber(maxlen),
-          sig_prefix = sig_prefix}
+local function context(raw)
+  local c = cjson.decode(raw)
+  K = c.K
+  c.now_s = c.now
+  c.now = tonumber(c.now)
+  return c
 end
 """
 )
 
-# One state change of one job (KEYS: job, events).
+# One state change of one job (KEYS: job; ARGV: to, token, expect, fields JSON, id, context).
 TRANSITION = (
     APPLY
     + """
-local c = context(ARGV[4], ARGV[5], ARGV[7], ARGV[8], ARGV[10], KEYS[2], ARGV[9], ARGV[12])
-return apply(KEYS[1], ARGV[11], ARGV[1], ARGV[2], ARGV[3], cjson.decode(ARGV[6]), c)
+local c = context(ARGV[6])
+return apply(ARGV[5], ARGV[1], ARGV[2], ARGV[3], cjson.decode(ARGV[4]), c)
 """
 )
 
-# Claim up to n queued jobs of one signature (KEYS: its index, events), most urgent first.
+# Claim up to n queued jobs of one signature (KEYS: its index), most urgent first.
 # Ids that are no longer queued are dropped from the index. Returns {id, token, attempt, ...}.
 CLAIM_BATCH = (
     APPLY
     + """
-local n, job_prefix = tonumber(ARGV[1]), ARGV[2]
-local c = context(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], KEYS[2], ARGV[8], ARGV[9])
+local n = tonumber(ARGV[1])
+local c = context(ARGV[2])
 local out, claimed = {}, 0
 while claimed < n do
   local popped = redis.call('ZPOPMIN', KEYS[1])
   if #popped == 0 then break end
   local id = popped[1]
-  local r = apply(job_prefix .. id, id, 'running', '', 'queued', {}, c)
+  local r = apply(id, 'running', '', 'queued', {}, c)
   if r[1] == 'ok' then
     out[#out + 1], out[#out + 2], out[#out + 3] = id, r[3], r[4]
     claimed = claimed + 1
@@ -147,20 +244,59 @@ if ARGV[5] then redis.call('HSET', key, 'loss', ARGV[5]) end
 return {'ok', redis.call('HGET', key, 'cancel') or '0'}
 """
 
-# Create a record unless one with this id exists (KEYS: job, jobs, events, and the job's
-# signature index when it has one). Returns 1 if created, else 0.
+# Create a record unless one with this id exists (KEYS: job; ARGV: K, created_at, id, then
+# field/value pairs). Returns 1 if created, else 0.
 CREATE = (
-    INDEX
+    MOVED
     + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
-if KEYS[4] and redis.call('HGET', KEYS[1], 'state') == 'queued' then
-  local p = redis.call('HMGET', KEYS[1], 'priority', 'created_at')
-  redis.call('ZADD', KEYS[4], index_score(p[1], p[2]), ARGV[2])
+K = cjson.decode(ARGV[1])
+local key, created_at, id = KEYS[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', key) == 1 then return 0 end
+redis.call('HSET', key, unpack(ARGV, 4))
+redis.call('ZADD', K.jobs, created_at, id)
+local h = redis.call('HMGET', key, 'state', 'queue')
+if h[2] then redis.call('SADD', K.queues, h[2]) end
+moved(key, id, nil, h[1], created_at)
+redis.call('XADD', K.events, 'MAXLEN', '~', 100000, '*', 'job', id, 'state', h[1])
+return 1
+"""
+)
+
+# Point a batch's slots at their jobs (KEYS: the batch's slots hash; ARGV: K, the batch's
+# name, then (slot, entry JSON with "job" its first key, job id) triples; an empty entry: the
+# slot left the batch's order, its entry stays and its job no longer counts). A job counts in its batch's counts while it is the current job of one of
+# its slots: a slot that gets a new job (a retry) takes its old job out of the counts, and a
+# job that joins is counted in the state it is in now. Its record learns its batch and slot.
+INDEX_SLOTS = (
+    MOVED
+    + """
+K = cjson.decode(ARGV[1])
+local name = ARGV[2]
+
+local function count(id, slot, joins)
+  local key = K.job .. id
+  local h = redis.call('HMGET', key, 'state', 'batch', 'started_at', 'finished_at')
+  if not h[1] then return end
+  if joins then
+    if h[2] == name then return end
+    redis.call('HSET', key, 'batch', name, 'slot', slot)
+    batch_moved(key, id, name, nil, h[1], h[3], h[4])
+  elseif h[2] == name then
+    batch_moved(key, id, name, h[1], nil)
+    redis.call('HDEL', key, 'batch', 'slot')
+  end
 end
-local created = redis.call('HGET', KEYS[1], 'state')
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', 'job', ARGV[2], 'state', created)
+
+for i = 3, #ARGV, 3 do
+  local slot, entry, job = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local old = redis.call('HGET', KEYS[1], slot)
+  local old_job = old and string.match(old, '^{"job": "([^"]*)"')  -- always the first key
+  if old_job and (entry == '' or old_job ~= job) then count(old_job, slot, false) end
+  if entry ~= '' then
+    redis.call('HSET', KEYS[1], slot, entry)
+    count(job, slot, true)
+  end
+end
 return 1
 """
 )

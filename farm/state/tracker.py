@@ -35,7 +35,7 @@ from typing import Any
 
 import redis
 
-from farm.errors import FarmError, JobNotFound, StaleAttempt
+from farm.errors import FarmError, InvalidJob, JobNotFound, StaleAttempt
 from farm.jobs.record import Failure, JobRecord, Progress
 from farm.jobs.state import JobState
 from farm.keys import PRIORITY_STEPS, RedisKeys
@@ -44,6 +44,7 @@ from farm.state import scripts
 from farm.state.batch_index import BatchIndex
 from farm.state.connection import Connection
 from farm.state.feed import Feed
+from farm.state.inflight import InFlight
 from farm.state.registry import WorkerRegistry
 from farm.state.tenants import Tenants
 from farm.state.webhooks import Webhooks
@@ -85,7 +86,7 @@ class Tracker:
         self._r = conn.client  # this module's own calls; nothing outside the state wing
         self.keys = RedisKeys(prefix)
         self.record_ttl = record_ttl
-        self.batches = BatchIndex(conn, self.keys)
+        self.batches = BatchIndex(conn, self.keys, scripts.lua_keys(self.keys))
         """The batch index (`farm.state.batch_index`)."""
         self.workers = WorkerRegistry(conn, self.keys)
         """The worker registry (`farm.state.registry`)."""
@@ -95,11 +96,15 @@ class Tracker:
         """Webhook deliveries (`farm.state.webhooks`)."""
         self.feed = Feed(conn, self.keys)
         """One job's events, progress and previews, for followers (`farm.state.feed`)."""
+        self._lua_keys = scripts.lua_keys(self.keys)
         self._transition = self._r.register_script(scripts.TRANSITION)
         self._heartbeat = self._r.register_script(scripts.HEARTBEAT)
         self._create = self._r.register_script(scripts.CREATE)
         self._claim_batch = self._r.register_script(scripts.CLAIM_BATCH)
         self._take_due = self._r.register_script(scripts.TAKE_DUE)
+        self.inflight = InFlight(conn, self.keys, self._lua_keys)
+        """The reconciler's view of what is queued, running and in the broker
+        (`farm.state.inflight`)."""
 
     @classmethod
     def from_url(
@@ -151,6 +156,21 @@ class Tracker:
                 return None
         return value.get(name) if isinstance(value, dict) else None
 
+    def check_eviction_policy(self) -> None:
+        """`InvalidJob` unless the server evicts nothing when full (`maxmemory-policy
+        noeviction`, Redis' own default): any other policy silently deletes batches, queue
+        lists and queued jobs' records under memory pressure, where `noeviction` refuses the
+        write with an error the farm reports ("at its memory limit"). A server that will not
+        say (CONFIG renamed, a managed Redis) is taken at its word."""
+        policy = self.server_config("maxmemory-policy")
+        if policy is not None and policy != "noeviction":
+            raise InvalidJob(
+                f"Redis at {self.where} has maxmemory-policy {policy}: the farm needs "
+                "noeviction (an evicting Redis silently deletes queued jobs and batches); set "
+                "`maxmemory-policy noeviction` in its config",
+                field="maxmemory-policy",
+            )
+
     # ------------------------------------------------------------------ create / read
 
     def create(self, records: Sequence[dict[str, Any]]) -> list[bool]:
@@ -165,10 +185,11 @@ class Tracker:
                     if v is None:
                         continue
                     flat += [k, json.dumps(v) if isinstance(v, dict | list) else v]
-                keys = [self.keys.job(rec["id"]), self.keys.jobs, self.keys.events]
-                if rec.get("signature"):
-                    keys.append(self.keys.signature(rec["signature"]))
-                self._create(keys=keys, args=[rec["created_at"], rec["id"], *flat], client=pipe)
+                self._create(
+                    keys=[self.keys.job(rec["id"])],
+                    args=[self._lua_keys, rec["created_at"], rec["id"], *flat],
+                    client=pipe,
+                )
             return [bool(x) for x in pipe.execute()[offset:]]
 
     def get(self, job_id: str) -> JobRecord:
@@ -204,23 +225,6 @@ class Tracker:
             (state, int(step or 0), int(total or 0))
             for state, step, total in self.job_fields(job_ids, "state", "step", "total")
         ]
-
-    def live_ids(self) -> Iterator[list[str]]:
-        """Every live job id (the `jobs` index), oldest first, a chunk at a time."""
-        start = 0
-        while True:
-            with self._conn.doing("listing live jobs"):
-                ids: list[str] = self._r.zrange(self.keys.jobs, start, start + SCAN_CHUNK - 1)  # type: ignore[assignment]
-            if not ids:
-                return
-            yield ids
-            start += SCAN_CHUNK
-
-    def forget(self, job_ids: Sequence[str]) -> None:
-        """Drop ended (or expired) jobs from the live index; their records stay until their TTL."""
-        if job_ids:
-            with self._conn.doing("pruning the live index"):
-                self._r.zrem(self.keys.jobs, *job_ids)
 
     # ------------------------------------------------------------------ events
 
@@ -264,8 +268,8 @@ class Tracker:
         """Every job id the farm still knows, most recent activity first, each once, a chunk
         at a time: the events stream read backwards (a job's last state change first), then
         the live jobs it no longer mentions (it is trimmed to `EVENTS_MAXLEN`). What `farm
-        jobs` lists: ended jobs leave the live index (the reconciler prunes it) but stay in
-        the stream, and their records stay for `FARM_RECORD_TTL`."""
+        jobs` lists: ended jobs leave the live index but stay in the stream, and their
+        records stay for `FARM_RECORD_TTL`."""
         seen: set[str] = set()
         end = "+"
         while True:
@@ -279,7 +283,13 @@ class Tracker:
             if len(events) < chunk:
                 break
             end = "(" + events[-1][0]
-        for ids in self.live_ids():
+        start = 0
+        while True:  # the jobs that have not ended (the live index), oldest first
+            with self._conn.doing("listing live jobs"):
+                ids: list[str] = self._r.zrange(self.keys.jobs, start, start + chunk - 1)  # type: ignore[assignment]
+            if not ids:
+                return
+            start += chunk
             fresh = [job_id for job_id in ids if job_id not in seen]
             seen.update(fresh)
             if fresh:
@@ -309,25 +319,27 @@ class Tracker:
         }
         with self._conn.doing(f"moving a job to {JobState(to).value}", job_id):
             status, state, new_token, attempt = self._transition(
-                keys=[self.keys.job(job_id), self.keys.events],
+                keys=[self.keys.job(job_id)],
                 args=[
                     JobState(to).value,
                     token or "",
                     ",".join(JobState(s).value for s in expect),
-                    repr(time.time()),
-                    self.record_ttl,
                     json.dumps(payload),
-                    lease,
-                    worker,
-                    EVENTS_MAXLEN,
-                    uuid.uuid4().hex[:12],
                     job_id,
-                    self.keys.signature(""),
+                    self._context(lease, worker),
                 ],
             )
         if status == "missing":
             raise JobNotFound("no such job", job_id=job_id)
         return Transition(status, JobState(state), new_token, int(attempt))
+
+    def _context(self, lease: float, worker: str) -> str:
+        """What `apply` shares across one call's changes (`farm.state.scripts`)."""
+        return (
+            f'{{"K": {self._lua_keys}, "now": "{time.time()!r}", "ttl": {self.record_ttl}, '
+            f'"lease": {float(lease)!r}, "worker": {json.dumps(worker)}, '
+            f'"nonce": "{uuid.uuid4().hex[:12]}", "maxlen": {EVENTS_MAXLEN}}}'
+        )
 
     def claim(self, job_id: str, worker: str, lease: float) -> Transition:
         """Start an attempt: queued → running (or take over a running job whose lease ran out)."""
@@ -345,18 +357,7 @@ class Tracker:
             return []
         with self._conn.doing("claiming a batch"):
             flat = self._claim_batch(
-                keys=[self.keys.signature(signature), self.keys.events],
-                args=[
-                    n,
-                    self.keys.job(""),
-                    repr(time.time()),
-                    self.record_ttl,
-                    lease,
-                    worker,
-                    uuid.uuid4().hex[:12],
-                    EVENTS_MAXLEN,
-                    self.keys.signature(""),
-                ],
+                keys=[self.keys.signature(signature)], args=[n, self._context(lease, worker)]
             )
         return [
             (flat[i], Transition("ok", JobState.RUNNING, flat[i + 1], int(flat[i + 2])))
@@ -493,7 +494,14 @@ class Tracker:
             with self._conn.doing("releasing waiting jobs", job_id):
                 self._r.srem(self.keys.dependents(job_id), *ids)
 
-    # ------------------------------------------------------------------ queues, locks
+    # ------------------------------------------------------------------ counts, queues, locks
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state, from the counters the state scripts keep (`RedisKeys.counts`): live
+        states now, ended states ever. One read, whatever the farm's size."""
+        with self._conn.doing("reading job counts"):
+            raw: dict[str, str] = self._r.hgetall(self.keys.counts)  # type: ignore[assignment]
+        return {state.value: int(raw.get(state.value, 0)) for state in JobState}
 
     def queue_lengths(self, queues: Iterable[str]) -> dict[str, dict[int, int]]:
         """Messages waiting per queue and kombu priority step, in one round trip (kombu keeps
@@ -512,10 +520,15 @@ class Tracker:
         the dashboard, metrics and KEDA read."""
         return {q: sum(steps.values()) for q, steps in self.queue_lengths(queues).items()}
 
-    def try_lock(self, key: str, owner: str, seconds: float) -> bool:
-        """Take `key` for `seconds` unless someone holds it; whether this caller has it now."""
-        with self._conn.doing("taking a lock"):
-            return bool(self._r.set(key, owner, nx=True, px=max(1, int(seconds * 1000))))
+
+def require_noeviction(settings: FarmSettings) -> None:
+    """What `farm worker` and `farm up` check before they start: the farm's Redis evicts
+    nothing (`Tracker.check_eviction_policy`)."""
+    tracker = Tracker.from_settings(settings)
+    try:
+        tracker.check_eviction_policy()
+    finally:
+        tracker.close()
 
 
 def _record(job_id: str, h: dict[str, str]) -> JobRecord:
@@ -544,6 +557,8 @@ def _record(job_id: str, h: dict[str, str]) -> JobRecord:
         signature=h.get("signature") or None,
         queue=h.get("queue") or None,
         depends_on=json.loads(h.get("depends_on", "[]")),
+        batch=h.get("batch") or None,
+        slot=h.get("slot") or None,
     )
 
 

@@ -6,8 +6,13 @@
     True
 
 base.py   `ObjectStore`, the key rules (`check_key`) and the storage errors
-local.py  `LocalStore`: a folder, atomic writes
-s3.py     `S3Store`: AWS S3, MinIO, any S3-compatible server (boto3, imported only here)
+local.py  `LocalStore`: a folder, atomic writes, first-writer-wins creates (`os.link`)
+s3.py     `S3Store`: AWS S3, MinIO, any S3-compatible server (boto3, imported only here);
+          first-writer-wins creates with `If-None-Match: *`
+
+`put` replaces; `put_new` stores only where the key holds nothing yet, atomically, and says
+whether it did: results are written with it, so what a job stored is never replaced (a
+superseded attempt's late writes lose; see `workers.results`).
 
 This wing imports `farm.errors` and `farm.settings` only. `open_store` imports boto3 only for
 an `s3://` store, so a `file://` farm never loads it.

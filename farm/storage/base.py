@@ -35,6 +35,9 @@ PUT_MANY_THREADS = 16
 TMP_PREFIX = ".farm-tmp-"
 """LocalStore's in-flight temp files start with this; keys may not."""
 
+TMP_DIR = ".farm-tmp"
+"""LocalStore's folder of in-flight temp files; no key segment may start with it."""
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 """Control characters, refused in keys."""
 
@@ -58,7 +61,7 @@ def check_key(key: str) -> str:
     """`key` if it is a safe relative key, else `InvalidJob` naming it.
 
     Refused: empty, a leading `/`, a backslash, an empty, `.` or `..` segment, a control
-    character, or a segment starting with `.farm-tmp-` (LocalStore's temp files).
+    character, or a segment starting with `.farm-tmp` (LocalStore's temp files and their folder).
     """
     if not isinstance(key, str) or not key:
         raise InvalidJob(f"storage key must be a non-empty string, got {key!r}", field="key")
@@ -74,8 +77,8 @@ def check_key(key: str) -> str:
             if seg in ("", ".", ".."):
                 why = f"has an empty, '.' or '..' segment ({seg!r})"
                 break
-            if seg.startswith(TMP_PREFIX):
-                why = f"has a segment starting with {TMP_PREFIX!r} (reserved)"
+            if seg.startswith(TMP_DIR):
+                why = f"has a segment starting with {TMP_DIR!r} (reserved)"
                 break
     if why:
         raise InvalidJob(f"storage key {key!r} {why}", field="key")
@@ -104,6 +107,14 @@ class ObjectStore(ABC):
     @abstractmethod
     def put(self, key: str, data: bytes, content_type: str | None = None) -> str:
         """Store `data` under `key` (replacing it); return its URI. Type guessed from the key."""
+
+    @abstractmethod
+    def put_new(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        """Store `data` under `key` only if no object is there yet; True if this call wrote
+        it, False if the key existed (the bytes are dropped). Atomic: of writers racing for
+        one key exactly one wins, so an object once stored is never replaced (S3
+        `If-None-Match: *`, `os.link` on a folder). What a worker's results are written with:
+        a superseded attempt can never replace what the current one stored."""
 
     @abstractmethod
     def get(self, key: str) -> bytes:
@@ -165,6 +176,18 @@ class ObjectStore(ABC):
         with ThreadPoolExecutor(min(len(items), PUT_MANY_THREADS), "farm-put") as pool:
             futures = [pool.submit(self.put, k, v, content_type) for k, v in items.items()]
         return [f.result() for f in futures]
+
+    def put_many_new(self, items: Mapping[str, bytes]) -> dict[str, bool]:
+        """`put_new` for every item, in parallel: key → True where this call wrote it, False
+        where the key held an object already. All are waited for; then the first failure (in
+        `items` order) is raised."""
+        for key in items:
+            check_key(key)
+        if len(items) <= 1:
+            return {k: self.put_new(k, v) for k, v in items.items()}
+        with ThreadPoolExecutor(min(len(items), PUT_MANY_THREADS), "farm-put") as pool:
+            futures = {k: pool.submit(self.put_new, k, v) for k, v in items.items()}
+        return {k: f.result() for k, f in futures.items()}
 
     def put_missing(self, items: Mapping[str, bytes]) -> int:
         """Store the content-addressed `items` not stored yet; how many were uploaded.

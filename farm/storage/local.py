@@ -1,9 +1,26 @@
-"""`LocalStore`: the farm's storage in a folder, with atomic writes."""
+"""`LocalStore`: the farm's storage in a folder, with atomic writes and first-writer-wins
+creates.
+
+Every write goes to a temp file in one folder of its own, `<root>/.farm-tmp/`
+(`TMP_DIR`, on the same filesystem as the objects, and a name no key may take), is fsynced,
+then is moved into place:
+
+    put      `os.replace(tmp, path)`: readers see the old bytes or the new, never half a file
+    put_new  `os.link(tmp, path)`: the link fails with `FileExistsError` when the key exists,
+             so of two writers of one key exactly one wins, atomically, and the loser's
+             bytes are dropped with its temp file (POSIX `link(2)` never replaces a file;
+             `O_EXCL` alone would let a reader see a half-written object)
+
+A process killed mid-write leaves its temp file behind; opening the store removes temp
+files older than `STALE_TMP_SECONDS` (a write in flight is never that old), and because they
+all live in one folder that costs one directory listing, not a walk of the store.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -12,6 +29,7 @@ from urllib.parse import unquote, urlsplit
 from farm.errors import InvalidJob, TransientError
 from farm.storage.base import (
     DEFAULT_URL_EXPIRES,
+    TMP_DIR,
     TMP_PREFIX,
     ObjectNotFound,
     ObjectStore,
@@ -20,16 +38,34 @@ from farm.storage.base import (
     check_key,
 )
 
+STALE_TMP_SECONDS = 3600.0
+"""A temp file this old belongs to a writer that died: opening the store removes it."""
+
 
 class LocalStore(ObjectStore):
-    """A directory (created if missing). Writes are atomic (temp file in the same folder, fsync, `os.replace`), so a
-    reader sees the old bytes or the new ones, never half a file."""
+    """A directory (created if missing). Writes are atomic (a temp file, fsync, then
+    `os.replace` or `os.link`: see the module docstring), so a reader sees the old bytes or
+    the new ones, never half a file."""
 
     def __init__(self, root: Path | str, allow_foreign: bool = False) -> None:
         self.root = Path(root).expanduser().resolve()
         self.allow_foreign = allow_foreign
+        self.tmp = self.root / TMP_DIR
         with suppress(OSError):  # a read-only client may not create it; `put` reports why
             self.root.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_temp_files()
+
+    def remove_stale_temp_files(self, older_than: float = STALE_TMP_SECONDS) -> int:
+        """Delete temp files left by writers that died mid-write; how many were removed."""
+        removed = 0
+        cutoff = time.time() - older_than
+        with suppress(OSError), os.scandir(self.tmp) as entries:
+            for entry in entries:
+                with suppress(OSError):
+                    if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -52,22 +88,37 @@ class LocalStore(ObjectStore):
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> str:
         path = self._path(key)
-        with self._errors("put", key):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{secrets.token_hex(6)}")
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with suppress(OSError):
-                    os.unlink(tmp)
-                raise
+        with self._errors("put", key), self._temp_file(path, data) as tmp:
+            os.replace(tmp, path)
             _fsync_dir(path.parent)
         return self.uri(key)
+
+    def put_new(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        path = self._path(key)
+        with self._errors("put", key), self._temp_file(path, data) as tmp:
+            try:
+                os.link(tmp, path)  # never replaces: the first writer of the key wins
+            except FileExistsError:
+                return False
+            _fsync_dir(path.parent)
+        return True
+
+    @contextmanager
+    def _temp_file(self, path: Path, data: bytes) -> Iterator[Path]:
+        """`data` in a fsynced temp file (in `TMP_DIR`), removed when the block ends."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(exist_ok=True)
+        tmp = self.tmp / f"{TMP_PREFIX}{path.name}.{secrets.token_hex(8)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            yield tmp
+        finally:
+            with suppress(OSError):
+                os.unlink(tmp)  # moved by `put` already, or linked (or not) by `put_new`
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -84,11 +135,12 @@ class LocalStore(ObjectStore):
         _check_prefix(prefix)
         base = self.root.joinpath(*prefix.split("/")[:-1])
         keys = []
-        for dirpath, _dirs, files in os.walk(base):
+        for dirpath, dirs, files in os.walk(base):
+            dirs[:] = [d for d in dirs if not d.startswith(TMP_DIR)]  # the temp folder
             rel = Path(dirpath).relative_to(self.root).as_posix()
             for name in files:
                 key = name if rel == "." else f"{rel}/{name}"
-                if key.startswith(prefix) and not name.startswith(TMP_PREFIX):
+                if key.startswith(prefix) and not name.startswith(TMP_DIR):
                     keys.append(key)
         return sorted(keys)
 

@@ -3,11 +3,20 @@
 One client per store, shared by threads (boto3 clients are thread-safe); botocore's standard
 retry mode; request checksums only where required (some S3-compatible servers refuse the CRC
 headers boto3 >= 1.36 sends by default); path-style addressing for custom endpoints.
+
+First writer wins (`put_new`): a conditional PUT, `If-None-Match: *` (boto3's `IfNoneMatch`),
+which AWS S3 (since 2024-08), MinIO and moto honour: the server stores the object only if the
+key holds none, else answers 412 PreconditionFailed, and the bytes are dropped. 409
+ConditionalRequestConflict (another conditional write to the key in flight) is retried until one
+of them has won. A retry of our own PUT whose first try did land answers 412 as well: the
+object is there either way. A server that ignores the header would silently replace objects;
+`conditional_writes_honoured` tells (the worker checks it at start).
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -46,6 +55,12 @@ _THROTTLED = {
     "ServiceUnavailable",
 }
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_EXISTS = {"PreconditionFailed", "412"}
+"""A conditional PUT (`If-None-Match: *`) refused because the key holds an object."""
+_CONFLICT = {"ConditionalRequestConflict", "409"}
+"""Another conditional write to the same key was in flight: try again."""
+
+CONFLICT_ATTEMPTS = 5
 
 
 def _transient_status(status: int) -> bool:
@@ -153,6 +168,39 @@ class S3Store(ObjectStore):
                 ContentType=_content_type(key, content_type),
             )
         return self.uri(key)
+
+    def put_new(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        full = self._full(key)
+        for attempt in range(CONFLICT_ATTEMPTS):
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=full,
+                    Body=data,
+                    ContentType=_content_type(key, content_type),
+                    IfNoneMatch="*",
+                )
+                return True
+            except ClientError as e:
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                if code in _EXISTS:
+                    return False
+                if code not in _CONFLICT or attempt == CONFLICT_ATTEMPTS - 1:
+                    with self._errors("put", full):
+                        raise
+            except Exception:
+                with self._errors("put", full):
+                    raise
+        raise AssertionError("unreachable")
+
+    def conditional_writes_honoured(self, probe: str = "farm-probe/") -> bool:
+        """Whether the server refuses a second `If-None-Match: *` PUT of one key (a server
+        that ignores the header would let a superseded attempt replace results)."""
+        key = f"{probe}conditional-{uuid.uuid4().hex}"
+        try:
+            return self.put_new(key, b"1") and not self.put_new(key, b"2")
+        finally:
+            self.delete(key)
 
     def get(self, key: str) -> bytes:
         full = self._full(key)

@@ -358,8 +358,14 @@ def test_submit_that_died_before_indexing_is_completed(farm, settings, data):
     batch = Batch(farm, "cats")
     lost = batch.slots()[:2]
     # As if the first submit died after writing two records but before their messages and
-    # their slots: the slots are missing, the queue is empty.
-    raw(farm).hdel(farm.tracker.keys.batch_slots("cats"), *(s.id for s in lost))
+    # their slots: the slots are missing (and their jobs not counted in the batch, which
+    # happens as their slots are written), the queue is empty.
+    keys = farm.tracker.keys
+    raw(farm).hdel(keys.batch_slots("cats"), *(s.id for s in lost))
+    for s in lost:
+        raw(farm).hdel(keys.job(s.job), "batch", "slot")
+    raw(farm).hincrby(keys.batch_counts("cats"), "queued", -len(lost))
+    raw(farm).hincrby(keys.batch_counts("cats"), "images:queued", -len(lost))
     for key in raw(farm).scan_iter(f"{settings.key_prefix}celery:render*"):
         raw(farm).delete(key)
     assert batch.status().counts == {"unsubmitted": 2, "queued": 2}

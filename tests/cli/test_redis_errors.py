@@ -11,6 +11,7 @@ import time
 import uuid
 
 import pytest
+import redis
 
 from farm import Farm, JobCancelled, Txt2Img
 from farm.errors import EXIT_UNAVAILABLE, TransientError
@@ -160,3 +161,55 @@ def test_wait_gives_up_in_one_line_when_redis_stays_away(restartable, tmp_path):
     assert err.strip().splitlines()[-1].startswith("farm: Redis unavailable at "), err
     with pytest.raises(TransientError, match="Redis unavailable at 127.0.0.1"):
         Farm(settings).get(job.id)
+
+
+# --------------------------------------------------------------------------- memory limits
+
+
+@pytest.fixture
+def evicting(tmp_path):
+    with RedisServer(tmp_path / "lru", appendonly=False, maxmemory_policy="allkeys-lru") as rs:
+        yield rs
+
+
+@pytest.mark.parametrize("command", [("worker",), ("worker", "--workers", "2"), ("up",)])
+def test_worker_and_up_refuse_a_redis_that_evicts(evicting, tmp_path, command):
+    settings = FarmSettings(
+        redis_url=evicting.url, storage=(tmp_path / "s").as_uri(), home=tmp_path
+    )
+    res = run_cli(settings, *command, timeout=120)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    (line,) = res.stderr.strip().splitlines()[-1:]
+    assert "Traceback" not in res.stderr
+    assert (
+        line.startswith("farm: error: Redis at 127.0.0.1:")
+        and "maxmemory-policy allkeys-lru" in line
+    )
+    assert "needs noeviction" in line
+
+
+def test_the_embedded_redis_never_evicts(tmp_path):
+    with RedisServer(tmp_path / "r", appendonly=False) as rs:
+        client = rs.client(decode_responses=True)
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        client.close()
+
+
+def test_a_full_redis_is_one_line_naming_its_memory_limit(tmp_path):
+    with RedisServer(tmp_path / "full", appendonly=False, maxmemory="3mb") as rs:
+        settings = FarmSettings(redis_url=rs.url, storage=(tmp_path / "s").as_uri(), home=tmp_path)
+        filler = rs.client()
+        try:  # fill it to the brim, as a backlog would
+            for i in range(100_000):
+                filler.set(f"filler:{i}", "x" * 1000)
+        except redis.exceptions.OutOfMemoryError:
+            pass
+        finally:
+            filler.close()
+        res = run_cli(settings, "submit", "txt2img", "--model", "tiny", "--prompt", "a fox")
+        assert res.returncode == EXIT_UNAVAILABLE, (res.returncode, res.stderr)
+        assert "Traceback" not in res.stderr
+        (line,) = res.stderr.strip().splitlines()
+        assert "is at its memory limit (the server's maxmemory)" in line and "OOM" in line
+        with Farm(settings) as farm, pytest.raises(TransientError, match="memory limit"):
+            farm.submit(Txt2Img(model="tiny", prompt="a fox"))

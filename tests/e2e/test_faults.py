@@ -228,10 +228,13 @@ def test_reconciler_hands_back_expired_leases_and_resends_lost_messages(tmp_path
         report = reconcile(farm.tracker, farm.celery, requeue_after=3600)
         assert report.handed_back == [stuck.id] and report.requeued == []
         assert stuck.status().state == JobState.QUEUED
+        # Both are overdue, but only `lost` has no message: the hand-back sent `stuck` one.
         report = reconcile(farm.tracker, farm.celery, requeue_after=0, now=time.time() + 1)
-        assert set(report.requeued) == {stuck.id, lost.id}
+        assert report.requeued == [lost.id] and report.audited == 1
         waiting = sum(raw(farm).llen(k) for k in raw(farm).keys(f"{queue}*"))
-        assert waiting == 3  # one for the hand-back, one each for the re-sends
+        assert waiting == 2  # one for the hand-back, one for the re-send
+        report = reconcile(farm.tracker, farm.celery, requeue_after=0, now=time.time() + 2)
+        assert report.requeued == [] and report.audited == 2  # sent once
 
 
 @pytest.mark.parametrize("appendonly", [True, False], ids=["aof", "no-persistence"])
@@ -298,3 +301,53 @@ def test_storage_down_for_long_fails_the_job_with_the_reason(s3_behind_proxy):
     assert rec.state == JobState.FAILED
     assert "gave up after 2 attempts" in rec.error and "storage" in rec.error.lower()
     assert rec.outputs == [] and rec.meta is None  # never succeeded without its objects
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory, s3_server, redis_aof):
+    """One worker, a time limit of 3 s, fault injection on."""
+    tmp = tmp_path_factory.mktemp("limited")
+    settings, store = make_settings(tmp, s3_server, redis_aof.url, time_limit=3.0)
+    with LocalFarm(settings, workers=1, threads=1, preload=["tiny"], restart=False) as lf:
+        yield lf, store
+
+
+def test_jobs_that_fit_the_time_limit_alone_are_split_when_together_they_do_not(limited):
+    lf, store = limited
+    with Farm(lf.settings) as farm:
+        # Behind a busy worker the four queue up, and the worker gathers them into one call:
+        # each step costs 0.25 s per job, so 4 steps take 1 s alone and 4 s together.
+        blocker = farm.submit(
+            Txt2Img(
+                model="tiny", prompt="[fault:slow-steps=0.2] x", seed=50, num_inference_steps=10
+            )
+        )
+        wait_running(blocker, min_step=1)
+        specs = [
+            Txt2Img(
+                model="tiny", prompt="[fault:slow-steps=0.25] x", seed=51 + i, num_inference_steps=4
+            )
+            for i in range(4)
+        ]
+        jobs = farm.submit_many(specs)
+        records = farm.wait([blocker.id, *(j.id for j in jobs)], timeout=180)
+        assert [r.state for r in records] == [JobState.SUCCEEDED] * 5, [r.error for r in records]
+        assert check(store, {r.id: 1 for r in records}).clean
+    logs = "".join(p.read_text() for p in lf.log_dir.glob("*.log"))
+    assert "micro-batch of 4 ran past its time limit; retrying halves" in logs
+
+
+def test_a_worker_refuses_a_job_over_budget_that_an_older_client_let_through(limited):
+    lf, store = limited
+    older = lf.settings.model_copy(update={"max_prompt_chars": 100_000, "max_pixels": 8192**2})
+    with Farm(older) as farm:
+        long = farm.submit(Txt2Img(model="tiny", prompt="a fox " * 2000, num_inference_steps=2))
+        big = farm.submit(
+            Txt2Img(model="tiny", prompt="x", height=4096, width=2048, num_inference_steps=2)
+        )
+        first, second = farm.wait([long.id, big.id], timeout=120)
+    assert first.state == JobState.FAILED and first.error == (
+        "prompt: is 12000 characters, over FARM_MAX_PROMPT_CHARS (4000)"
+    )
+    assert second.state == JobState.FAILED and "over FARM_MAX_PIXELS (4194304)" in second.error
+    assert first.attempt == second.attempt == 1  # refused for good, never retried

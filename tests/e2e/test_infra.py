@@ -391,6 +391,7 @@ def test_redis_statefulset_keeps_an_aof_on_a_volume_behind_the_password():
     (container,) = sts["spec"]["template"]["spec"]["containers"]
     args = " ".join(container["args"])
     assert "--appendonly yes" in args and "--requirepass $(REDIS_PASSWORD)" in args
+    assert "--maxmemory-policy noeviction" in args  # workers refuse any other
     secret_ref = env_of(container)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert secret_ref == {"name": "farm-secrets", "key": "REDIS_PASSWORD"}
     (claim,) = sts["spec"]["volumeClaimTemplates"]
@@ -438,6 +439,7 @@ def test_compose_redis_minio_and_flower():
     redis = services["redis"]
     command = " ".join(redis["command"])
     assert "--appendonly yes" in command and '--requirepass "$$REDIS_PASSWORD"' in command
+    assert "--maxmemory-policy noeviction" in command  # workers refuse any other
     assert "${REDIS_PASSWORD:?" in redis["environment"]["REDIS_PASSWORD"]
     assert "ping" in " ".join(redis["healthcheck"]["test"])
     assert redis["volumes"] == ["redis-data:/data"]

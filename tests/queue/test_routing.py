@@ -113,6 +113,8 @@ def test_jobs_go_to_the_worker_holding_their_model_and_run_without_it(settings, 
             assert m["farm_batch_size_count"] == 4 and m["farm_batch_size_sum"] == 4
             assert m["farm_pipeline_load_seconds_count"] == 1  # the preload, once
             assert m['farm_queue_depth{queue="render"}'] == 0
+            assert m['farm_jobs_in_state{state="succeeded"}'] == 4  # farm-wide, from counters
+            assert m['farm_jobs_in_state{state="queued"}'] == 0
             assert m[f'farm_queue_depth{{queue="{model_queue("tiny")}"}}'] == 0
             assert m['farm_device_memory_bytes{device="cpu"}'] > 10_000_000
             assert m["farm_models_warm"] == 1

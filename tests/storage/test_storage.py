@@ -56,6 +56,38 @@ def test_put_get_exists_delete(store: ObjectStore) -> None:
     store.delete("jobs/j1/out/0.png")  # deleting a missing key is not an error
 
 
+def test_put_new_first_writer_wins_and_the_loser_drops_its_bytes(store: ObjectStore) -> None:
+    assert store.put_new("jobs/j1/out/0.png", b"first") is True
+    assert store.put_new("jobs/j1/out/0.png", b"second") is False
+    assert store.get("jobs/j1/out/0.png") == b"first"
+    assert store.put_many_new({"jobs/j1/out/0.png": b"third", "jobs/j1/meta.json": b"{}"}) == {
+        "jobs/j1/out/0.png": False,
+        "jobs/j1/meta.json": True,
+    }
+    assert store.get("jobs/j1/out/0.png") == b"first"
+    assert store.list("jobs/j1/") == ["jobs/j1/meta.json", "jobs/j1/out/0.png"]
+
+
+def test_put_new_racing_writers_exactly_one_wins(store: ObjectStore) -> None:
+    n = 8
+    barrier = threading.Barrier(n)
+    won: list[bytes] = []
+
+    def write(i: int) -> None:
+        data = f"writer {i}".encode() * 1000
+        barrier.wait()
+        if store.put_new("jobs/race/out/0.png", data):
+            won.append(data)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1
+    assert store.get("jobs/race/out/0.png") == won[0]
+
+
 def test_empty_and_binary_payloads_round_trip(store: ObjectStore) -> None:
     payload = bytes(range(256)) * 1000
     store.put("a/empty.bin", b"")
@@ -189,6 +221,11 @@ def s3_store(s3_server: S3Server, request) -> S3Store:
     store = S3Store(bucket, "pre/fix", endpoint_url=s3_server.endpoint_url, region="us-east-1")
     store.ensure_bucket()
     return store
+
+
+def test_s3_honours_conditional_writes(s3_store: S3Store) -> None:
+    assert s3_store.conditional_writes_honoured() is True  # what a worker checks at start
+    assert s3_store.list() == []
 
 
 def test_s3_url_is_a_short_lived_presigned_get(s3_store: S3Store) -> None:
@@ -374,6 +411,34 @@ def test_local_readers_see_whole_files_only(tmp_path: Path) -> None:
     finally:
         stop.set()
         thread.join()
+
+
+KILLED_WRITER = """
+import sys
+from farm.storage.local import LocalStore
+LocalStore(sys.argv[1]).put("jobs/j/out/0.png", b"x" * (400 << 20))
+"""
+
+
+def test_local_store_killed_mid_write_leaves_no_temp_files_forever(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(root)])
+    tmp_dir = root / ".farm-tmp"
+    deadline = time.monotonic() + 60
+    while not (tmp_dir.is_dir() and any(tmp_dir.iterdir())):
+        assert time.monotonic() < deadline and writer.poll() is None
+        time.sleep(0.001)
+    writer.kill()  # mid-write: the temp file stays behind
+    writer.wait()
+    (left,) = list(tmp_dir.iterdir())
+    assert left.name.startswith(".farm-tmp-")
+    store = LocalStore(root)  # a fresh one leaves a write that may still be in flight alone
+    assert left.exists() and store.list() == []
+    hour_ago = time.time() - 3601
+    os.utime(left, (hour_ago, hour_ago))
+    LocalStore(root)  # the next open: older than an hour is a dead writer's
+    assert not left.exists()
+    assert [p for p in root.rglob("*") if p.is_file()] == []
 
 
 def test_local_list_skips_in_flight_temp_files(tmp_path: Path) -> None:

@@ -1,11 +1,13 @@
 """A checker in the manner of Jepsen's queue checker, over a versioned S3 bucket.
 
     lost        acknowledged submits without their outputs
-    duplicated  output keys written more than once with differing content
+    duplicated  keys under jobs/ (outputs, masks, meta.json) written more than once with
+                differing content
     unexpected  outputs under jobs/ of a job nobody submitted
 
 With versioning on, every write of a key is kept, so a duplicate execution that wrote
-different bytes shows up as a second version with another ETag.
+different bytes shows up as a second version with another ETag (a meta.json names its attempt,
+so a second attempt's always differs).
 """
 
 from __future__ import annotations
@@ -50,8 +52,6 @@ def check(store: S3Store, submitted: dict[str, int]) -> Verdict:
         wanted = [f"jobs/{job_id}/out/{i}.png" for i in range(n)] + [f"jobs/{job_id}/meta.json"]
         if any(k not in etags for k in wanted):
             verdict.lost.append(job_id)
-    verdict.duplicated = sorted(
-        k for k, tags in etags.items() if len(tags) > 1 and k.endswith(".png")
-    )
+    verdict.duplicated = sorted(k for k, tags in etags.items() if len(tags) > 1)
     verdict.unexpected = sorted({k.split("/")[1] for k in etags} - set(submitted))
     return verdict

@@ -1,5 +1,6 @@
-"""A TCP proxy on loopback that a test can take down and bring back (a storage outage), and
-that can terminate TLS in front of a plain server."""
+"""A TCP proxy on loopback that a test can take down and bring back (a storage outage), hold
+(requests accepted but not passed on until released: a partition that delays a worker's PUTs),
+and that can terminate TLS in front of a plain server."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from farm.local.embedded import free_port
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to 127.0.0.1:<target>. `down()` refuses and drops
-    connections (as a dead server does) until `up()`."""
+    connections (as a dead server does) until `up()`. `hold()` keeps every byte sent to the
+    server (`held_bytes` counts them) until `release()` passes them on, in order."""
 
     def __init__(self, target: int, tls: ssl.SSLContext | None = None) -> None:
         self.target = target
@@ -23,6 +25,25 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._holding = False
+        self._pending: dict[socket.socket, list[bytes]] = {}
+        self._send_lock = threading.Lock()
+        self.held_bytes = 0
+        """Bytes held since the last `hold()`."""
+
+    def hold(self) -> None:
+        with self._send_lock:
+            self._holding = True
+            self.held_bytes = 0
+
+    def release(self) -> None:
+        with self._send_lock:
+            self._holding = False
+            pending, self._pending = self._pending, {}
+            for dst, chunks in pending.items():
+                for chunk in chunks:
+                    with contextlib.suppress(OSError):
+                        dst.sendall(chunk)
 
     @property
     def url(self) -> str:
@@ -65,14 +86,21 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, upstream in ((client, server, True), (server, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, upstream), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not upstream:
+                    dst.sendall(data)
+                    continue
+                with self._send_lock:  # in order with what `release` passes on
+                    if self._holding:
+                        self._pending.setdefault(dst, []).append(data)
+                        self.held_bytes += len(data)
+                    else:
+                        dst.sendall(data)
         except OSError:
             pass
         finally:

@@ -23,6 +23,12 @@ Storage, under `adapters/<job_id>/`:
     meta.json                          spec, model, seed, worker, versions, timings; written last
     checkpoints/<step>/                the checkpoints (all kept, or the newest
                                        `checkpoints_total_limit`)
+
+The adapter, its loss log and curve and meta.json are stored first-writer-wins
+(`ObjectStore.put_new`), as a render's results are (`workers.results` argues why): a superseded
+attempt that wakes after another one stored them can never replace them, and an attempt whose
+meta.json lost to an earlier attempt's finishes from that one. Checkpoints are the job's
+working state, not its result: each is written only while the attempt is current, marker last.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from dataclasses import replace
 from typing import Any
 
 from farm.errors import InvalidJob
+from farm.inputs.budgets import Budgets
 from farm.jobs.specs import Finetune, parse_spec
 from farm.jobs.state import JobState
 from farm.keys import ADAPTER_FILE, adapter_file_key, adapter_key
@@ -99,6 +106,7 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> Outcome:
         raise InvalidJob(f"job {job.id} is a {spec.kind}, not a finetune", field="kind")
     if not isinstance(spec.images, list) or spec.captions is None:
         raise InvalidJob("images: a fine-tune reaches a worker as image URIs and captions")
+    Budgets.of(rt.settings).check(spec)  # its captions: a job that passed an older client
     images = [load_input(rt, uri, "images") for uri in spec.images]
     t_inputs = time.perf_counter()
     # 3. The warm pipeline renders use; the trainer adds its LoRA layers and removes them after.
@@ -166,7 +174,7 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> Outcome:
         "max_train_steps": spec.max_train_steps,
         "segments": segments,
     }
-    rt.store.put_many(
+    rt.store.put_many_new(
         {
             adapter_key(job.id): adapter,
             adapter_file_key(job.id, "loss.json"): json.dumps(loss_log).encode(),
@@ -198,9 +206,11 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> Outcome:
         "outputs": uris,
     }
     meta_key = adapter_file_key(job.id, "meta.json")
-    rt.store.put(meta_key, json.dumps(meta, indent=2).encode())
-    # 7. Succeeded, if this attempt is still the current one.
-    return end(
+    stored = rt.store.put_new(meta_key, json.dumps(meta, indent=2).encode())
+    # 7. Succeeded, if this attempt is still the current one; if an earlier attempt stored
+    #    everything first, its files stay and are the result.
+    ended = None if stored else finish_stored(rt, job, meta_key, _stored)
+    return ended or end(
         rt,
         job,
         JobState.SUCCEEDED,
