@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import diffusers
+import torch
 from diffusers import DiffusionPipeline
 
 from farm.errors import InvalidJob
