@@ -385,7 +385,7 @@ class ModelInfo:
         if self.inpaint != "blend":
             return ("inpaint",)
         kinds = list(RENDER_KINDS) if self.text_encoder else ["img2img", "inpaint"]
-        if self.traits.ip_adapter:
+        if self.traits.ip_adapter and self.text_encoder:  # IP-Adapters are made for bases
             kinds.append("style")
         if self.traits.trainable and self.text_encoder:
             kinds.append("finetune")
@@ -413,9 +413,11 @@ class ModelInfo:
             "9-channel": "an inpainting model (9-channel UNet)",
             "fill": "an inpainting model (FLUX.1 Fill)",
         }.get(self.inpaint, f"a {self.traits.title} model")
-        if kind == "style" and self.inpaint == "blend":
+        if self.inpaint == "blend" and not self.text_encoder:
+            why += " without its first text encoder (a refiner)"
+        elif kind == "style" and self.inpaint == "blend":
             why += " and style (IP-Adapter) jobs do not run on that family yet"
-        elif kind == "finetune" and self.inpaint == "blend" and self.text_encoder:
+        elif kind == "finetune" and self.inpaint == "blend":
             why += " and LoRA fine-tunes do not run on that family yet"
         runs = (
             f"{self.kinds[0]} jobs only"
@@ -428,7 +430,6 @@ class ModelInfo:
         raise InvalidJob(
             f"{field}: {ref!r} is {why}: it runs {runs}, not {kind}{hint}", field=field
         )
-
 
     def check_finetune(self, resolution: int, ref: str) -> None:
         """`InvalidJob` unless this model trains (`check_kind`) at `resolution`: a multiple of

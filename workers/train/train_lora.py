@@ -43,6 +43,7 @@ whatever `mixed_precision` says.
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import tempfile
 from collections.abc import Callable
@@ -139,6 +140,8 @@ class LoraTrainer:
         self.modules = {recipe.denoiser: getattr(pipe, recipe.denoiser)}
         if spec.train_text_encoder:
             self.modules.update({name: getattr(pipe, name) for name in recipe.text_encoders})
+        requires_grad = {p: p.requires_grad for m in self.frozen for p in m.parameters()}
+        self._exit.callback(self._restore_requires_grad, requires_grad)
         for module in self.frozen:
             module.requires_grad_(False)
         alpha = spec.lora_alpha or spec.rank
@@ -199,6 +202,14 @@ class LoraTrainer:
             return None  # a CPU trains in float32
         return torch.float16 if self.spec.mixed_precision == "fp16" else torch.bfloat16
 
+    @staticmethod
+    def _restore_requires_grad(flags: dict[torch.nn.Parameter, bool]) -> None:
+        """The frozen weights' `requires_grad` as the pipeline had them: CPU kernels can
+        differ in the last bit with it (SDXL's UNet does), and a render after a fine-tune must
+        equal one before it."""
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+
     def _detach(self) -> None:
         """Put the pipeline back as it was: no LoRA layers of ours, eval mode. Adapters that
         were loaded before (a render's, if any were left) stay; without them, every peft
@@ -223,9 +234,10 @@ class LoraTrainer:
     # ----------------------------------------------------------------------- checkpoints
 
     def snapshot(self) -> Checkpoint:
-        """The state to resume from: LoRA weights, optimizer, step, RNG states, loss log."""
+        """The state to resume from: LoRA weights, optimizer, step, RNG states, loss log; a
+        copy, which the steps after it leave alone (`.cpu()` of a CPU tensor is the tensor)."""
         lora = {
-            f"{name}.{key}": value.detach().cpu()
+            f"{name}.{key}": value.detach().cpu().clone()
             for name, module in self.modules.items()
             for key, value in get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME).items()
         }
@@ -235,7 +247,7 @@ class LoraTrainer:
             step=self.step,
             losses=list(self.losses),
             lora=lora,
-            optimizer=self.optimizer.state_dict(),
+            optimizer=copy.deepcopy(self.optimizer.state_dict()),
             rng=rng,
             python_random=python_random,
             scaler=self.scaler.state_dict() if self.scaler else None,
