@@ -116,7 +116,7 @@ class Submission:
         info = self.model_info(spec.model)
         if spec.kind == "finetune":
             if info is not None:
-                info.check_kind("finetune", spec.model)
+                info.check_finetune(spec.resolution, spec.model)
         else:
             refiner = None
             if spec.refiner is not None:

@@ -21,9 +21,10 @@ What a model is (`ModelInfo`) comes from its `model_index.json` and configs: for
 worker from the loaded pipeline (`workers.models.families.info_of`): one set of rules on both
 sides.
 
-Capability flags, per family: `trainable` (a LoRA fine-tune, `workers.train`) and `ip_adapter`
-(style jobs, `workers.render.ip_adapter`) say what works now: Stable Diffusion 1.x/2.x only.
-The fine-tune and style work for SDXL, SD3 and FLUX.1 turns them on where it lands.
+Capability flags, per family: `trainable` (a LoRA fine-tune, `workers.train`: every family, as
+diffusers' DreamBooth LoRA script for it trains) and `ip_adapter` (style jobs,
+`workers.render.ip_adapter`: SD 1.x/2.x and SDXL, whose UNets diffusers' `load_ip_adapter`
+conditions; SD3 and FLUX.1 style is refused at submit).
 """
 
 from __future__ import annotations
@@ -286,8 +287,6 @@ def _family(name: str, title: str, denoiser: str, **traits: Any) -> Family:
 
 _FLOW_TRAITS = {"schedulers": FLOW_SCHEDULERS, "patch_size": 2}
 _KARRAS_TRAITS = {"schedulers": KARRAS_SCHEDULERS, "patch_size": 1, "fixed_sample_size": None}
-_LATER = {"trainable": False, "ip_adapter": False}  # the fine-tune/style work turns them on
-
 _FAMILIES = [
     _family(
         "sd",
@@ -299,7 +298,13 @@ _FAMILIES = [
         ip_adapter=True,
     ),
     _family(
-        "sdxl", "Stable Diffusion XL", "unet", **_KARRAS_TRAITS, negative_matters=True, **_LATER
+        "sdxl",
+        "Stable Diffusion XL",
+        "unet",
+        **_KARRAS_TRAITS,
+        negative_matters=True,
+        trainable=True,
+        ip_adapter=True,
     ),
     _family(
         "sd3",
@@ -308,7 +313,8 @@ _FAMILIES = [
         **_FLOW_TRAITS,
         fixed_sample_size=None,
         negative_matters=False,
-        **_LATER,
+        trainable=True,
+        ip_adapter=False,
     ),
     _family(
         "flux",
@@ -317,7 +323,8 @@ _FAMILIES = [
         **_FLOW_TRAITS,
         fixed_sample_size=128,
         negative_matters=True,
-        **_LATER,
+        trainable=True,
+        ip_adapter=False,
     ),
 ]
 
@@ -378,7 +385,7 @@ class ModelInfo:
         if self.inpaint != "blend":
             return ("inpaint",)
         kinds = list(RENDER_KINDS) if self.text_encoder else ["img2img", "inpaint"]
-        if self.traits.ip_adapter:
+        if self.traits.ip_adapter and self.text_encoder:  # IP-Adapters are made for bases
             kinds.append("style")
         if self.traits.trainable and self.text_encoder:
             kinds.append("finetune")
@@ -406,9 +413,11 @@ class ModelInfo:
             "9-channel": "an inpainting model (9-channel UNet)",
             "fill": "an inpainting model (FLUX.1 Fill)",
         }.get(self.inpaint, f"a {self.traits.title} model")
-        if kind == "style" and self.inpaint == "blend":
+        if self.inpaint == "blend" and not self.text_encoder:
+            why += " without its first text encoder (a refiner)"
+        elif kind == "style" and self.inpaint == "blend":
             why += " and style (IP-Adapter) jobs do not run on that family yet"
-        elif kind == "finetune" and self.inpaint == "blend" and self.text_encoder:
+        elif kind == "finetune" and self.inpaint == "blend":
             why += " and LoRA fine-tunes do not run on that family yet"
         runs = (
             f"{self.kinds[0]} jobs only"
@@ -421,6 +430,17 @@ class ModelInfo:
         raise InvalidJob(
             f"{field}: {ref!r} is {why}: it runs {runs}, not {kind}{hint}", field=field
         )
+
+    def check_finetune(self, resolution: int, ref: str) -> None:
+        """`InvalidJob` unless this model trains (`check_kind`) at `resolution`: a multiple of
+        `size_multiple` (FLUX.1 packs 2×2 latent patches, SD3 embeds them)."""
+        self.check_kind("finetune", ref)
+        if resolution % self.size_multiple:
+            raise InvalidJob(
+                f"resolution: must be a multiple of {self.size_multiple} for {ref!r} (a "
+                f"{self.traits.title} model), got {resolution}",
+                field="resolution",
+            )
 
 
 def _builtin(family: str, pipeline: str, in_channels: int, sample: int) -> ModelInfo:

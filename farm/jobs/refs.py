@@ -29,6 +29,10 @@ BUILTIN_IP_ADAPTERS = {
 }
 """Built-in IP-Adapters (`ip_adapter` of a style job); each the default for its built-in."""
 
+DEFAULT_IP_ADAPTERS = {"tiny": "tiny-ip-adapter", "tiny-sdxl": "tiny-sdxl-ip-adapter"}
+"""The built-in model → the built-in IP-Adapter a style job on it gets when it names none (an
+adapter fits one base model's cross-attention, so other models must name theirs)."""
+
 BUILTIN_SIZES = {
     "tiny": 8_511_760,
     "tiny-inpaint": 8_517_520,

@@ -27,9 +27,14 @@ from pydantic import (
 )
 
 from farm.errors import InvalidJob
-from farm.jobs.families import KARRAS_SCHEDULERS, SCHEDULER_NAMES
+from farm.jobs.families import BUILTIN_INFO, KARRAS_SCHEDULERS, SCHEDULER_NAMES
 from farm.jobs.masks import MaskGenerator, generator_from
-from farm.jobs.refs import check_adapter_ref, check_ip_adapter_ref, check_model_ref
+from farm.jobs.refs import (
+    DEFAULT_IP_ADAPTERS,
+    check_adapter_ref,
+    check_ip_adapter_ref,
+    check_model_ref,
+)
 
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     name: (choice.class_name, dict(choice.config)) for name, choice in KARRAS_SCHEDULERS.items()
@@ -362,7 +367,9 @@ class Style(Img2Img):
     `ip_adapter_scale` 0.6 by default: with a text prompt as well, the IP-Adapter authors
     advise about 0.5 and diffusers' docs use 0.6; 1.0 lets the reference image dominate the
     prompt. 0 is exactly plain img2img. `ip_adapter` defaults to the built-in `tiny-ip-adapter`
-    for the built-in `tiny`; any other model needs one made for it (its cross-attention size).
+    for the built-in `tiny` and `tiny-sdxl-ip-adapter` for `tiny-sdxl`
+    (`farm.jobs.refs.DEFAULT_IP_ADAPTERS`); any other model needs one made for it (its
+    cross-attention size). Families without IP-Adapters (SD3, FLUX.1) are refused at submit.
     """
 
     kind: Literal["style"] = "style"  # type: ignore[assignment]
@@ -377,15 +384,17 @@ class Style(Img2Img):
 
     @field_validator("ip_adapter")
     @classmethod
-    def _ip_adapter(cls, v: str | None, info: Any) -> str:
+    def _ip_adapter(cls, v: str | None, info: Any) -> str | None:
         if v is not None:
             return check_ip_adapter_ref(v)
         model = info.data.get("model")
-        if model == "tiny":
-            return "tiny-ip-adapter"
+        if model in DEFAULT_IP_ADAPTERS:
+            return DEFAULT_IP_ADAPTERS[model]
+        if model in BUILTIN_INFO and not BUILTIN_INFO[model].traits.ip_adapter:
+            return None  # the submit refuses the model itself: its family runs no style jobs
         raise ValueError(
-            f"is required for model {model!r} (the built-in tiny-ip-adapter fits the built-in "
-            "tiny only)"
+            f"is required for model {model!r} (the built-in IP-Adapters fit the built-ins "
+            f"{' and '.join(DEFAULT_IP_ADAPTERS)} only)"
         )
 
     @field_validator("ip_adapter_weight_name")

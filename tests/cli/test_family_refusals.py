@@ -77,18 +77,28 @@ CASES = {
         "strength",
         "runs no denoising step",
     ),
-    "sdxl-style": (
+    "sd3-style": (
+        ["style", "--model", "tiny-sd3", "--image", "{d}/in.png", "--style-image", "{d}/in.png"],
+        "model",
+        "style (IP-Adapter) jobs do not run on that family yet",
+    ),
+    "flux-style": (
         [
-            "style", "--model", "tiny-sdxl", "--image", "{d}/in.png", "--style-image",
+            "style", "--model", "tiny-flux", "--image", "{d}/in.png", "--style-image",
             "{d}/in.png", "--ip-adapter", "tiny-sdxl-ip-adapter",
         ],
         "model",
         "style (IP-Adapter) jobs do not run on that family yet",
     ),
-    "sdxl-finetune": (
-        ["finetune", "--model", "tiny-sdxl", "--images", "{d}/photos", "--steps", "2"],
+    "sdxl-inpaint-finetune": (
+        ["finetune", "--model", "tiny-sdxl-inpaint", "--images", "{d}/photos", "--steps", "2"],
         "model",
-        "LoRA fine-tunes do not run on that family yet",
+        "an inpainting model (9-channel UNet): it runs inpaint jobs only, not finetune",
+    ),
+    "fill-finetune": (
+        ["finetune", "--model", "tiny-flux-fill", "--images", "{d}/photos", "--steps", "2"],
+        "model",
+        "an inpainting model (FLUX.1 Fill): it runs inpaint jobs only, not finetune",
     ),
     "folder-fill-txt2img": (["txt2img", "--model", "{d}/fill"], "model", "FLUX.1 Fill"),
     "hub-fill-txt2img": (["txt2img", "--model", "org/fill"], "model", "FLUX.1 Fill"),

@@ -52,7 +52,8 @@ def test_builtins_are_known_without_looking_at_anything():
     assert BUILTIN_INFO["tiny-flux-fill"].kinds == ("inpaint",)
     assert BUILTIN_INFO["tiny-sdxl-inpaint"].inpaint == "9-channel"
     assert BUILTIN_INFO["tiny"].kinds == ("txt2img", "img2img", "inpaint", "style", "finetune")
-    assert BUILTIN_INFO["tiny-sd3"].kinds == ("txt2img", "img2img", "inpaint")
+    assert BUILTIN_INFO["tiny-sd3"].kinds == ("txt2img", "img2img", "inpaint", "finetune")
+    assert BUILTIN_INFO["tiny-sdxl"].kinds == BUILTIN_INFO["tiny"].kinds
 
 
 def test_folders_are_read_from_their_configs(tmp_path):
@@ -193,4 +194,5 @@ def test_what_does_not_fit_is_one_line_naming_the_field(model, fields, line):
 
 def test_every_family_is_in_the_table():
     assert set(FAMILIES) == {"sd", "sdxl", "sd3", "flux"}
-    assert [f.name for f in FAMILIES.values() if f.trainable or f.ip_adapter] == ["sd"]
+    assert [f.name for f in FAMILIES.values() if f.trainable] == ["sd", "sdxl", "sd3", "flux"]
+    assert [f.name for f in FAMILIES.values() if f.ip_adapter] == ["sd", "sdxl"]

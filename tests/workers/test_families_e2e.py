@@ -35,6 +35,7 @@ def lf(redis_server, s3_server, tmp_path_factory, family_folders):
     models = tmp / "models"  # what only the workers see (FARM_MODELS_DIR on their side)
     shutil.copytree(family_folders["tiny-sdxl"], models / "sdxl-folder")
     shutil.copytree(family_folders["tiny-flux"], models / "flux-folder")
+    shutil.copytree(family_folders["tiny-sdxl-inpaint"], models / "sdxl-inpaint-folder")
     settings = FarmSettings(
         redis_url=redis_server.url,
         storage=f"s3://{bucket}/farm",
@@ -161,3 +162,42 @@ def test_sdxl_jobs_with_and_without_a_negative_prompt_keep_their_own_pixels(farm
     pipe = PipelineCache().get("tiny-sdxl", "txt2img")
     for spec, rec in zip(specs, records, strict=True):
         assert max_diff(output(farm, rec), render(pipe, spec).images[0]) <= 1
+
+
+@pytest.fixture(scope="module")
+def photos(inputs):
+    """Training pictures for a fine-tune: one."""
+    (inputs / "photos").mkdir()
+    shutil.copy(inputs / "in.png", inputs / "photos" / "0.png")
+    return inputs / "photos"
+
+
+def test_a_finetune_or_style_job_a_model_only_the_worker_sees_cannot_run_fails_once(
+    farm, inputs, photos
+):
+    """Unseen at submit, a fine-tune of an inpainting model or a style job on FLUX.1 is refused
+    by the first worker, as the submit refuses them (never retried, nothing trained)."""
+    finetune = {
+        "kind": "finetune", "model": "./sdxl-inpaint-folder", "images": str(photos),
+        "instance_prompt": "sks", "max_train_steps": 2, "resolution": 32,
+    }  # fmt: skip
+    style = {
+        "kind": "style", "model": "./flux-folder", "prompt": PROMPT, "image": str(inputs / "in.png"),
+        "ip_adapter_image": str(inputs / "in.png"), "ip_adapter": "tiny-sdxl-ip-adapter",
+    }  # fmt: skip
+    records = farm.wait([farm.submit(finetune).id, farm.submit(style).id], timeout=300)
+
+    assert [(r.state, r.attempt) for r in records] == [(JobState.FAILED, 1)] * 2
+    assert records[0].error.startswith("model: './sdxl-inpaint-folder' is an inpainting model")
+    assert "not finetune" in records[0].error
+    assert records[1].error.startswith("model: './flux-folder' is a FLUX.1 model and style")
+    assert not records[0].outputs and not records[1].outputs
+
+
+def test_a_finetune_of_a_flux_model_only_the_worker_sees_trains_there(farm, photos):
+    spec = {
+        "kind": "finetune", "model": "./flux-folder", "images": str(photos),
+        "instance_prompt": "sks", "max_train_steps": 2, "resolution": 32,
+    }  # fmt: skip
+    rec = farm.submit(spec).wait(timeout=300)
+    assert rec.state == JobState.SUCCEEDED and rec.progress.step == 2, rec.error

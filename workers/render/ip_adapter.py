@@ -17,10 +17,18 @@ pipeline with a UNet of its own, would hold every model's UNet twice.
 Refs (`Style.ip_adapter`), each with its image encoder (a CLIP vision model, safetensors):
 
     tiny-ip-adapter          built in (`workers.builtin.tiny_ip_adapter`), no files at all
+    tiny-sdxl-ip-adapter     built in, for `tiny-sdxl` (`workers.builtin.sdxl_ip_adapter`)
     org/name[@revision]      the local Hugging Face cache only, never the network
     path/to/folder           a folder with the weights (`ip_adapter_weight_name`, else its one
                              top-level .safetensors) and `image_encoder/` beside them
     path/to/weights.safetensors   the weights, with `image_encoder/` beside the file
+
+The style pipeline is the model family's own img2img pipeline (`farm.jobs.families`:
+`StableDiffusionImg2ImgPipeline` for SD 1.x/2.x, `StableDiffusionXLImg2ImgPipeline` for SDXL),
+built over the warm pipeline's components with `from_pipe(base, image_encoder=…)`, so a style
+job on SDXL gets SDXL's prompts, size conditioning and defaults, as diffusers' `load_ip_adapter`
+on that pipeline does. Families whose denoiser diffusers' loader cannot condition (SD3, FLUX.1:
+`Family.ip_adapter` off) are refused (`InvalidJob`) before anything loads.
 
 The loaded adapter lives on the UNet it was loaded into, so it goes when the model is evicted.
 """
@@ -33,12 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionImg2ImgPipeline
+from diffusers import DiffusionPipeline
 
 from farm.errors import InvalidJob
 from farm.inputs.hub import PULL_PATTERNS
 from farm.inputs.models import local_path
+from farm.jobs.families import ModelInfo
 from farm.jobs.refs import BUILTIN_IP_ADAPTERS, check_ip_adapter_ref, is_repo_id
 from farm.jobs.specs import Style
 
@@ -165,21 +175,25 @@ class LoadedIPAdapter:
 def load_for(cache: Any, spec: Style) -> LoadedIPAdapter:
     """The adapter `spec` asks for, loaded into its model's warm pipeline once per process."""
     assert spec.ip_adapter is not None
+    info = cache.info(spec.model)
+    info.check_kind("style", spec.model)  # a model the client could not see: refused here
     base = cache.get(spec.model, "img2img")
     source = resolve_ip_adapter(spec.ip_adapter, spec.ip_adapter_weight_name, cache.models_dir)
     held: dict[AdapterSource, LoadedIPAdapter] = base.unet.__dict__.setdefault(_HELD, {})
     if source not in held:
-        held[source] = _load(base, source)
+        held[source] = _load(base, info, source)
     return held[source]
 
 
-def _load(base: DiffusionPipeline, source: AdapterSource) -> LoadedIPAdapter:
+def _load(base: DiffusionPipeline, info: ModelInfo, source: AdapterSource) -> LoadedIPAdapter:
     """Load with diffusers' own `load_ip_adapter`, then hand the UNet its own parts back."""
     # 1. The weights, in the original layout, and the image encoder: safetensors only.
     weights, encoder = _read(source)
     encoder = encoder.to(device=base.device, dtype=base.dtype).eval()
-    # 2. A style pipeline over the model's own components, with the image encoder added.
-    pipe = StableDiffusionImg2ImgPipeline.from_pipe(base, image_encoder=encoder)
+    # 2. A style pipeline over the model's own components, with the image encoder added: the
+    #    family's img2img pipeline (SDXL's for an SDXL model).
+    style_class = getattr(diffusers, info.pipeline_for("style").class_name)
+    pipe = style_class.from_pipe(base, image_encoder=encoder)
     pipe.set_progress_bar_config(disable=True)
     unet = pipe.unet
     own = (unet.attn_processors, unet.encoder_hid_proj, unet.config.encoder_hid_dim_type)
@@ -198,6 +212,10 @@ def _load(base: DiffusionPipeline, source: AdapterSource) -> LoadedIPAdapter:
 
 
 def _read(source: AdapterSource) -> tuple[dict[str, dict[str, torch.Tensor]], Any]:
+    if source.builtin == "tiny-sdxl-ip-adapter":
+        from workers.builtin.sdxl_ip_adapter import build_sdxl_ip_adapter
+
+        return build_sdxl_ip_adapter()
     if source.builtin is not None:
         from workers.builtin.tiny_ip_adapter import build_tiny_ip_adapter
 

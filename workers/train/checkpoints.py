@@ -120,8 +120,27 @@ def load(store: ObjectStore, job_id: str, step: int) -> Checkpoint:
     )
 
 
-def python_random_state() -> Any:
-    return random.getstate()
+def rng_state(noise: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every generator training draws from, as it is now: torch's CPU (and CUDA) generator,
+    the trainer's noise generator, Python's `random`."""
+    state: dict[str, Any] = {
+        "torch_cpu": torch.get_rng_state(),
+        "noise": noise.get_state(),
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], noise: torch.Generator, device: torch.device) -> None:
+    """Put the generators back as `rng_state` found them (Python's only where it was kept)."""
+    torch.set_rng_state(state["torch_cpu"])
+    noise.set_state(state["noise"])
+    if state.get("python") is not None:
+        random.setstate(state["python"])
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], device)
 
 
 def _jsonable(value: Any) -> Any:

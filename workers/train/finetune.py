@@ -1,5 +1,8 @@
 """A `finetune` job on a worker: claimed job → training data → LoRA training → adapter stored.
 
+Any family whose table row says `trainable` (`farm.jobs.families`): the trainer picks the
+family's recipe from the pipeline it is given (`workers.train.train_lora`).
+
 `workers.worker.run_job` hands a claimed fine-tune here instead of the render path (no
 gathering: fine-tunes run alone). The job keeps every guarantee a render has: a heartbeat renews
 its lease and publishes progress (step, total, loss); a cancel, a shutdown (SIGTERM) or
@@ -107,7 +110,10 @@ def _train(rt: Runtime, job: Held, hb: Heartbeat) -> Outcome:
     images = [load_input(rt, uri, "images") for uri in spec.images]
     t_inputs = time.perf_counter()
     # 3. The warm pipeline renders use; the trainer adds its LoRA layers and removes them after.
-    pipe: Any = rt.cache.get(spec.model, "txt2img")  # a StableDiffusionPipeline (4-channel)
+    #    A model the client could not see is checked here as it is at submit: a family or a
+    #    model that cannot train (an inpainting model, a refiner) is refused, never retried.
+    rt.cache.info(spec.model).check_finetune(spec.resolution, spec.model)
+    pipe: Any = rt.cache.get(spec.model, "txt2img")  # the model's own txt2img pipeline
     t_load = time.perf_counter()
     stop: list[Stop] = []
     watch = hb.watch([job.id])
@@ -231,6 +237,9 @@ def attempts_without_progress(store: ObjectStore, job_id: str, attempt: int) -> 
 
 
 def _precision(pipe: Any, spec: Finetune) -> str:
+    from workers.models.families import denoiser_of
+
+    weights = str(denoiser_of(pipe).dtype).removeprefix("torch.")
     if pipe.device.type != "cuda" or spec.mixed_precision == "no":
-        return f"{str(pipe.unet.dtype).removeprefix('torch.')} weights, float32 LoRA, no autocast"
-    return f"{str(pipe.unet.dtype).removeprefix('torch.')} weights, float32 LoRA, {spec.mixed_precision} autocast"
+        return f"{weights} weights, float32 LoRA, no autocast"
+    return f"{weights} weights, float32 LoRA, {spec.mixed_precision} autocast"

@@ -22,8 +22,14 @@ EXPECTED = {
     "tiny-flux": ("txt2img (transformer)", "flux", "txt2img, img2img, inpaint (blending latents)"),
     "tiny-flux-fill": ("inpaint (FLUX.1 Fill transformer)", "flux", "inpaint"),
 }
-CAPABLE = {"tiny": ("yes", "yes")}
-"""IP-Adapter (style) and trainable, where not (no, no): Stable Diffusion 1.x/2.x only, for now."""
+CAPABLE = {
+    "tiny": ("yes", "yes"),
+    "tiny-sdxl": ("yes", "yes"),
+    "tiny-sd3": ("no", "yes"),
+    "tiny-flux": ("no", "yes"),
+}
+"""IP-Adapter (style) and trainable, where not (no, no): the inpainting models train nothing,
+and SD3 and FLUX.1 take no IP-Adapter."""
 
 
 def farm_cli(capsys, *args) -> tuple[int, str, str]:

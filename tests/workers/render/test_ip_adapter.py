@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from farm.errors import InvalidJob
 from farm.jobs.specs import Img2Img, Style, Txt2Img
@@ -29,13 +29,6 @@ def put_in_hf_cache(hub, repo_id, folder):
 @pytest.fixture(scope="module")
 def adapter_folder(tmp_path_factory):
     return export_tiny_ip_adapter(tmp_path_factory.mktemp("ip") / "tiny-ip-adapter")
-
-
-@pytest.fixture
-def style_image() -> Image.Image:
-    image = Image.new("RGB", (48, 40), (20, 180, 60))
-    ImageDraw.Draw(image).rectangle((4, 4, 30, 20), fill=(240, 20, 200))
-    return image
 
 
 def style(**update) -> Style:

@@ -169,3 +169,43 @@ def test_style_jobs_sharing_a_reference_image_run_as_one_call(farm, images):
     for job_id in ids:
         batch = set(meta_of(farm, job_id)["batch"]["jobs"])
         assert batch == (shared if job_id in shared else {job_id})
+
+
+def test_cli_sdxl_style_job_equals_diffusers_load_ip_adapter_on_sdxl(farm, images, tmp_path):
+    """A style job on SDXL failed in the worker (an SD 1.5 img2img pipeline built over an SDXL
+    UNet). Now the real `farm` command renders it with SDXL's own img2img pipeline and the
+    built-in adapter for `tiny-sdxl`, at SDXL's defaults (strength 0.3, guidance 5.0), equal
+    to diffusers' `load_ip_adapter` on `StableDiffusionXLImg2ImgPipeline` called without them."""
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from workers.builtin.families import export_family_tiny
+    from workers.builtin.sdxl_ip_adapter import export_sdxl_ip_adapter
+    from workers.builtin.tiny_ip_adapter import WEIGHT_NAME
+
+    res = run_cli(
+        farm.settings, "submit", "style", "--model", "tiny-sdxl", "--image", images["content"],
+        "--style-image", images["style"], "--style-scale", "1.0", "--prompt", "a fox",
+        "--seed", 5, "--steps", 10, "--wait", "--json",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rec = json.loads(res.stdout)
+    assert rec["state"] == "succeeded" and rec["kind"] == "style", rec.get("error")
+    assert rec["spec"]["ip_adapter"] == "tiny-sdxl-ip-adapter"
+    assert rec["spec"]["strength"] == 0.3 and rec["spec"]["guidance_scale"] == 5.0
+
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        export_family_tiny("tiny-sdxl", tmp_path / "tiny-sdxl"), local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    adapter = export_sdxl_ip_adapter(tmp_path / "tiny-sdxl-ip-adapter")
+    pipe.load_ip_adapter(str(adapter), subfolder="", weight_name=WEIGHT_NAME)
+    pipe.set_ip_adapter_scale(1.0)
+    theirs = pipe(
+        prompt="a fox",
+        image=Image.open(images["content"]).convert("RGB"),
+        ip_adapter_image=Image.open(images["style"]).convert("RGB"),
+        num_inference_steps=10,
+        generator=[torch.Generator("cpu").manual_seed(5)],
+    ).images[0]
+    assert np.abs(output(farm, rec["outputs"][0]) - np.asarray(theirs, dtype=np.int16)).max() <= 1

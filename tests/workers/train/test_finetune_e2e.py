@@ -443,3 +443,38 @@ def test_finetunes_go_to_their_own_queue(redis_server, tmp_path, photos):
         assert any(k.startswith(f"{settings.key_prefix}celery:finetune") for k in queues)
         assert not any(k.startswith(f"{settings.key_prefix}celery:render") for k in queues)
     assert open_store(settings).list("inputs/")  # its images were stored, content-addressed
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux", "tiny-sd3"])
+def test_cli_finetune_of_another_family_stores_an_adapter_its_pipeline_loads(
+    farm, farm_settings, photos, model, tmp_path
+):
+    """An SDXL fine-tune was accepted, then failed at step 1 (no `added_cond_kwargs`, one text
+    encoder); FLUX.1 and SD3 were refused. Now the real `farm` command trains each, as
+    diffusers' DreamBooth LoRA script for it does, and its adapter loads with `load_lora_weights` on a
+    plain pipeline of that family, and changes what it renders."""
+    from diffusers import DiffusionPipeline
+
+    from tests.workers.train.test_train_families import render
+    from workers.builtin.families import export_family_tiny
+
+    proc = run_cli(
+        farm_settings, "submit", "finetune", "--model", model, "--images", photos,
+        "--prompt", "sks disc", "--steps", 6, "--resolution", 32, "--rank", 4,
+        "--learning-rate", 1e-2, "--seed", 3, "--checkpointing-steps", 4, "--train-text-encoder",
+        "--wait", "--json", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(proc.stdout)
+    assert rec["state"] == "succeeded" and rec["progress"]["step"] == 6, rec.get("error")
+    (tmp_path / ADAPTER_FILE).write_bytes(farm.store.get_uri(rec["outputs"][0]))
+
+    pipe = DiffusionPipeline.from_pretrained(
+        export_family_tiny(model, tmp_path / model), local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    without = render(pipe)
+    pipe.load_lora_weights(tmp_path, weight_name=ADAPTER_FILE)
+    assert np.abs(render(pipe) - without).max() > 0.01
+    meta = json.loads(farm.store.get(adapter_file_key(rec["id"], "meta.json")))
+    assert "float32" in meta["precision"]

@@ -42,12 +42,12 @@ def spec(**kw) -> Finetune:
     return Finetune(**{**fields, **kw})
 
 
-def render(pipe, prompt: str = "sks disc") -> np.ndarray:
+def render(pipe, prompt: str = "sks disc", size: int = 64) -> np.ndarray:
     out = pipe(
         prompt=prompt,
         num_inference_steps=3,
-        height=64,
-        width=64,
+        height=size,
+        width=size,
         generator=torch.Generator("cpu").manual_seed(0),
         output_type="np",
     )
