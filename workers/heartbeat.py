@@ -128,12 +128,20 @@ class CancelListener(threading.Thread):
         super().__init__(name="cancels", daemon=True)
         self.tracker = tracker
         self.ids: set[str] = set()
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Listen no more: the thread ends when the channel next breaks, without a word (a
+        process that outlives its Redis, a test's, would otherwise say so once a second)."""
+        self.stopping.set()
 
     def run(self) -> None:
-        while True:
+        while not self.stopping.is_set():
             try:
                 for job_id in self.tracker.cancel_messages():
                     self.ids.add(job_id)
             except Exception as e:  # Redis away: listen again once it is back
+                if self.stopping.is_set():
+                    return
                 log.warning("cancel listener: %s; reconnecting", e)
                 time.sleep(1.0)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
+from farm.local.embedded import RedisServer, free_port
 from farm.state.tracker import Tracker, new_job_id
 from tests.support.raw import raw
 from workers.heartbeat import CancelListener, Heartbeat
@@ -41,3 +43,20 @@ def test_cancel_stops_the_render_at_its_next_step(redis_url):
         assert job_id in hb.cancelled
         hb.release(job_id)
     assert job_id not in listener.ids
+    listener.stop()
+
+
+def test_a_stopped_listener_ends_quietly_when_its_redis_goes(tmp_path, caplog):
+    """A process that outlives its Redis (a test's, at the end of a run) is not told once a
+    second that the cancel channel is gone, once its listener is stopped."""
+    with RedisServer(tmp_path / "redis", port=free_port(), appendonly=False) as server:
+        tracker = Tracker.from_url(server.url, prefix="quiet:")
+        listener = CancelListener(tracker)
+        listener.start()
+        while not raw(tracker).pubsub_numsub(tracker.keys.cancels)[0][1]:
+            time.sleep(0.01)
+        listener.stop()
+        caplog.set_level(logging.WARNING, logger="workers.heartbeat")
+    listener.join(timeout=10)
+    assert not listener.is_alive()
+    assert "cancel listener" not in caplog.text

@@ -26,7 +26,9 @@ def rt(redis_url, tmp_path):
         key_prefix=f"o{uuid.uuid4().hex[:6]}:",
         max_deliveries=5,
     )
-    return Runtime(settings, "cpu", threads=1, name="outcomes@test")
+    rt = Runtime(settings, "cpu", threads=1, name="outcomes@test")
+    yield rt
+    rt.cancels.stop()
 
 
 def held(rt) -> Held:

@@ -216,7 +216,9 @@ def trainer(farm_settings):
     """What a fine-tune's worker holds: a real `Runtime` on this farm, to end jobs through."""
     from workers.runtime import Runtime
 
-    return Runtime(farm_settings, "cpu", threads=1, name="trainer")
+    rt = Runtime(farm_settings, "cpu", threads=1, name="trainer")
+    yield rt
+    rt.cancels.stop()
 
 
 def run_parent(trainer, parent: str, adapter: bytes | None, state=JobState.SUCCEEDED, **fields):
