@@ -77,6 +77,28 @@ def new_job_id(key: str | None = None) -> str:
 SCAN_CHUNK = 1000
 """Job ids read per round trip when a pass walks every live job."""
 
+CREATE_CHUNK = 250
+"""Records written per call of the create script: few round trips and decodes, and Redis
+never busy with one call for more than a few milliseconds."""
+
+
+def _flat_record(rec: dict[str, Any]) -> str:
+    """A record as the create script takes it: `[id, created_at, field, value, ...]` in
+    JSON, every value the string Redis stores; fields that are None are left out."""
+    flat = [rec["id"], _stored(rec["created_at"])]
+    for k, v in rec.items():
+        if v is not None:
+            flat += [k, _stored(v)]
+    return json.dumps(flat, ensure_ascii=False, separators=(",", ":"))
+
+
+def _stored(value: Any) -> str:
+    """What a record's field holds in Redis: lists and dicts as JSON, numbers as redis-py
+    sends them (`repr`), strings as they are."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value) if isinstance(value, dict | list) else repr(value)
+
 
 class Tracker:
     """Job records in Redis. One instance per process; it is thread-safe (redis-py pools)."""
@@ -174,23 +196,16 @@ class Tracker:
     # ------------------------------------------------------------------ create / read
 
     def create(self, records: Sequence[dict[str, Any]]) -> list[bool]:
-        """Write new job records (pipelined); True where created, False where the id existed."""
+        """Write new job records (pipelined, `CREATE_CHUNK` records per script call); True
+        where created, False where the id existed."""
         with self._conn.doing("creating jobs"):
             pipe = self._r.pipeline(transaction=False)
             self.tenants.index(pipe, records)  # listed before written: never a job unlisted
             offset = len(pipe)
-            for rec in records:
-                flat: list[Any] = []
-                for k, v in rec.items():
-                    if v is None:
-                        continue
-                    flat += [k, json.dumps(v) if isinstance(v, dict | list) else v]
-                self._create(
-                    keys=[self.keys.job(rec["id"])],
-                    args=[self._lua_keys, rec["created_at"], rec["id"], *flat],
-                    client=pipe,
-                )
-            return [bool(x) for x in pipe.execute()[offset:]]
+            for start in range(0, len(records), CREATE_CHUNK):
+                chunk = records[start : start + CREATE_CHUNK]
+                self._create(args=[self._lua_keys, *map(_flat_record, chunk)], client=pipe)
+            return [bool(x) for part in pipe.execute()[offset:] for x in part]
 
     def get(self, job_id: str) -> JobRecord:
         rec = self.get_many([job_id])[0]
