@@ -352,9 +352,12 @@ def _prepare_chunk(
     out = _Chunk()
     # 1. Which slots already have a job (whose record has not expired).
     old = tracker.batches.slots(name, [p.slot for p in chunk])
-    fields = tracker.job_fields(
-        [info["job"] if info else "-" for info in old], "state", "lease_until", "priority"
+    known = iter(
+        tracker.job_fields(
+            [info["job"] for info in old if info], "state", "lease_until", "priority"
+        )
     )
+    fields = [next(known) if info else (None, None, None) for info in old]
     now = time.time()
     for p, info, (state, lease, priority) in zip(chunk, old, fields, strict=True):
         if info and state:

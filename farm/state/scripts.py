@@ -272,6 +272,19 @@ return out
 """
 )
 
+# Read fields of many job records (ARGV: the job key prefix, how many fields, the fields,
+# then the ids). Returns each record's values in order, nil where a field or record is
+# missing: one call a chunk, where a pipeline of HMGETs costs a command and a reply a job.
+JOB_FIELDS = """
+local n = tonumber(ARGV[2])
+local out = {}
+for i = 3 + n, #ARGV do
+  local values = redis.call('HMGET', ARGV[1] .. ARGV[i], unpack(ARGV, 3, 2 + n))
+  for j = 1, n do out[#out + 1] = values[j] end
+end
+return out
+"""
+
 # Point a batch's slots at their jobs (KEYS: the batch's slots hash; ARGV: K, the batch's
 # name, then (slot, entry JSON with "job" its first key, job id) triples; an empty entry: the
 # slot left the batch's order, its entry stays and its job no longer counts). A job counts in its batch's counts while it is the current job of one of

@@ -122,6 +122,7 @@ class Tracker:
         self._transition = self._r.register_script(scripts.TRANSITION)
         self._heartbeat = self._r.register_script(scripts.HEARTBEAT)
         self._create = self._r.register_script(scripts.CREATE)
+        self._job_fields = self._r.register_script(scripts.JOB_FIELDS)
         self._claim_batch = self._r.register_script(scripts.CLAIM_BATCH)
         self._take_due = self._r.register_script(scripts.TAKE_DUE)
         self.inflight = InFlight(conn, self.keys, self._lua_keys)
@@ -224,15 +225,16 @@ class Tracker:
 
     def job_fields(self, job_ids: Sequence[str], *fields: str) -> list[list[str | None]]:
         """`fields` of each job's record, in one round trip (None where a field or record is
-        missing), in bounded pipelines."""
-        out: list[list[str | None]] = []
+        missing), one script call per `SCAN_CHUNK` jobs."""
+        n = len(fields)
+        prefix = self.keys.job("")
         with self._conn.doing("reading job records"):
+            pipe = self._r.pipeline(transaction=False)
             for start in range(0, len(job_ids), SCAN_CHUNK):
-                pipe = self._r.pipeline(transaction=False)
-                for job_id in job_ids[start : start + SCAN_CHUNK]:
-                    pipe.hmget(self.keys.job(job_id), list(fields))
-                out += pipe.execute()
-        return out
+                chunk = job_ids[start : start + SCAN_CHUNK]
+                self._job_fields(args=[prefix, n, *fields, *chunk], client=pipe)
+            flat = [v for part in pipe.execute() for v in part]
+        return [flat[i : i + n] for i in range(0, len(flat), n)]
 
     def states(self, job_ids: Sequence[str]) -> list[tuple[str | None, int, int]]:
         """(state, step, total) per job, in one round trip; state None where missing."""
