@@ -38,7 +38,7 @@ from farm.api.views import (
 from farm.batches.batch import Batch
 from farm.errors import InvalidJob
 from farm.jobs.state import JobState
-from farm.state.tenants import DEFAULT_TENANT, Limits
+from farm.state.tenants import DEFAULT_TENANT, Limits, Open
 from farm.submit import Submission
 
 router = APIRouter(tags=["jobs"])
@@ -102,7 +102,8 @@ def admit(ctx: Any, tenant: str, limits: Limits, n: int, *, take: bool = True) -
             f"{limits.jobs_per_minute} (its jobs per minute): split it",
             field="jobs",
         )
-    found = tenants.open_jobs(tenant, limits.max_queued, n)
+    # No `max_queued`: nothing to count, and a round trip less per request.
+    found = tenants.open_jobs(tenant, limits.max_queued, n) if limits.max_queued else Open(0)
     if limits.max_queued and found.count + n > limits.max_queued:
         raise too_many(
             f"jobs: tenant {tenant!r} has {found.count} jobs not yet ended; its limit is "

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
 from farm.errors import FarmError, InvalidJob, JobNotFound, StaleAttempt
 from farm.jobs.record import Failure, JobRecord, Progress
@@ -199,14 +200,27 @@ class Tracker:
     def create(self, records: Sequence[dict[str, Any]]) -> list[bool]:
         """Write new job records (pipelined, `CREATE_CHUNK` records per script call); True
         where created, False where the id existed."""
-        with self._conn.doing("creating jobs"):
+        flat = list(map(_flat_record, records))
+
+        def run() -> list[Any]:
+            # EVALSHA by hand: a pipeline running a `Script` first asks SCRIPT EXISTS, a
+            # round trip per submit (per request, for the HTTP API).
             pipe = self._r.pipeline(transaction=False)
             self.tenants.index(pipe, records)  # listed before written: never a job unlisted
             offset = len(pipe)
-            for start in range(0, len(records), CREATE_CHUNK):
-                chunk = records[start : start + CREATE_CHUNK]
-                self._create(args=[self._lua_keys, *map(_flat_record, chunk)], client=pipe)
-            return [bool(x) for part in pipe.execute()[offset:] for x in part]
+            for start in range(0, len(flat), CREATE_CHUNK):
+                pipe.evalsha(
+                    self._create.sha, 0, self._lua_keys, *flat[start : start + CREATE_CHUNK]
+                )
+            return pipe.execute()[offset:]
+
+        with self._conn.doing("creating jobs"):
+            try:
+                done = run()
+            except NoScriptError:  # a restarted or flushed Redis: no record was written
+                self._r.script_load(scripts.CREATE)
+                done = run()  # the index entries again: ZADD NX, no change
+            return [bool(x) for part in done for x in part]
 
     def get(self, job_id: str) -> JobRecord:
         rec = self.get_many([job_id])[0]

@@ -156,3 +156,13 @@ def test_create_stores_each_field_as_redis_py_would_across_chunks(tracker):
     assert "depends_on" not in stored and stored["images"] == "2"
     assert raw(tracker).zscore(tracker.keys.jobs, rec["id"]) == created_at
     assert tracker.counts()[JobState.QUEUED] == len(recs)
+
+
+def test_create_after_redis_forgot_its_scripts(tracker):
+    """A Redis restarted or SCRIPT FLUSHed knows no script: create loads its own again and
+    writes the records once, its tenant index entries included."""
+    raw(tracker).script_flush()
+    rec = {"id": new_job_id(), "kind": "txt2img", "state": "queued", "spec": {}, "tenant": "t"}
+    assert tracker.create([rec | {"created_at": repr(time.time())}]) == [True]
+    assert tracker.get(rec["id"]).state == JobState.QUEUED
+    assert raw(tracker).zcard(tracker.keys.tenant_open("t")) == 1
