@@ -39,7 +39,7 @@ from farm.batches.batch import Batch
 from farm.errors import InvalidJob
 from farm.jobs.state import JobState
 from farm.state.tenants import DEFAULT_TENANT, Limits, Open
-from farm.submit import Submission
+from farm.submit import Submission, gc_paused
 
 router = APIRouter(tags=["jobs"])
 
@@ -124,6 +124,13 @@ def admit(ctx: Any, tenant: str, limits: Limits, n: int, *, take: bool = True) -
 
 def submit_specs(ctx: Any, who: Principal, raws: list[Any], many: bool) -> list[dict[str, Any]]:
     """Check, prepare, admit and write; one {id, created} per spec, in order."""
+    if many:  # up to 10,000 specs: as `Farm.submit_many`, without collector passes
+        with gc_paused():
+            return _submit_specs(ctx, who, raws, many)
+    return _submit_specs(ctx, who, raws, many)
+
+
+def _submit_specs(ctx: Any, who: Principal, raws: list[Any], many: bool) -> list[dict[str, Any]]:
     tenant = who.tenant or DEFAULT_TENANT
     view = TenantFarm(ctx.farm, tenant)
     limits = limits_of(ctx, tenant)

@@ -57,7 +57,7 @@ from farm.jobs.masks import MaskGenerator
 from farm.jobs.specs import parse_spec
 from farm.jobs.state import JobState
 from farm.queue.routing import RENDER_QUEUE
-from farm.submit import Parts, Submission
+from farm.submit import Parts, Submission, gc_paused
 
 if TYPE_CHECKING:
     from farm.client import Farm
@@ -191,6 +191,20 @@ def submit_batch(
         return submit_remote(
             farm, manifest, name, defaults=defaults, variations=variations, seed=seed
         )
+    with gc_paused():
+        return _submit_batch(farm, manifest, name, defaults, variations, seed, chunk_size, on_chunk)
+
+
+def _submit_batch(
+    farm: Farm,
+    manifest: str | Path,
+    name: str,
+    defaults: dict[str, Any] | None,
+    variations: int | None,
+    seed: int | None,
+    chunk_size: int,
+    on_chunk: Callable[[int, int], None] | None,
+) -> SubmitResult:
     t0 = time.monotonic()
     # 1-2. The manifest read, every row checked (`validate_manifest`).
     name = check_name(name)
