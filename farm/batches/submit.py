@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,6 +64,10 @@ if TYPE_CHECKING:
 
 CHUNK_JOBS = 1000
 """Jobs written per chunk (one records pipeline, one messages batch, one index write)."""
+
+CHUNKS_AHEAD = 4
+"""Chunks prepared and waiting for their inputs to be stored, at most: what memory holds
+beyond the chunk being written (records, not pixels: the decode cache is bounded)."""
 
 MAX_VARIATIONS = 1000
 
@@ -217,20 +221,22 @@ def _submit_batch(
     planned = list(_plan(rows, variations, checked.seed))
     _write_index(farm, name, path, base, len(rows), variations, checked.seed, planned)
     # 4. The jobs, chunk by chunk.
-    # Chunk n's inputs upload in the background while chunk n+1 is prepared and chunk n-1's
-    # records and messages are written; a chunk's records wait for its own inputs.
+    # Chunk n's inputs upload in the background while the next chunks are prepared; a
+    # chunk's records and messages are written, in order, once its own inputs are stored,
+    # with at most `CHUNKS_AHEAD` chunks prepared and waiting (the first chunk, which holds
+    # most of the distinct inputs, no longer stalls the submit while they upload).
     result = SubmitResult(name, len(rows), variations, len(planned))
-    pending: tuple[Future[int], _Chunk, int] | None = None
+    pending: deque[tuple[Future[int], _Chunk, int]] = deque()
     with _uploader(farm, big=len(planned) > chunk_size) as uploader:
         for start in range(0, len(planned), chunk_size):
             batch = planned[start : start + chunk_size]
             chunk = _prepare_chunk(sub, name, batch, result)
             upload = uploader.submit(sub.inputs.take_uploads())
-            if pending:
-                _finish(sub, name, pending, result, len(planned), on_chunk)
-            pending = (upload, chunk, start + len(batch))
-        if pending:
-            _finish(sub, name, pending, result, len(planned), on_chunk)
+            pending.append((upload, chunk, start + len(batch)))
+            while pending and (pending[0][0].done() or len(pending) > CHUNKS_AHEAD):
+                _finish(sub, name, pending.popleft(), result, len(planned), on_chunk)
+        while pending:
+            _finish(sub, name, pending.popleft(), result, len(planned), on_chunk)
     result.seconds = time.monotonic() - t0
     return result
 
