@@ -31,7 +31,7 @@ from farm.state import dependencies as deps
 from farm.state.connection import Patience
 from farm.state.tracker import Tracker
 from farm.storage import ObjectStore, open_store
-from farm.submit import Submission
+from farm.submit import Submission, gc_paused
 
 ProgressFn = Callable[[Sequence[JobRecord | tuple[str, str | None, int, int]]], None]
 
@@ -159,13 +159,14 @@ class Farm:
         its handle points at the existing job. A key submitted before with a different spec
         is refused (`InvalidJob`), nothing written.
         """
-        parsed = [parse_spec(s) for s in specs]
-        sub = Submission(self)
-        records = [sub.prepare(spec) for spec in parsed]  # every check, nothing written
-        sub.check_keys(records)  # a key re-used for another spec: refused, nothing written
-        sub.store_inputs()  # content-addressed: each input once
-        sub.write(records)
-        return [JobHandle(self, rec["id"]) for rec in records]
+        with gc_paused():
+            parsed = [parse_spec(s) for s in specs]
+            sub = Submission(self)
+            records = [sub.prepare(spec) for spec in parsed]  # every check, nothing written
+            sub.check_keys(records)  # a key re-used for another spec: refused, nothing written
+            sub.store_inputs()  # content-addressed: each input once
+            sub.write(records)
+            return [JobHandle(self, rec["id"]) for rec in records]
 
     def check_model(self, ref: str) -> None:
         """Refuse a model this machine can see that a worker would refuse (`farm.inputs.models`);

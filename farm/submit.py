@@ -33,10 +33,12 @@ for the farm).
 
 from __future__ import annotations
 
+import gc
 import json
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -268,6 +270,25 @@ def _comparable(spec: dict[str, Any], drawn: bool) -> dict[str, Any]:
     if isinstance(mask, dict) and "generator" in mask:
         out["mask_image"] = {k: v for k, v in mask.items() if k != "seed"}
     return out
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused around a submit of many jobs, restarted after.
+
+    Each job leaves specs, records and messages alive until its chunk is written, and the
+    collector, run every few hundred allocations, walks them over and over: ~15% of a
+    10,000-job `submit_many`'s CPU. Reference counting still frees what a job drops; the
+    few cycles made meanwhile wait for the next collection. A collector someone else paused
+    is left paused."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class Offline:

@@ -27,17 +27,7 @@ from farm.local.embedded import RedisServer  # noqa: E402
 from farm.settings import FarmSettings  # noqa: E402
 from farm.storage import ObjectStore, open_store  # noqa: E402
 from farm.storage.s3 import S3Store  # noqa: E402
-from tests.support.s3_server import S3Server  # noqa: E402
-
-AWS_TEST_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "NO_PROXY": "127.0.0.1,localhost",
-    "no_proxy": "127.0.0.1,localhost",
-}
+from tests.support.s3_server import AWS_TEST_ENV, S3Server  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,13 +57,17 @@ from farm.jobs.masks import MaskGenerator
 from farm.jobs.specs import parse_spec
 from farm.jobs.state import JobState
 from farm.queue.routing import RENDER_QUEUE
-from farm.submit import Parts, Submission
+from farm.submit import Parts, Submission, gc_paused
 
 if TYPE_CHECKING:
     from farm.client import Farm
 
 CHUNK_JOBS = 1000
 """Jobs written per chunk (one records pipeline, one messages batch, one index write)."""
+
+CHUNKS_AHEAD = 4
+"""Chunks prepared and waiting for their inputs to be stored, at most: what memory holds
+beyond the chunk being written (records, not pixels: the decode cache is bounded)."""
 
 MAX_VARIATIONS = 1000
 
@@ -191,6 +195,20 @@ def submit_batch(
         return submit_remote(
             farm, manifest, name, defaults=defaults, variations=variations, seed=seed
         )
+    with gc_paused():
+        return _submit_batch(farm, manifest, name, defaults, variations, seed, chunk_size, on_chunk)
+
+
+def _submit_batch(
+    farm: Farm,
+    manifest: str | Path,
+    name: str,
+    defaults: dict[str, Any] | None,
+    variations: int | None,
+    seed: int | None,
+    chunk_size: int,
+    on_chunk: Callable[[int, int], None] | None,
+) -> SubmitResult:
     t0 = time.monotonic()
     # 1-2. The manifest read, every row checked (`validate_manifest`).
     name = check_name(name)
@@ -203,20 +221,22 @@ def submit_batch(
     planned = list(_plan(rows, variations, checked.seed))
     _write_index(farm, name, path, base, len(rows), variations, checked.seed, planned)
     # 4. The jobs, chunk by chunk.
-    # Chunk n's inputs upload in the background while chunk n+1 is prepared and chunk n-1's
-    # records and messages are written; a chunk's records wait for its own inputs.
+    # Chunk n's inputs upload in the background while the next chunks are prepared; a
+    # chunk's records and messages are written, in order, once its own inputs are stored,
+    # with at most `CHUNKS_AHEAD` chunks prepared and waiting (the first chunk, which holds
+    # most of the distinct inputs, no longer stalls the submit while they upload).
     result = SubmitResult(name, len(rows), variations, len(planned))
-    pending: tuple[Future[int], _Chunk, int] | None = None
+    pending: deque[tuple[Future[int], _Chunk, int]] = deque()
     with _uploader(farm, big=len(planned) > chunk_size) as uploader:
         for start in range(0, len(planned), chunk_size):
             batch = planned[start : start + chunk_size]
             chunk = _prepare_chunk(sub, name, batch, result)
             upload = uploader.submit(sub.inputs.take_uploads())
-            if pending:
-                _finish(sub, name, pending, result, len(planned), on_chunk)
-            pending = (upload, chunk, start + len(batch))
-        if pending:
-            _finish(sub, name, pending, result, len(planned), on_chunk)
+            pending.append((upload, chunk, start + len(batch)))
+            while pending and (pending[0][0].done() or len(pending) > CHUNKS_AHEAD):
+                _finish(sub, name, pending.popleft(), result, len(planned), on_chunk)
+        while pending:
+            _finish(sub, name, pending.popleft(), result, len(planned), on_chunk)
     result.seconds = time.monotonic() - t0
     return result
 
@@ -352,9 +372,12 @@ def _prepare_chunk(
     out = _Chunk()
     # 1. Which slots already have a job (whose record has not expired).
     old = tracker.batches.slots(name, [p.slot for p in chunk])
-    fields = tracker.job_fields(
-        [info["job"] if info else "-" for info in old], "state", "lease_until", "priority"
+    known = iter(
+        tracker.job_fields(
+            [info["job"] for info in old if info], "state", "lease_until", "priority"
+        )
     )
+    fields = [next(known) if info else (None, None, None) for info in old]
     now = time.time()
     for p, info, (state, lease, priority) in zip(chunk, old, fields, strict=True):
         if info and state:

@@ -21,11 +21,13 @@ by the worker (a job that passed an older client):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
 
 from farm.errors import InvalidJob
 from farm.jobs.signature import working_size
@@ -47,10 +49,16 @@ class Budgets:
     def check(self, spec: Any, image_size: tuple[int, int] | None = None) -> None:
         """`InvalidJob` naming the field unless the job fits every budget: its text fields,
         and its working size (`image_size`: its input's, `(width, height)`)."""
-        fields = spec.model_dump(mode="python") if isinstance(spec, BaseModel) else dict(spec)
-        check_text(fields)
-        for name in PROMPT_FIELDS:
-            value = fields.get(name)
+        if isinstance(spec, BaseModel):
+            if not _plain_json(spec):  # the walk, which names the field, only when needed
+                check_text(spec.model_dump(mode="python"))
+            have = type(spec).model_fields  # a missing attribute costs a raised error
+            texts = [getattr(spec, name) if name in have else None for name in PROMPT_FIELDS]
+        else:
+            fields = dict(spec)
+            check_text(fields)
+            texts = [fields.get(name) for name in PROMPT_FIELDS]
+        for name, value in zip(PROMPT_FIELDS, texts, strict=True):
             for text in value if isinstance(value, list) else [value]:
                 if isinstance(text, str) and len(text) > self.max_prompt_chars:
                     raise InvalidJob(
@@ -75,6 +83,37 @@ def check_text(value: Any, field: str = "") -> None:
     """`InvalidJob` where a string in `value` (nested in dicts and lists) is not valid UTF-8
     text (a lone surrogate: `surrogateescape` made it of a byte that was not UTF-8) or holds a
     NUL."""
+    try:  # one C-encoded pass for the common case; the walk below names the field
+        text = json.dumps(value, ensure_ascii=False, default=_containers)
+        if "\\u0000" not in text:
+            text.encode("utf-8")
+            return
+    except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        pass
+    _walk(value, field)
+
+
+def _plain_json(spec: BaseModel) -> bool:
+    """True when `spec` serializes to JSON holding no NUL and no lone surrogate: then no text
+    in it can fail `check_text` (JSON escapes a NUL as `\\u0000`; pydantic refuses to encode a
+    surrogate). False tells nothing: a NUL, a surrogate, bytes or a PIL image to look at."""
+    try:
+        return b"\\u0000" not in spec.model_dump_json().encode()
+    except (PydanticSerializationError, ValueError):
+        return False
+
+
+def _containers(value: Any) -> Any:
+    """`json.dumps`' fallback: what `_walk` descends into, as JSON containers; anything else
+    as a string without text of its own (`_walk` skips it too)."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+        return list(value)
+    return None
+
+
+def _walk(value: Any, field: str) -> None:
     if isinstance(value, str):
         if "\x00" in value:
             raise InvalidJob(
@@ -88,8 +127,8 @@ def check_text(value: Any, field: str = "") -> None:
             ) from None
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            check_text(key, field or "field name")
-            check_text(item, f"{field}.{key}" if field else str(key))
+            _walk(key, field or "field name")
+            _walk(item, f"{field}.{key}" if field else str(key))
     elif isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
         for item in value:
-            check_text(item, field)
+            _walk(item, field)

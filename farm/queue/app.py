@@ -82,37 +82,44 @@ def enqueue(app: Celery, jobs: Iterable[tuple[str, str, int]]) -> int:
 
     The messages are Celery's own (`app.amqp.as_task_v2`, exactly what `send_task` builds), but
     published straight through kombu in pipelined batches: `send_task` costs ~300 µs a message
-    (routing, a queue declaration and a Redis round trip each), this ~35 µs, which is what
-    lets a 10,000-job batch enqueue in well under a second.
+    (routing, a queue declaration and a Redis round trip each), this ~25 µs, which is what
+    lets a 10,000-job batch enqueue in well under a second. `as_task_v2` runs once per call:
+    the messages differ only in their task id and argument, which are set per job in a copy
+    of its headers (`id`, and `root_id` where Celery made it the task's own), properties
+    (`correlation_id`) and body.
     """
     sent = 0
-    origin = anon_nodename()
     declared: set[str] = set()
+    template = app.amqp.as_task_v2(
+        "-",
+        RUN_TASK,
+        args=["-"],
+        argsrepr="['-']",
+        kwargsrepr="{}",
+        origin=anon_nodename(),
+        ignore_result=True,
+    )
+    own_root = template.headers["root_id"] == "-"  # no task around: each message is its root
+    _, kwargs, embed = template.body
     with app.producer_or_acquire() as producer, producer.batch(PUBLISH_BATCH):
         for job_id, queue, priority in jobs:
             if queue not in declared:
                 producer.maybe_declare(app.amqp.queues[queue])
                 declared.add(queue)
             task_id = str(uuid.uuid4())
-            message = app.amqp.as_task_v2(
-                task_id,
-                RUN_TASK,
-                args=[job_id],
-                argsrepr=repr([job_id]),
-                kwargsrepr="{}",
-                origin=origin,
-                ignore_result=True,
-            )
+            headers = {**template.headers, "id": task_id, "argsrepr": repr([job_id])}
+            if own_root:
+                headers["root_id"] = task_id
             producer.publish(
-                message.body,
+                ([job_id], kwargs, embed),
                 routing_key=queue,
                 exchange="",
                 serializer="json",
-                headers=message.headers,
+                headers=headers,
                 priority=celery_priority(priority),
                 delivery_mode=2,
                 retry=False,
-                **message.properties,
+                **{**template.properties, "correlation_id": task_id},
             )
             sent += 1
     return sent

@@ -244,23 +244,46 @@ if ARGV[5] then redis.call('HSET', key, 'loss', ARGV[5]) end
 return {'ok', redis.call('HGET', key, 'cancel') or '0'}
 """
 
-# Create a record unless one with this id exists (KEYS: job; ARGV: K, created_at, id, then
-# field/value pairs). Returns 1 if created, else 0.
+# Create records unless one with its id exists (ARGV: K, then one JSON array per record:
+# [id, created_at, field, value, ...], every value a string). One call for a chunk of records:
+# a round trip and a K decoded per chunk, not per job. Returns 1 per record created, else 0.
 CREATE = (
     MOVED
     + """
 K = cjson.decode(ARGV[1])
-local key, created_at, id = KEYS[1], ARGV[2], ARGV[3]
-if redis.call('EXISTS', key) == 1 then return 0 end
-redis.call('HSET', key, unpack(ARGV, 4))
-redis.call('ZADD', K.jobs, created_at, id)
-local h = redis.call('HMGET', key, 'state', 'queue')
-if h[2] then redis.call('SADD', K.queues, h[2]) end
-moved(key, id, nil, h[1], created_at)
-redis.call('XADD', K.events, 'MAXLEN', '~', 100000, '*', 'job', id, 'state', h[1])
-return 1
+local out = {}
+for i = 2, #ARGV do
+  local rec = cjson.decode(ARGV[i])
+  local id, created_at = rec[1], rec[2]
+  local key = K.job .. id
+  if redis.call('EXISTS', key) == 1 then
+    out[#out + 1] = 0
+  else
+    redis.call('HSET', key, unpack(rec, 3))
+    redis.call('ZADD', K.jobs, created_at, id)
+    local h = redis.call('HMGET', key, 'state', 'queue')
+    if h[2] then redis.call('SADD', K.queues, h[2]) end
+    moved(key, id, nil, h[1], created_at)
+    redis.call('XADD', K.events, 'MAXLEN', '~', 100000, '*', 'job', id, 'state', h[1])
+    out[#out + 1] = 1
+  end
+end
+return out
 """
 )
+
+# Read fields of many job records (ARGV: the job key prefix, how many fields, the fields,
+# then the ids). Returns each record's values in order, nil where a field or record is
+# missing: one call a chunk, where a pipeline of HMGETs costs a command and a reply a job.
+JOB_FIELDS = """
+local n = tonumber(ARGV[2])
+local out = {}
+for i = 3 + n, #ARGV do
+  local values = redis.call('HMGET', ARGV[1] .. ARGV[i], unpack(ARGV, 3, 2 + n))
+  for j = 1, n do out[#out + 1] = values[j] end
+end
+return out
+"""
 
 # Point a batch's slots at their jobs (KEYS: the batch's slots hash; ARGV: K, the batch's
 # name, then (slot, entry JSON with "job" its first key, job id) triples; an empty entry: the

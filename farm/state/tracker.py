@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
 from farm.errors import FarmError, InvalidJob, JobNotFound, StaleAttempt
 from farm.jobs.record import Failure, JobRecord, Progress
@@ -77,6 +78,28 @@ def new_job_id(key: str | None = None) -> str:
 SCAN_CHUNK = 1000
 """Job ids read per round trip when a pass walks every live job."""
 
+CREATE_CHUNK = 250
+"""Records written per call of the create script: few round trips and decodes, and Redis
+never busy with one call for more than a few milliseconds."""
+
+
+def _flat_record(rec: dict[str, Any]) -> str:
+    """A record as the create script takes it: `[id, created_at, field, value, ...]` in
+    JSON, every value the string Redis stores; fields that are None are left out."""
+    flat = [rec["id"], _stored(rec["created_at"])]
+    for k, v in rec.items():
+        if v is not None:
+            flat += [k, _stored(v)]
+    return json.dumps(flat, ensure_ascii=False, separators=(",", ":"))
+
+
+def _stored(value: Any) -> str:
+    """What a record's field holds in Redis: lists and dicts as JSON, numbers as redis-py
+    sends them (`repr`), strings as they are."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value) if isinstance(value, dict | list) else repr(value)
+
 
 class Tracker:
     """Job records in Redis. One instance per process; it is thread-safe (redis-py pools)."""
@@ -100,6 +123,7 @@ class Tracker:
         self._transition = self._r.register_script(scripts.TRANSITION)
         self._heartbeat = self._r.register_script(scripts.HEARTBEAT)
         self._create = self._r.register_script(scripts.CREATE)
+        self._job_fields = self._r.register_script(scripts.JOB_FIELDS)
         self._claim_batch = self._r.register_script(scripts.CLAIM_BATCH)
         self._take_due = self._r.register_script(scripts.TAKE_DUE)
         self.inflight = InFlight(conn, self.keys, self._lua_keys)
@@ -174,23 +198,29 @@ class Tracker:
     # ------------------------------------------------------------------ create / read
 
     def create(self, records: Sequence[dict[str, Any]]) -> list[bool]:
-        """Write new job records (pipelined); True where created, False where the id existed."""
-        with self._conn.doing("creating jobs"):
+        """Write new job records (pipelined, `CREATE_CHUNK` records per script call); True
+        where created, False where the id existed."""
+        flat = list(map(_flat_record, records))
+
+        def run() -> list[Any]:
+            # EVALSHA by hand: a pipeline running a `Script` first asks SCRIPT EXISTS, a
+            # round trip per submit (per request, for the HTTP API).
             pipe = self._r.pipeline(transaction=False)
             self.tenants.index(pipe, records)  # listed before written: never a job unlisted
             offset = len(pipe)
-            for rec in records:
-                flat: list[Any] = []
-                for k, v in rec.items():
-                    if v is None:
-                        continue
-                    flat += [k, json.dumps(v) if isinstance(v, dict | list) else v]
-                self._create(
-                    keys=[self.keys.job(rec["id"])],
-                    args=[self._lua_keys, rec["created_at"], rec["id"], *flat],
-                    client=pipe,
+            for start in range(0, len(flat), CREATE_CHUNK):
+                pipe.evalsha(
+                    self._create.sha, 0, self._lua_keys, *flat[start : start + CREATE_CHUNK]
                 )
-            return [bool(x) for x in pipe.execute()[offset:]]
+            return pipe.execute()[offset:]
+
+        with self._conn.doing("creating jobs"):
+            try:
+                done = run()
+            except NoScriptError:  # a restarted or flushed Redis: no record was written
+                self._r.script_load(scripts.CREATE)
+                done = run()  # the index entries again: ZADD NX, no change
+            return [bool(x) for part in done for x in part]
 
     def get(self, job_id: str) -> JobRecord:
         rec = self.get_many([job_id])[0]
@@ -209,15 +239,16 @@ class Tracker:
 
     def job_fields(self, job_ids: Sequence[str], *fields: str) -> list[list[str | None]]:
         """`fields` of each job's record, in one round trip (None where a field or record is
-        missing), in bounded pipelines."""
-        out: list[list[str | None]] = []
+        missing), one script call per `SCAN_CHUNK` jobs."""
+        n = len(fields)
+        prefix = self.keys.job("")
         with self._conn.doing("reading job records"):
+            pipe = self._r.pipeline(transaction=False)
             for start in range(0, len(job_ids), SCAN_CHUNK):
-                pipe = self._r.pipeline(transaction=False)
-                for job_id in job_ids[start : start + SCAN_CHUNK]:
-                    pipe.hmget(self.keys.job(job_id), list(fields))
-                out += pipe.execute()
-        return out
+                chunk = job_ids[start : start + SCAN_CHUNK]
+                self._job_fields(args=[prefix, n, *fields, *chunk], client=pipe)
+            flat = [v for part in pipe.execute() for v in part]
+        return [flat[i : i + n] for i in range(0, len(flat), n)]
 
     def states(self, job_ids: Sequence[str]) -> list[tuple[str | None, int, int]]:
         """(state, step, total) per job, in one round trip; state None where missing."""

@@ -1,6 +1,7 @@
 """The state table applied in Redis: atomic, table-checked, fenced by attempt tokens."""
 
 import itertools
+import json
 import threading
 import time
 
@@ -120,3 +121,48 @@ def test_events_stream_wakes_waiters(tracker):
     cursor = tracker.last_event_id()
     make_job(tracker)
     assert tracker.wait_event(cursor, 1.0) != cursor
+
+
+def test_create_stores_each_field_as_redis_py_would_across_chunks(tracker):
+    """Records go to Redis in chunks, one script call each: every field holds what an HSET
+    of the record's values stores (JSON for lists and dicts, `repr` for numbers, text as
+    UTF-8), a record whose id exists is left alone in whichever chunk it comes, and the
+    counters count each created job once."""
+    from farm.state.tracker import CREATE_CHUNK
+
+    created_at = time.time()
+    recs = [
+        {
+            "id": new_job_id(),
+            "kind": "txt2img",
+            "state": "queued",
+            "spec": {"prompt": f"un renard rôti 🦊 {i}", "seed": 2**63 - 1},
+            "priority": i % 10,
+            "created_at": created_at,
+            "attempt": 0,
+            "depends_on": None,
+            "images": 2 if i % 2 else None,
+        }
+        for i in range(CREATE_CHUNK + 7)
+    ]
+    again = recs[3]
+    assert tracker.create([*recs, again]) == [True] * len(recs) + [False]
+    assert tracker.create([again]) == [False]
+    rec = recs[-2]  # in the second chunk
+    stored = raw(tracker).hgetall(tracker.keys.job(rec["id"]))
+    assert stored["spec"] == json.dumps(rec["spec"])
+    assert json.loads(stored["spec"])["prompt"] == rec["spec"]["prompt"]
+    assert (stored["priority"], stored["created_at"]) == (str(rec["priority"]), repr(created_at))
+    assert "depends_on" not in stored and stored["images"] == "2"
+    assert raw(tracker).zscore(tracker.keys.jobs, rec["id"]) == created_at
+    assert tracker.counts()[JobState.QUEUED] == len(recs)
+
+
+def test_create_after_redis_forgot_its_scripts(tracker):
+    """A Redis restarted or SCRIPT FLUSHed knows no script: create loads its own again and
+    writes the records once, its tenant index entries included."""
+    raw(tracker).script_flush()
+    rec = {"id": new_job_id(), "kind": "txt2img", "state": "queued", "spec": {}, "tenant": "t"}
+    assert tracker.create([rec | {"created_at": repr(time.time())}]) == [True]
+    assert tracker.get(rec["id"]).state == JobState.QUEUED
+    assert raw(tracker).zcard(tracker.keys.tenant_open("t")) == 1

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import http.client
 import importlib.util
+import os
 import sys
 import tempfile
 import time
 from typing import IO, Self
 
 from farm.local.embedded import START_TIMEOUT, ChildProcess, ServerError, free_port, stop_process
+
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
+"""What a client of this server needs in its environment: any credentials (moto takes them
+all), a region, and none of the developer's own AWS files or proxies."""
 
 
 class S3Server(ChildProcess):
