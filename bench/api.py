@@ -9,6 +9,9 @@ workers (jobs are accepted, not run). Each round, alternating:
 2. API batch: one `POST /v1/jobs:batch` of the same number of specs (httpx, one connection).
 3. API singles: `--singles` `POST /v1/jobs` from `--clients` concurrent clients (asyncio,
    one keep-alive connection each): jobs/s, and the median and p99 latency of one submit.
+4. The same singles from `wrk` (Debian's package, if on PATH), `--clients` connections for
+   `--seconds`: a load generator in C, so the latency is the server's rather than a Python
+   client's on the same two cores (httpx costs about as much CPU a request as the server).
 
 Prints each round and the medians; targets: the batch within 2x of the SDK's rate, p99 of a
 single submit under 50 ms on this machine.
@@ -18,6 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,6 +89,51 @@ async def singles_round(
     return n / (time.perf_counter() - t), latencies
 
 
+WRK_SCRIPT = """
+local n = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer TOKEN"
+request = function()
+  n = n + 1
+  return wrk.format(nil, "/v1/jobs", nil, HEAD .. n .. MID .. n .. TAIL)
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("FARM %d %d %.6f %.3f %.3f\\n", summary.requests,
+    e.status + e.connect + e.read + e.write + e.timeout, summary.duration / 1e6,
+    latency:percentile(50) / 1e3, latency:percentile(99) / 1e3))
+end
+"""
+
+
+def lua_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def wrk_round(
+    url: str, token: str, clients: int, seconds: float, tmp: Path
+) -> tuple[float, float, float]:
+    """jobs/s, median and p99 latency (ms) of single submits from wrk's `clients` connections:
+    the spec of `spec(n)`, n counting up in each of wrk's threads."""
+    head, mid, tail = json.dumps(spec(7_777_777)).split("7777777")
+    script = tmp / "post.lua"
+    script.write_text(
+        WRK_SCRIPT.replace("TOKEN", token)
+        .replace("HEAD", lua_string(head))
+        .replace("MID", lua_string(mid))
+        .replace("TAIL", lua_string(tail))
+    )
+    cmd = ["wrk", "-t", str(min(2, clients)), "-c", str(clients), "-d", f"{seconds:g}s"]
+    out = subprocess.run(
+        [*cmd, "-s", str(script), url], capture_output=True, text=True, check=True
+    ).stdout
+    m = re.search(r"^FARM (\d+) (\d+) ([\d.]+) ([\d.]+) ([\d.]+)$", out, re.M)
+    assert m, out
+    assert int(m[2]) == 0, out  # every answer a 201
+    return int(m[1]) / float(m[3]), float(m[4]), float(m[5])
+
+
 def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98]
 
@@ -93,6 +144,7 @@ def main() -> int:
     p.add_argument("--singles", type=int, default=2_000)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=5.0, help="each wrk round's length")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-api-"))
     with RedisServer(tmp / "redis") as redis:
@@ -108,6 +160,8 @@ def main() -> int:
         try:
             url = server.stdout.readline().split()[2]
             sdk, batch, singles, med, tail = [], [], [], [], []
+            wrk = shutil.which("wrk")
+            w_rate, w_med, w_tail = [], [], []
             base = 0
             for r in range(args.rounds):
                 sdk.append(sdk_round(farm, args.jobs, base))
@@ -125,12 +179,30 @@ def main() -> int:
                     f"median {med[-1]:.1f} ms, p99 {tail[-1]:.1f} ms",
                     flush=True,
                 )
+                if wrk:
+                    rate, w, t = wrk_round(url, token, args.clients, args.seconds, tmp)
+                    w_rate.append(rate)
+                    w_med.append(w)
+                    w_tail.append(t)
+                    print(
+                        f"round {r + 1}: wrk singles x{args.clients} {rate:,.0f} jobs/s, "
+                        f"median {w:.1f} ms, p99 {t:.1f} ms",
+                        flush=True,
+                    )
             m = statistics.median
             print(
                 f"median: sdk submit_many {m(sdk):,.0f} jobs/s; POST /v1/jobs:batch {m(batch):,.0f} "
                 f"jobs/s (API/SDK {m(batch) / m(sdk):.2f}); POST /v1/jobs x{args.clients} clients "
                 f"{m(singles):,.0f} jobs/s, latency median {m(med):.1f} ms, p99 {m(tail):.1f} ms"
             )
+            if wrk:
+                print(
+                    f"median: wrk POST /v1/jobs x{args.clients} connections {m(w_rate):,.0f} "
+                    f"jobs/s, latency median {m(w_med):.1f} ms, p99 {m(w_tail):.1f} ms "
+                    "(target p99 < 50 ms)"
+                )
+            else:
+                print("wrk not on PATH (apt-get install wrk): only the Python clients measured")
         finally:
             server.terminate()
             server.wait(10)
