@@ -79,6 +79,16 @@ RENDER_FLAGS = {
         Flag("priority", int, help="0..9, higher runs sooner"),
         Flag("key", help="idempotency key: the same key submits once"),
         Flag(
+            "webhook",
+            help="http(s) URL the farm POSTs the job's record to when it ends, signed (sent by "
+            "the webhook sender that `farm serve` and `farm up` run)",
+        ),
+        Flag(
+            "preview_every",
+            int,
+            help="publish a small preview every N steps (the API's events, the dashboard)",
+        ),
+        Flag(
             "preserve_unmasked",
             bool,
             help="inpaint: pixels outside the mask come back exactly as in the source "

@@ -285,3 +285,25 @@ def test_verify_answers_on_the_light_side_for_a_ref_that_names_nothing(nowhere, 
     assert res.returncode == 2
     assert screen(res) == [screen(res)[0]] and expected in res.stderr, res.stderr
     assert "[transformers]" not in res.stderr  # torch's side was never started
+
+
+def test_submit_takes_a_webhook_and_previews_as_the_api_does(empty_farm):
+    """`farm submit` names a webhook and a preview interval as a spec sent to the API would;
+    a URL the farm would never POST to is one line, exit 2, nothing written."""
+    args = ("submit", "txt2img", "--model", "tiny", "--prompt", "a fox", "--steps", 4)
+    res = run_cli(
+        empty_farm, *args, "--webhook", "https://hooks.example.com/farm", "--preview-every", 2,
+        "--json",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    spec = json.loads(res.stdout)["spec"]
+    assert spec["webhook"] == "https://hooks.example.com/farm" and spec["preview_every"] == 2
+
+    bad = run_cli(empty_farm, *args, "--webhook", "ftp://hooks.example.com/farm")
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines() == [
+        "farm: error: webhook: must be an http:// or https:// URL with a host, "
+        "got 'ftp://hooks.example.com/farm'"
+    ]
+    listed = run_cli(empty_farm, "jobs", "--json")
+    assert len(json.loads(listed.stdout)) == 1  # only the first job
