@@ -59,6 +59,22 @@ whose burst is one minute's worth), images per job."""
 
 SCAN_CHUNK = 1000
 
+PRUNE_LOOK = 32
+"""How many of a tenant's oldest index entries each write looks at for expired records."""
+
+PRUNE_JOBS = """
+-- KEYS[1]: a tenant's job index; ARGV: the cutoff score, the job records' key prefix, how many.
+-- Drops the oldest ids, created before the cutoff, whose records have expired: the index holds
+-- what `GET /v1/jobs` can still show, not every job the tenant ever submitted.
+local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local gone = {}
+for _, id in ipairs(old) do
+  if redis.call('EXISTS', ARGV[2] .. id) == 0 then gone[#gone + 1] = id end
+end
+if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+return #gone
+"""
+
 TOKEN_BUCKET = """
 -- KEYS[1]: the bucket; ARGV: now, rate (tokens/s), capacity, n, ttl, force.
 -- Takes n tokens and returns {1, 0}, or takes none (writes nothing) and returns {0, wait};
@@ -288,6 +304,16 @@ class Tenants:
                 score = float(rec["created_at"])
                 pipe.zadd(self._keys.tenant_jobs(tenant), {rec["id"]: score}, nx=True)
                 pipe.zadd(self._keys.tenant_open(tenant), {rec["id"]: score}, nx=True)
+
+    def prune(self, pipe: Any, records: Sequence[dict[str, Any]]) -> None:
+        """Queue, on `pipe` after the records' writes, the removal of each of their tenants'
+        oldest index entries whose records have expired: each write looks at `PRUNE_LOOK`
+        entries created more than a record's lifetime ago, so the index stays the size of what
+        is still stored."""
+        cutoff = repr(time.time() - self._ttl)
+        for tenant in sorted({rec["tenant"] for rec in records if rec.get("tenant")}):
+            key = self._keys.tenant_jobs(tenant)
+            pipe.eval(PRUNE_JOBS, 1, key, cutoff, self._keys.job(""), PRUNE_LOOK)
 
     def job_tenants(self, job_ids: Sequence[str]) -> list[str | None]:
         """Each job's tenant (`default` where the record has none), None where it is missing."""

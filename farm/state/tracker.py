@@ -212,7 +212,9 @@ class Tracker:
                 pipe.evalsha(
                     self._create.sha, 0, self._lua_keys, *flat[start : start + CREATE_CHUNK]
                 )
-            return pipe.execute()[offset:]
+            end = len(pipe)
+            self.tenants.prune(pipe, records)
+            return pipe.execute()[offset:end]
 
         with self._conn.doing("creating jobs"):
             try:

@@ -166,3 +166,28 @@ def test_create_after_redis_forgot_its_scripts(tracker):
     assert tracker.create([rec | {"created_at": repr(time.time())}]) == [True]
     assert tracker.get(rec["id"]).state == JobState.QUEUED
     assert raw(tracker).zcard(tracker.keys.tenant_open("t")) == 1
+
+
+def test_a_tenants_job_index_drops_jobs_whose_records_expired(redis_url):
+    """The index `GET /v1/jobs` lists from holds what is still stored, not every job the tenant
+    ever submitted: a write drops the old entries whose records have expired, keeps old jobs
+    that are still there, and leaves other tenants' indexes alone."""
+    tracker = Tracker.from_url(redis_url, prefix=f"p{time.monotonic_ns()}:", record_ttl=60)
+    long_ago = time.time() - 3600
+
+    def write(tenant, created_at):
+        job_id = new_job_id()
+        rec = {"id": job_id, "kind": "txt2img", "state": "queued", "spec": {}}
+        tracker.create([{**rec, "created_at": created_at, "tenant": tenant}])
+        return job_id
+
+    expired = [write("acme", long_ago + i) for i in range(3)]
+    still_queued = write("acme", long_ago + 10)
+    other = write("zeta", long_ago)
+    r = raw(tracker)
+    r.delete(*(tracker.keys.job(i) for i in [*expired, other]))  # as their TTL would
+
+    new = write("acme", time.time())
+    assert set(r.zrange(tracker.keys.tenant_jobs("acme"), 0, -1)) == {still_queued, new}
+    assert r.zrange(tracker.keys.tenant_jobs("zeta"), 0, -1) == [other]  # not written since
+    tracker.close()
