@@ -62,6 +62,11 @@ def add_parser(sub: Any) -> None:
     )
     s.add_argument("--defaults", type=Path, help="a JSON object of defaults (under the flags)")
     s.add_argument("--chunk-size", type=int, default=1000, help="jobs written per chunk")
+    s.add_argument(
+        "--webhook",
+        help="http(s) URL POSTed once when the batch has settled (every job ended), signed; "
+        "`--set webhook=URL` names one per job instead",
+    )
 
     st = bsub.add_parser("status", help="counts per state, images/s, ETA")
     st.add_argument("name")
@@ -163,6 +168,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
             sys.stderr.write("\n" if done == total else "")
             sys.stderr.flush()
 
+    tenants, before = farm.tracker.tenants, None
+    if args.webhook is not None:  # checked before anything is written, as the API does
+        from farm.api.webhooks import check_url
+        from farm.jobs.specs import check_webhook
+
+        try:
+            check_url(check_webhook(args.webhook) or "", farm.settings.webhook_allow_private)
+        except (InvalidJob, ValueError) as e:
+            print(f"farm: error: --webhook: {e}", file=sys.stderr)
+            return EXIT_INVALID
+        # Set before the first job can end, so the batch's end is never missed
+        before = tenants.batch_webhook(args.name)
+        tenants.set_batch_webhook(args.name, args.webhook)
     try:
         result = submit_batch(
             farm,
@@ -174,7 +192,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             chunk_size=max(1, args.chunk_size),
             on_chunk=progress,
         )
-    except InvalidManifest as e:
+    except InvalidManifest as e:  # nothing of the batch written: nor its webhook
+        if args.webhook is not None:
+            tenants.set_batch_webhook(args.name, before)
         for line in e.lines():
             print(f"farm: error: {line}", file=sys.stderr)
         return EXIT_INVALID

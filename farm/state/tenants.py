@@ -366,9 +366,13 @@ class Tenants:
             owners = self._conn.client.hmget(self._keys.batch_tenants, list(names))
         return [str(o) if o else DEFAULT_TENANT for o in owners]
 
-    def set_batch_webhook(self, name: str, url: str) -> None:
+    def set_batch_webhook(self, name: str, url: str | None) -> None:
+        """The URL POSTed once batch `name` has settled; None: none."""
         with self._conn.doing(f"writing batch {name!r}"):
-            self._conn.client.hset(self._keys.batch_webhooks, name, url)
+            if url is None:
+                self._conn.client.hdel(self._keys.batch_webhooks, name)
+            else:
+                self._conn.client.hset(self._keys.batch_webhooks, name, url)
 
     def batch_webhook(self, name: str) -> str | None:
         with self._conn.doing(f"reading batch {name!r}"):

@@ -20,6 +20,7 @@ from farm.client import Farm
 from farm.errors import InvalidJob
 from farm.settings import settings_env
 from tests.api.conftest import Api, make_tokens, wait_done
+from tests.support.cli import run_cli
 
 
 class Receiver(ThreadingHTTPServer):
@@ -152,6 +153,51 @@ def test_a_batch_webhook_arrives_once_the_batch_settles(api):
     event = json.loads(body)
     assert event["type"] == "batch.settled" and event["batch"]["name"] == "hooked"
     assert event["batch"]["counts"] == {"succeeded": 2}
+
+
+def test_farm_batch_submit_names_a_batch_webhook_and_refuses_a_bad_one_writing_nothing(
+    api, tmp_path
+):
+    """`farm batch submit --webhook URL`: the batch's settling is POSTed once, as for a batch
+    submitted over the API; a URL the farm never posts to, or a bad manifest, leaves no
+    webhook and no batch behind."""
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    flags = ("--model", "tiny", "--steps", 1, "--width", 32, "--height", 32)
+    hooks = api.farm.tracker.tenants
+
+    bad = run_cli(api.settings, "batch", "submit", manifest, "--name", "nohook", *flags,
+                  "--webhook", "ftp://hooks.example.com/b")  # fmt: skip
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1, bad.stderr
+    assert "--webhook: must be an http:// or https:// URL" in bad.stderr
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "steps": "many"}\n')
+    res = run_cli(api.settings, "batch", "submit", broken, "--name", "nohook", *flags,
+                  "--webhook", "http://127.0.0.1:9/b")  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert hooks.batch_webhook("nohook") is None
+    assert api.farm.tracker.batches.meta("nohook") is None
+
+    port = free_port()
+    receiver = Receiver(port)
+    sender = start_sender(api.settings)
+    try:
+        res = run_cli(api.settings, "batch", "submit", manifest, "--name", "cli-hooked", *flags,
+                      "--webhook", f"http://127.0.0.1:{port}/b")  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        deadline = time.monotonic() + 90
+        while not receiver.got and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        sender.terminate()
+        sender.wait(10)
+        receiver.shutdown()
+    ((headers, body),) = receiver.got
+    event = json.loads(body)
+    assert event["type"] == "batch.settled" and event["batch"]["name"] == "cli-hooked"
+    assert event["batch"]["counts"] == {"succeeded": 2}
+    assert verify(api.farm.tracker.tenants.webhook_secret("default"), body,
+                  headers["X-Farm-Signature"])  # fmt: skip
 
 
 def test_webhooks_to_refused_addresses_are_never_sent(api_farm, tmp_path):
