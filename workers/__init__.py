@@ -22,4 +22,3 @@ import logging
 # its PIL one. The farm never uses torchvision, so that line is noise in a worker's start (and in
 # the one-line error a bad start prints): keep that one logger to errors.
 logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
-
