@@ -5,8 +5,9 @@ While batch N denoises on the render thread, two other threads keep the hand-off
     ahead   `Line.prefetch`, as batch N enters its last step: batch N+1 claimed (`Tracker.claim_batch` on the lead's batch
             signature, each job with its own attempt token and a lease the heartbeat renews
             from the moment it is claimed), its records read and its inputs decoded
-    behind  `Writer`: batch N-1's PNGs encoded and its objects stored (first writer wins,
-            meta.json last), then each job's fenced finish (`workers.results`)
+    behind  `Writer`: batch N-1's last beat (a cancel or takeover during its last step),
+            its PNGs encoded and its objects stored (first writer wins, meta.json last),
+            then each job's fenced finish (`workers.results`)
 
 Bounded: at most one batch ahead (the next is claimed only once the previous one's turn
 has come) and one behind (the render thread hands over batch N only when N-1 is stored), so
@@ -108,12 +109,18 @@ class Writer:
         self._pool = ThreadPoolExecutor(1, "farm-writer")
         self._last: Future[None] | None = None
 
-    def store(self, done: list[tuple[Held, Any]], batch: list[str], timings: dict) -> None:
+    def store(
+        self,
+        rendered: list[tuple[Held, Any]],
+        batch: list[str],
+        timings: dict[str, float],
+        limits: Limits,
+    ) -> None:
         """Hand a rendered batch over (after the one before is stored and finished)."""
         self.wait()
-        size = result_bytes(done)
+        size = result_bytes(rendered)
         self.line.count(behind=size)
-        self._last = self._pool.submit(self._store, done, batch, timings, size)
+        self._last = self._pool.submit(self._store, rendered, batch, timings, limits, size)
 
     def wait(self) -> None:
         if self._last is not None:
@@ -124,15 +131,46 @@ class Writer:
         self.wait()
         self._pool.shutdown()
 
-    def _store(self, done: list[tuple[Held, Any]], batch: list[str], timings: dict, size: int):
+    def _store(
+        self,
+        rendered: list[tuple[Held, Any]],
+        batch: list[str],
+        timings: dict[str, float],
+        limits: Limits,
+        size: int,
+    ) -> None:
         try:
-            self._store_or_split(done, batch, timings)
-        except Exception:  # never seen: the jobs' leases run out, the reconciler sees to them
-            log.exception("writer: storing a batch of %d failed", len(done))
+            self.hb.beat()  # a cancel or takeover that came during the last step counts too
+            done = self._still_wanted(rendered, limits)
+            if done:
+                self._store_or_split(done, batch, timings)
+        except Exception:  # Redis away: the jobs' leases run out, the reconciler sees to them
+            log.exception("writer: storing a batch of %d failed", len(rendered))
         finally:
             self.line.count(behind=-size)
 
-    def _store_or_split(self, done: list[tuple[Held, Any]], batch: list[str], timings: dict):
+    def _still_wanted(
+        self, rendered: list[tuple[Held, Any]], limits: Limits
+    ) -> list[tuple[Held, Any]]:
+        """The rendered jobs to store; a cancelled or superseded one ends without outputs."""
+        done = []
+        for job, result in rendered:
+            if job.id in self.hb.stale:
+                log.warning("job %s: attempt %s superseded while rendering", job.id, job.token)
+                self.outcomes[job.id] = Outcome.STALE
+            elif job.id in self.hb.cancelled or result.interrupted:
+                self.outcomes[job.id] = stopped(
+                    self.rt, job, self.hb, Stop.CANCEL, limits, "running"
+                )
+            else:
+                done.append((job, result))
+                continue
+            self.hb.release(job.id)
+        return done
+
+    def _store_or_split(
+        self, done: list[tuple[Held, Any]], batch: list[str], timings: dict[str, float]
+    ) -> None:
         """Store and finish `done`; should that fail, each job alone, so a job whose objects
         cannot be stored ends by its error (`settle`: storage down hands it back) alone."""
         try:

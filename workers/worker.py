@@ -250,33 +250,22 @@ def _render_and_store(
         )
     t_render = time.perf_counter()
     rt.metrics.rendered(lead.kind, len(jobs), t_render - t_load)
-    hb.beat()  # a cancel or takeover that came during the last step counts too
-    if stop and stop[0] == Stop.TIME_LIMIT and len(jobs) > 1:
-        raise TooSlowTogether(f"{len(jobs)} jobs together took over {limits.seconds:g} s")
-    if stop:
-        for job in jobs:
-            outcomes[job.id] = stopped(rt, job, hb, stop[0], limits, "running")
-            hb.release(job.id)
-        return
-    # 6-7. Outputs of the jobs still wanted, then their state, on the writer's thread: first
-    #      writer wins (`workers.results`). A cancelled or superseded job ends without outputs.
-    done = []
-    for job, result in zip(jobs, results, strict=True):
-        if job.id in hb.stale:
-            log.warning("job %s: attempt %s superseded while rendering", job.id, job.token)
-            outcomes[job.id] = Outcome.STALE
-        elif job.id in hb.cancelled or result.interrupted:
-            outcomes[job.id] = stopped(rt, job, hb, Stop.CANCEL, limits, "running")
-        else:
-            done.append((job, result))
-            continue
-        hb.release(job.id)
     timings = {
         "load_s": round(t_load - t_start, 4),
         "render_s": round(t_render - t_load, 4),
     }
-    if done:
-        line.writer.store(done, ids, timings)
+    if not stop:
+        # 6-7. On the writer's thread, while the next batch renders: a last beat (a cancel or
+        #      takeover that came during the last step counts too), then the outputs of the
+        #      jobs still wanted and their state, first writer wins (`workers.results`).
+        line.writer.store(list(zip(jobs, results, strict=True)), ids, timings, limits)
+        return
+    hb.beat()  # a cancel or takeover that came during the last step counts too
+    if stop[0] == Stop.TIME_LIMIT and len(jobs) > 1:
+        raise TooSlowTogether(f"{len(jobs)} jobs together took over {limits.seconds:g} s")
+    for job in jobs:
+        outcomes[job.id] = stopped(rt, job, hb, stop[0], limits, "running")
+        hb.release(job.id)
 
 
 def register(rt: Runtime) -> None:
