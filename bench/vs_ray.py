@@ -7,7 +7,7 @@ The same inpaint jobs (tiny-inpaint, 32 by default, one batch signature) two way
 alternating rounds in one run:
 
     ray    `ray.init(num_cpus=cores)`, then `ray.data.from_items(jobs).map_batches(Render,
-           batch_size=b, concurrency=cores, num_cpus=1)`: a class UDF holding the pipeline,
+           batch_size=b, compute=ActorPoolStrategy(size=cores), num_cpus=1)`: a class UDF holding the pipeline,
            one actor per core on one torch thread, that decodes its inputs and returns
            each image PNG-encoded; the driver writes them to a folder
     farm   `LocalFarm(workers=cores)` started, the jobs submitted (`Farm.submit_many`) and
@@ -92,7 +92,7 @@ def run_ray(args, pairs, seed0: int, out: Path) -> tuple[float, float]:
             Render,
             fn_constructor_args=(args.steps,),
             batch_size=args.batch,
-            concurrency=args.workers,
+            compute=ray.data.ActorPoolStrategy(size=args.workers),
             num_cpus=1,
         )
         arrivals = []
@@ -103,7 +103,7 @@ def run_ray(args, pairs, seed0: int, out: Path) -> tuple[float, float]:
         t_end = time.perf_counter()
     finally:
         ray.shutdown()
-    skip = min(args.workers, len(arrivals) - 1)
+    skip = min(args.workers, len(arrivals) - 1)  # the first wave: one batch per actor
     rows_after = sum(n for _, n in arrivals[skip:])
     steady = rows_after / (t_end - arrivals[skip - 1][0]) if skip else float("nan")
     return len(pairs) / (t_end - t0), steady
