@@ -1,6 +1,7 @@
 """The heavy side of the farm: the only package that imports torch and diffusers.
 
 worker.py     one process per device, one Celery task: claim → run → store → finish
+pipeline.py   the next batch claimed and read, the last one stored, while one renders
 results.py    a render's results stored first-writer-wins, its jobs finished from them
 runtime.py    what a worker process loads once (`Runtime`) and the jobs it holds (`Held`)
 outcomes.py   how a held job ends: one classifier, one `Outcome`

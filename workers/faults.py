@@ -9,6 +9,8 @@ A prompt carrying a marker makes the worker fail the way real hardware does:
                                 rendering, after every check it makes, just before it stores
                                 the results: a zombie in the making, woken by the test's
                                 SIGCONT once another attempt has taken the job over
+    [fault:slow-store=S]        a job's first attempt waits S seconds just before it stores
+                                its results (on the writer's thread: the next batch renders)
     [fault:slow-steps=S]        every denoising step takes S seconds more per job in the call
                                 (a micro-batch of n jobs costs n × S a step)
 """
@@ -23,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 _SLOW = re.compile(r"\[fault:slow-steps=([0-9.]+)\]")
+_SLOW_STORE = re.compile(r"\[fault:slow-store=([0-9.]+)\]")
 
 
 def _prompts(specs: Sequence[Any]) -> str:
@@ -41,6 +44,8 @@ def inject(
     if stage == "store":
         if first_attempt and "[fault:pause-before-store]" in prompts:
             os.kill(os.getpid(), signal.SIGSTOP)
+        if first_attempt and (found := _SLOW_STORE.search(prompts)):
+            time.sleep(float(found.group(1)))
         return
     if "[fault:kill]" in prompts:
         os.kill(os.getpid(), signal.SIGKILL)

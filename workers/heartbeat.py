@@ -112,6 +112,13 @@ class Heartbeat:
         with self._lock:
             self.loss[job_id] = loss
 
+    def hold(self, tokens: dict[str, str]) -> None:
+        """Jobs claimed since the heartbeat started (the batch a pipelined worker claims
+        ahead): their leases are renewed from now on."""
+        with self._lock:
+            self.tokens.update(tokens)
+            self.progress.update({job_id: (0, 0) for job_id in tokens})
+
     def release(self, job_id: str) -> None:
         """The job ended (or was handed back): stop renewing its lease."""
         with self._lock:

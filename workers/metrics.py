@@ -18,6 +18,9 @@ Metric names (every worker serves the same; Prometheus adds the `instance` label
     farm_device_memory_bytes{device}     gauge: torch.cuda.memory_allocated on a GPU, the
                                          process's resident memory on CPU
     farm_models_warm                     gauge: models this worker holds warm
+    farm_worker_pipeline_bytes{side}     gauge: decoded inputs claimed ahead (`ahead`) and
+                                         renders waiting to be stored (`behind`), in bytes
+                                         (`workers.pipeline`)
 
 Each process has its own `CollectorRegistry`, so tests can build several in one interpreter.
 """
@@ -96,6 +99,14 @@ class _LiveCollector(Collector):
         with contextlib.suppress(RuntimeError):  # the cache changing this instant: skip it
             warm.add_metric([], len(self.rt.cache.held))
         yield warm
+        held = GaugeMetricFamily(
+            "farm_worker_pipeline_bytes",
+            "Bytes of the batch claimed ahead and of the one waiting to be stored",
+            labels=["side"],
+        )
+        for side, n in dict(getattr(self.rt, "pipeline_bytes", {})).items():
+            held.add_metric([side], n)
+        yield held
 
 
 class WorkerMetrics:

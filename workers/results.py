@@ -69,8 +69,7 @@ def store_and_finish(
     metas = {key: objects.pop(key) for key in [meta_key(job.id) for job, _ in done]}
     first = any(job.attempt == 1 for job, _ in done)
     inject(rt.settings.fault_injection, [job.spec for job, _ in done], "store", first)
-    rt.store.put_many_new(objects)
-    stored = rt.store.put_many_new(metas)
+    stored = rt.store.put_new_in_turn(objects, metas)  # one fsync round on a folder
     # 3. Each job succeeded, if its own attempt is still the current one; one whose meta.json
     #    another attempt stored first finishes from that one's.
     for job, result in done:

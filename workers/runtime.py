@@ -74,6 +74,9 @@ class Runtime:
         self.versions = versions()
         self.jobs_done = 0
         self.stopping = False
+        self.pipeline_bytes = {"ahead": 0, "behind": 0}
+        """Bytes of decoded inputs claimed ahead and of renders waiting to be stored
+        (`workers.pipeline`)."""
         """Set on SIGTERM/SIGINT: running jobs stop at the next step and are handed back."""
         from farm.queue.routing import RENDER_QUEUE
         from workers.metrics import WorkerMetrics

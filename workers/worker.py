@@ -22,10 +22,6 @@ from typing import Any
 
 from farm.errors import InvalidJob, TransientError
 from farm.inputs import images
-from farm.inputs.budgets import Budgets
-from farm.jobs import masks
-from farm.jobs.specs import Img2Img, Inpaint, Style, parse_spec
-from farm.keys import meta_key
 from farm.queue.app import RUN_TASK
 from farm.queue.routing import RENDER_QUEUE
 from farm.settings import FarmSettings
@@ -37,12 +33,12 @@ from workers.outcomes import (
     Outcome,
     Stop,
     dead_letter,
-    finish_stored,
     settle,
     stopped,
 )
-from workers.results import check_conditional_writes, store_and_finish, stored_fields
-from workers.runtime import Held, Runtime, load_input
+from workers.pipeline import Line
+from workers.results import check_conditional_writes
+from workers.runtime import Held, Runtime
 
 log = logging.getLogger("farm.worker")
 
@@ -70,21 +66,22 @@ def run_job(rt: Runtime, job_id: str) -> Outcome:
     held = [job for job in held if not dead_letter(rt, job)]
     if not held:
         return Outcome.FAILED
-    # 3-7. Read, render, store, finish.
-    outcomes = _run_held(rt, held)
-    rt.jobs_done += len(held)
-    rt.metrics.ended(held, outcomes)
-    for job in held:
+    # 3-7. Read, render, store, finish; then the signature's next batches, pipelined.
+    outcomes, chain = _run_chain(rt, held)
+    rt.jobs_done += len(chain)
+    rt.metrics.ended(chain, outcomes)
+    for job in chain:
         log.info(
-            "job %s (%s, %s, micro-batch of %d): %s in %.2fs",
+            "job %s (%s, %s, chain of %d from %s): %s in %.2fs",
             job.id,
             job.record.kind,
             job.record.spec.get("model"),
-            len(held),
-            outcomes[job.id],
+            len(chain),
+            job_id,
+            outcomes.get(job.id, "left to its lease"),
             time.perf_counter() - t0,
         )
-    return outcomes[job_id]
+    return outcomes.get(job_id, Outcome.FAILED)
 
 
 def _gather(rt: Runtime, lead: Held) -> list[Held]:
@@ -108,37 +105,34 @@ def _gather(rt: Runtime, lead: Held) -> list[Held]:
     ]
 
 
-def _run_held(rt: Runtime, held: list[Held]) -> dict[str, Outcome]:
-    """Run the held jobs as one micro-batch, falling back to one by one; job id → how it ended."""
+def _run_chain(rt: Runtime, held: list[Held]) -> tuple[dict[str, Outcome], list[Held]]:
+    """Run the held jobs as one micro-batch, then, pipelined (`workers.pipeline`), the batches
+    of their signature claimed while the one before renders; (job id → how it ended, every
+    job the chain held)."""
     outcomes: dict[str, Outcome] = {}
     lease = rt.settings.lease_seconds
     tokens = {job.id: job.token for job in held}
-    with Heartbeat(
-        rt.tracker, tokens, lease, interval=min(0.2, lease / 3), cancels=rt.cancels
-    ) as hb:
-        # 3. Read each job's spec and inputs: a job with a bad input fails alone. A retried
-        #    job whose earlier attempt stored everything before it died is just finished.
-        ready = []
-        for job in held:
-            try:
-                if job.attempt > 1 and (
-                    ended := finish_stored(rt, job, meta_key(job.id), stored_fields)
-                ):
-                    outcomes[job.id] = ended
-                    hb.release(job.id)
-                    continue
-                _read_inputs(rt, job)
-                ready.append(job)
-            except Exception as e:
-                outcomes[job.id] = settle(rt, job, e)
-                hb.release(job.id)
-        # 4-7. One pipeline call for them all.
-        _run_micro_batch(rt, ready, hb, outcomes)
-    return outcomes
+    lead = held[0].record
+    per_job = int(lead.spec.get("num_images_per_prompt", 1))
+    with (
+        Heartbeat(
+            rt.tracker, tokens, lease, interval=min(0.2, lease / 3), cancels=rt.cancels
+        ) as hb,
+        Line(rt, hb, outcomes, lead.signature, per_job) as line,
+    ):
+        # 3. Read each job's spec and inputs (`Line.ready`).
+        batch = line.ready(held)
+        while batch is not None:
+            # 4-7. One pipeline call for them all, the next batch claimed and read meanwhile,
+            #      the results handed to the writer; then the next batch's turn.
+            _run_micro_batch(rt, batch, hb, outcomes, line)
+            line.prefetch()  # if the render did not (it failed, or nothing was left to run)
+            batch = line.take()
+    return outcomes, line.held
 
 
 def _run_micro_batch(
-    rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, Outcome]
+    rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, Outcome], line: Line
 ) -> None:
     """Render, store and finish `jobs` as one call. Out of memory, or past the time limit
     together: retry each half (jobs that each fit alone need not fit together); any other
@@ -146,7 +140,7 @@ def _run_micro_batch(
     if not jobs:
         return
     try:
-        _render_and_store(rt, jobs, hb, outcomes)
+        _render_and_store(rt, jobs, hb, outcomes, line)
         return
     except Exception as e:
         error = e
@@ -154,14 +148,14 @@ def _run_micro_batch(
     if isinstance(error, TooSlowTogether):
         half = len(pending) // 2
         log.warning("micro-batch of %d ran past its time limit; retrying halves", len(pending))
-        _run_micro_batch(rt, pending[:half], hb, outcomes)
-        _run_micro_batch(rt, pending[half:], hb, outcomes)
+        _run_micro_batch(rt, pending[:half], hb, outcomes, line)
+        _run_micro_batch(rt, pending[half:], hb, outcomes, line)
         return
     if _out_of_memory(error) and len(pending) > 1:
         half = len(pending) // 2
         log.warning("micro-batch of %d ran out of memory; retrying halves", len(pending))
-        _run_micro_batch(rt, pending[:half], hb, outcomes)
-        _run_micro_batch(rt, pending[half:], hb, outcomes)
+        _run_micro_batch(rt, pending[:half], hb, outcomes, line)
+        _run_micro_batch(rt, pending[half:], hb, outcomes, line)
         return
     if len(pending) > 1:
         log.warning(
@@ -171,7 +165,7 @@ def _run_micro_batch(
             error,
         )
         for job in pending:
-            _run_micro_batch(rt, [job], hb, outcomes)
+            _run_micro_batch(rt, [job], hb, outcomes, line)
         return
     for job in pending:
         if _out_of_memory(error):
@@ -195,31 +189,11 @@ def _out_of_memory(error: BaseException) -> bool:
     return False
 
 
-def _read_inputs(rt: Runtime, job: Held) -> None:
-    """The job's spec and inputs, measured against the budgets again (`farm.inputs.budgets`):
-    a job that passed an older client fails here with the reason, before any step."""
-    t = time.perf_counter()
-    job.spec = parse_spec(job.record.spec)
-    budgets = Budgets.of(rt.settings)
-    budgets.check(job.spec)
-    if isinstance(job.spec, Img2Img | Inpaint):
-        job.image = load_input(rt, job.spec.image, "image").convert("RGB")
-        budgets.check(job.spec, job.image.size)
-    if isinstance(job.spec, Inpaint):
-        gen = job.spec.mask_generator()
-        if gen is not None:  # a generated mask: drawn here, as the client would have drawn it
-            job.mask = masks.generate(gen, job.image.size)
-        else:
-            job.mask = images.as_mask(load_input(rt, job.spec.mask_image, "mask_image"))
-    if isinstance(job.spec, Style):
-        job.style_image = load_input(rt, job.spec.ip_adapter_image, "ip_adapter_image")
-    job.inputs_s = time.perf_counter() - t
-
-
 def _render_and_store(
-    rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, Outcome]
+    rt: Runtime, jobs: list[Held], hb: Heartbeat, outcomes: dict[str, Outcome], line: Line
 ) -> None:
-    """Render `jobs` (one batch signature) as one call, store and finish each; into `outcomes`."""
+    """Render `jobs` (one batch signature) as one call; the writer stores and finishes each,
+    into `outcomes`, while the next batch renders."""
     from workers.render.ip_adapter import load_for
     from workers.render.render import render_batch
 
@@ -242,7 +216,7 @@ def _render_and_store(
         if rt.cache.loads > loads:
             rt.metrics.loaded(t_load - t_start)
         # 5. Render: one call, progress for every job; between steps, a cancel, a shutdown or
-        #    the time limit stops it.
+        #    the time limit stops it. As its last step starts, the next batch is claimed.
         inject(rt.settings.fault_injection, [job.spec for job in jobs])
         slow = slow_steps(rt.settings.fault_injection, [job.spec for job in jobs])
         watch = hb.watch(ids)
@@ -251,6 +225,8 @@ def _render_and_store(
 
         def on_step(step: int, total: int) -> bool:
             slow()
+            if step >= total - 1:  # the last step next: the next batch is claimed meanwhile
+                line.prefetch()
             reason = limits.reason()
             if reason is not None:
                 stop.append(reason)
@@ -274,32 +250,22 @@ def _render_and_store(
         )
     t_render = time.perf_counter()
     rt.metrics.rendered(lead.kind, len(jobs), t_render - t_load)
-    hb.beat()  # a cancel or takeover that came during the last step counts too
-    if stop and stop[0] == Stop.TIME_LIMIT and len(jobs) > 1:
-        raise TooSlowTogether(f"{len(jobs)} jobs together took over {limits.seconds:g} s")
-    if stop:
-        for job in jobs:
-            outcomes[job.id] = stopped(rt, job, hb, stop[0], limits, "running")
-            hb.release(job.id)
-        return
-    # 6-7. Outputs of the jobs still wanted, then their state: first writer wins
-    #      (`workers.results`). A cancelled or superseded job ends without outputs.
-    done = []
-    for job, result in zip(jobs, results, strict=True):
-        if job.id in hb.stale:
-            log.warning("job %s: attempt %s superseded while rendering", job.id, job.token)
-            outcomes[job.id] = Outcome.STALE
-        elif job.id in hb.cancelled or result.interrupted:
-            outcomes[job.id] = stopped(rt, job, hb, Stop.CANCEL, limits, "running")
-        else:
-            done.append((job, result))
-            continue
-        hb.release(job.id)
     timings = {
         "load_s": round(t_load - t_start, 4),
         "render_s": round(t_render - t_load, 4),
     }
-    store_and_finish(rt, done, ids, timings, hb, outcomes)
+    if not stop:
+        # 6-7. On the writer's thread, while the next batch renders: a last beat (a cancel or
+        #      takeover that came during the last step counts too), then the outputs of the
+        #      jobs still wanted and their state, first writer wins (`workers.results`).
+        line.writer.store(list(zip(jobs, results, strict=True)), ids, timings, limits)
+        return
+    hb.beat()  # a cancel or takeover that came during the last step counts too
+    if stop[0] == Stop.TIME_LIMIT and len(jobs) > 1:
+        raise TooSlowTogether(f"{len(jobs)} jobs together took over {limits.seconds:g} s")
+    for job in jobs:
+        outcomes[job.id] = stopped(rt, job, hb, stop[0], limits, "running")
+        hb.release(job.id)
 
 
 def register(rt: Runtime) -> None:

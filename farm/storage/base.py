@@ -189,6 +189,16 @@ class ObjectStore(ABC):
             futures = {k: pool.submit(self.put_new, k, v) for k, v in items.items()}
         return {k: f.result() for k, f in futures.items()}
 
+    def put_new_in_turn(
+        self, first: Mapping[str, bytes], then: Mapping[str, bytes]
+    ) -> dict[str, bool]:
+        """`put_many_new(first)`, then `put_many_new(then)`: no object of `then` is visible
+        before every one of `first` is stored (a job's meta.json after its outputs). Key →
+        True where this call wrote it, for both. A store may do it in fewer rounds
+        (`LocalStore`: one round of fsyncs for both)."""
+        stored = self.put_many_new(first)
+        return stored | self.put_many_new(then)
+
     def put_missing(self, items: Mapping[str, bytes]) -> int:
         """Store the content-addressed `items` not stored yet; how many were uploaded.
 

@@ -11,6 +11,11 @@ then is moved into place:
              bytes are dropped with its temp file (POSIX `link(2)` never replaces a file;
              `O_EXCL` alone would let a reader see a half-written object)
 
+`put_new_in_turn` (a worker's results: outputs, then meta.json) writes and fsyncs every temp
+file at once, in parallel (one round of fsyncs, not one per object and another for meta.json),
+links the first group and fsyncs their folders, then links the second: each object is still
+visible only complete, and meta.json only once the outputs it names are stored.
+
 A process killed mid-write leaves its temp file behind; opening the store removes temp
 files older than `STALE_TMP_SECONDS` (a write in flight is never that old), and because they
 all live in one folder that costs one directory listing, not a walk of the store.
@@ -21,7 +26,8 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -29,6 +35,7 @@ from urllib.parse import unquote, urlsplit
 from farm.errors import InvalidJob, TransientError
 from farm.storage.base import (
     DEFAULT_URL_EXPIRES,
+    PUT_MANY_THREADS,
     TMP_DIR,
     TMP_PREFIX,
     ObjectNotFound,
@@ -103,9 +110,47 @@ class LocalStore(ObjectStore):
             _fsync_dir(path.parent)
         return True
 
-    @contextmanager
-    def _temp_file(self, path: Path, data: bytes) -> Iterator[Path]:
-        """`data` in a fsynced temp file (in `TMP_DIR`), removed when the block ends."""
+    def put_new_in_turn(
+        self, first: Mapping[str, bytes], then: Mapping[str, bytes]
+    ) -> dict[str, bool]:
+        for key in [*first, *then]:
+            check_key(key)
+        items = {**first, **then}
+        if len(items) <= 1:
+            return super().put_new_in_turn(first, then)
+        # 1. Every temp file written and fsynced, in parallel: one round for all.
+        staged: dict[str, Path] = {}
+        try:
+            with ThreadPoolExecutor(min(len(items), PUT_MANY_THREADS), "farm-put") as pool:
+                futures = {k: pool.submit(self._stage, self._path(k), v) for k, v in items.items()}
+            for key, future in futures.items():  # all waited for; the first failure raised
+                with self._errors("put", key):
+                    staged[key] = future.result()
+            # 2. The first group linked into place (never replacing), their folders synced;
+            #    then the second group.
+            stored: dict[str, bool] = {}
+            for group in (first, then):
+                folders = set()
+                for key in group:
+                    path = self._path(key)
+                    with self._errors("put", key):
+                        try:
+                            os.link(staged[key], path)
+                            stored[key] = True
+                            folders.add(path.parent)
+                        except FileExistsError:
+                            stored[key] = False
+                for folder in folders:
+                    _fsync_dir(folder)
+            return stored
+        finally:
+            for tmp in staged.values():
+                with suppress(OSError):
+                    os.unlink(tmp)
+
+    def _stage(self, path: Path, data: bytes) -> Path:
+        """`data` in a fsynced temp file for `path` (the caller moves or links it, and
+        removes it)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(exist_ok=True)
         tmp = self.tmp / f"{TMP_PREFIX}{path.name}.{secrets.token_hex(8)}"
@@ -115,6 +160,17 @@ class LocalStore(ObjectStore):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return tmp
+
+    @contextmanager
+    def _temp_file(self, path: Path, data: bytes) -> Iterator[Path]:
+        """`data` in a fsynced temp file (in `TMP_DIR`), removed when the block ends."""
+        tmp = self._stage(path, data)
+        try:
             yield tmp
         finally:
             with suppress(OSError):

@@ -118,6 +118,9 @@ def test_jobs_go_to_the_worker_holding_their_model_and_run_without_it(settings, 
             assert m[f'farm_queue_depth{{queue="{model_queue("tiny")}"}}'] == 0
             assert m['farm_device_memory_bytes{device="cpu"}'] > 10_000_000
             assert m["farm_models_warm"] == 1
+            # Nothing held ahead or behind once its jobs ended (`workers.pipeline`).
+            assert m['farm_worker_pipeline_bytes{side="ahead"}'] == 0
+            assert m['farm_worker_pipeline_bytes{side="behind"}'] == 0
 
             # 4. The warm worker stops (cleanly: it withdraws). A job for `tiny` still runs.
             sup.procs[0].send_signal(signal.SIGTERM)

@@ -88,6 +88,28 @@ def test_put_new_racing_writers_exactly_one_wins(store: ObjectStore) -> None:
     assert store.get("jobs/race/out/0.png") == won[0]
 
 
+def test_put_new_in_turn_keeps_what_is_there_in_both_groups(store: ObjectStore) -> None:
+    store.put_new("jobs/t/out/1.png", b"earlier attempt")
+    stored = store.put_new_in_turn(
+        {f"jobs/t/out/{i}.png": b"out %d" % i for i in range(3)},
+        {"jobs/t/meta.json": b"{}", "jobs/u/meta.json": b"{}"},
+    )
+    assert stored == {
+        "jobs/t/out/0.png": True,
+        "jobs/t/out/1.png": False,
+        "jobs/t/out/2.png": True,
+        "jobs/t/meta.json": True,
+        "jobs/u/meta.json": True,
+    }
+    assert store.get("jobs/t/out/1.png") == b"earlier attempt"
+    assert store.get("jobs/t/out/2.png") == b"out 2"
+    assert store.put_new_in_turn({"jobs/t/out/0.png": b"x"}, {"jobs/t/meta.json": b"y"}) == {
+        "jobs/t/out/0.png": False,
+        "jobs/t/meta.json": False,
+    }
+    assert store.get("jobs/t/meta.json") == b"{}"
+
+
 def test_empty_and_binary_payloads_round_trip(store: ObjectStore) -> None:
     payload = bytes(range(256)) * 1000
     store.put("a/empty.bin", b"")
@@ -390,6 +412,43 @@ def test_local_writes_are_atomic_and_leave_no_temp_files(tmp_path: Path) -> None
     store.put_many({f"jobs/j/out/{i}.png": b"new" for i in range(20)})
     leftovers = [p for p in (tmp_path / "root").rglob("*") if p.name.startswith(".farm-tmp-")]
     assert leftovers == []
+
+
+def test_local_results_take_one_fsync_round_and_meta_json_is_linked_last(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A worker's results on a folder: every temp file fsynced before anything is linked (one
+    round, not one per object plus one for meta.json), the outputs linked and their folders
+    synced before meta.json appears."""
+    import stat
+
+    store = LocalStore(tmp_path / "root")
+    events: list[str] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        events.append("dir-sync" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file-sync")
+        real_fsync(fd)
+
+    def link(src, dst, **kw) -> None:
+        real_link(src, dst, **kw)
+        events.append(f"link {Path(dst).relative_to(store.root).as_posix()}")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    outputs = {f"jobs/{j}/out/{i}.png": b"png" for j in "ab" for i in range(2)}
+    metas = {f"jobs/{j}/meta.json": b"{}" for j in "ab"}
+    store.put_new_in_turn(outputs, metas)
+
+    first_link = next(i for i, e in enumerate(events) if e.startswith("link"))
+    assert events[:first_link] == ["file-sync"] * 6  # one round: all six, nothing linked yet
+    assert "file-sync" not in events[first_link:]
+    meta_links = [i for i, e in enumerate(events) if e.endswith("meta.json")]
+    out_links = [i for i, e in enumerate(events) if e.startswith("link") and "/out/" in e]
+    assert max(out_links) < min(meta_links)
+    assert "dir-sync" in events[max(out_links) : min(meta_links)]
+    assert events[-1] == "dir-sync"  # meta.json's folders synced too
+    assert not any(p.name.startswith(".farm-tmp-") for p in store.root.rglob("*"))
 
 
 def test_local_readers_see_whole_files_only(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ worker loaded.
 
 from __future__ import annotations
 
+import copy
+import weakref
 from typing import Any
 
 import diffusers
@@ -64,11 +66,30 @@ def derive(base: DiffusionPipeline, info: ModelInfo, kind: str) -> DiffusionPipe
     return pipe
 
 
+_TEMPLATES: weakref.WeakKeyDictionary[Any, dict[tuple[str | None, str], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per model's own scheduler: the schedulers built from it, never stepped, to copy."""
+
+
 def make_scheduler(name: str | None, default: Any, info: ModelInfo | None = None) -> Any:
     """A fresh scheduler: `name` as the model's family means it, configured from the model's
     own (`default`'s) config; None gives a fresh copy of the default, so no state carries
     over between jobs. A flow-matching solver (`Scheduler.flow`) gets flow sigmas and the
-    model's shift, as diffusers' docs configure DPM++ and UniPC for flow-matching models."""
+    model's shift, as diffusers' docs configure DPM++ and UniPC for flow-matching models.
+
+    Each is built once per model and name and copied for every call: a copy of a scheduler
+    that never stepped is as fresh as a new one, and `from_config` (which validates the
+    config against the class's signature each time) costs several times more, on the render
+    thread, between two pipeline calls."""
+    templates = _TEMPLATES.setdefault(default, {})
+    key = (name, info.family if info is not None else "sd")
+    if key not in templates:
+        templates[key] = _build_scheduler(name, default, info)
+    return copy.deepcopy(templates[key])
+
+
+def _build_scheduler(name: str | None, default: Any, info: ModelInfo | None) -> Any:
     if name is None:
         return type(default).from_config(default.config)
     family = FAMILIES[info.family if info is not None else "sd"]
