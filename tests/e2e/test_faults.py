@@ -317,10 +317,9 @@ def test_jobs_that_fit_the_time_limit_alone_are_split_when_together_they_do_not(
     with Farm(lf.settings) as farm:
         # Behind a busy worker the four queue up, and the worker gathers them into one call:
         # each step costs 0.25 s per job, so 4 steps take 1 s alone and 4 s together.
+        # (The blocker, 8 steps of 0.2 s, keeps well inside the 3 s limit on a loaded machine.)
         blocker = farm.submit(
-            Txt2Img(
-                model="tiny", prompt="[fault:slow-steps=0.2] x", seed=50, num_inference_steps=10
-            )
+            Txt2Img(model="tiny", prompt="[fault:slow-steps=0.2] x", seed=50, num_inference_steps=8)
         )
         wait_running(blocker, min_step=1)
         specs = [
