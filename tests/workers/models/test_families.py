@@ -123,8 +123,6 @@ def bases() -> dict:
     ("model", "kind", "name"), SCHEDULER_CASES, ids=["-".join(c) for c in SCHEDULER_CASES]
 )
 def test_a_scheduler_runs_in_diffusers_where_the_table_says_it_fits(model, kind, name, bases):
-    if name == "lms":
-        pytest.importorskip("scipy", reason="LMSDiscreteScheduler needs scipy")
     if model not in bases:
         base = build_builtin(model)
         bases[model] = base, base.scheduler  # the model's own, whatever a case sets
