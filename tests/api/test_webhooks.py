@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -45,6 +47,11 @@ class Receiver(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
+    def wait_for(self, n: int = 1, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.got) < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -59,6 +66,21 @@ def start_sender(settings) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+@contextmanager
+def receiving(settings) -> Iterator[tuple[Receiver, str]]:
+    """A receiver on a free loopback port (and its URL) and the webhook sender, both stopped
+    after."""
+    port = free_port()
+    receiver = Receiver(port)
+    sender = start_sender(settings)
+    try:
+        yield receiver, f"http://127.0.0.1:{port}"
+    finally:
+        sender.terminate()
+        sender.wait(10)
+        receiver.shutdown()
 
 
 def delivery(api: Api, client, job_id: str, until, timeout: float = 60) -> dict:
@@ -122,33 +144,23 @@ def test_webhooks_are_signed_retried_while_the_receiver_is_down_and_delivered_on
 
 
 def test_a_batch_webhook_arrives_once_the_batch_settles(api):
-    port = free_port()
-    receiver = Receiver(port)
-    sender = start_sender(api.settings)
-    try:
-        with api.client() as c:
-            made = c.post(
-                "/v1/batches",
-                json={
-                    "name": "hooked",
-                    "webhook": f"http://127.0.0.1:{port}/b",
-                    "defaults": {
-                        "model": "tiny",
-                        "num_inference_steps": 1,
-                        "height": 32,
-                        "width": 32,
-                    },
-                    "rows": [{"prompt": "a"}, {"prompt": "b"}],
+    with receiving(api.settings) as (receiver, url), api.client() as c:
+        made = c.post(
+            "/v1/batches",
+            json={
+                "name": "hooked",
+                "webhook": f"{url}/b",
+                "defaults": {
+                    "model": "tiny",
+                    "num_inference_steps": 1,
+                    "height": 32,
+                    "width": 32,
                 },
-            )
-            assert made.status_code == 201, made.text
-            deadline = time.monotonic() + 90
-            while not receiver.got and time.monotonic() < deadline:
-                time.sleep(0.1)
-    finally:
-        sender.terminate()
-        sender.wait(10)
-        receiver.shutdown()
+                "rows": [{"prompt": "a"}, {"prompt": "b"}],
+            },
+        )
+        assert made.status_code == 201, made.text
+        receiver.wait_for(1)
     ((headers, body),) = receiver.got
     event = json.loads(body)
     assert event["type"] == "batch.settled" and event["batch"]["name"] == "hooked"
@@ -178,20 +190,11 @@ def test_farm_batch_submit_names_a_batch_webhook_and_refuses_a_bad_one_writing_n
     assert hooks.batch_webhook("nohook") is None
     assert api.farm.tracker.batches.meta("nohook") is None
 
-    port = free_port()
-    receiver = Receiver(port)
-    sender = start_sender(api.settings)
-    try:
+    with receiving(api.settings) as (receiver, url):
         res = run_cli(api.settings, "batch", "submit", manifest, "--name", "cli-hooked", *flags,
-                      "--webhook", f"http://127.0.0.1:{port}/b")  # fmt: skip
+                      "--webhook", f"{url}/b")  # fmt: skip
         assert res.returncode == 0, res.stderr
-        deadline = time.monotonic() + 90
-        while not receiver.got and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        sender.terminate()
-        sender.wait(10)
-        receiver.shutdown()
+        receiver.wait_for(1)
     ((headers, body),) = receiver.got
     event = json.loads(body)
     assert event["type"] == "batch.settled" and event["batch"]["name"] == "cli-hooked"
