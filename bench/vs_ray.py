@@ -33,13 +33,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.ceiling import PROMPT, specs  # noqa: E402  (the same jobs as the ceiling)
 from farm.cli.demo import write_samples  # noqa: E402
 from farm.client import Farm  # noqa: E402
-from farm.jobs.specs import Inpaint  # noqa: E402
 from farm.local.up import LocalFarm  # noqa: E402
 from farm.settings import FarmSettings  # noqa: E402
-
-PROMPT = "a red house"
 
 
 class Render:
@@ -113,20 +111,6 @@ def run_ray(args, pairs, seed0: int, out: Path) -> tuple[float, float]:
     rows_after = sum(ends[t] for t in times[skip:])
     steady = rows_after / (times[-1] - times[skip - 1]) if skip else float("nan")
     return len(pairs) / (t_end - t0), steady
-
-
-def specs(pairs, steps: int, seed0: int) -> list[Inpaint]:
-    return [
-        Inpaint(
-            model="tiny-inpaint",
-            prompt=PROMPT,
-            image=str(a),
-            mask_image=str(b),
-            seed=seed0 + i,
-            num_inference_steps=steps,
-        )
-        for i, (a, b) in enumerate(pairs)
-    ]
 
 
 def run_farm(args, pairs, seed0: int, home: Path) -> tuple[float, float]:

@@ -261,24 +261,16 @@ class Batch:
         Slots that were never written (a submit that died half-way) do not progress by
         themselves: waiting ends when only they are left (submit again to fill them).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         patience = self.farm.patience(on_unavailable)
         cursor = patience.run(self.farm.tracker.last_event_id)
-        while True:
-            status = patience.run(self.status)
-            if on_status:
-                on_status(status)
-            if status.settled:
-                return status
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise WaitTimeout(
-                    f"batch {self.name}: {status.pending} of {status.total} jobs still not "
-                    f"done after {timeout}s"
-                )
-            cursor = patience.run(
-                self.farm.tracker.wait_event, cursor, min(poll, left) if left else poll
-            )
+
+        def pause(seconds: float) -> None:  # until the next event, or `seconds`
+            nonlocal cursor
+            cursor = patience.run(self.farm.tracker.wait_event, cursor, seconds)
+
+        return wait_settled(
+            self.name, lambda: patience.run(self.status), pause, timeout, poll, on_status
+        )
 
     def failures(self, limit: int | None = None) -> list[SlotFailure]:
         """The failed slots, first failed first (the first `limit`), each with its job's reason
@@ -363,3 +355,29 @@ def list_batches(farm: Farm) -> Iterator[tuple[str, dict[str, Any]]]:
         meta = farm.tracker.batches.meta(name)
         if meta is not None:
             yield name, meta
+
+
+def wait_settled(
+    name: str,
+    status: Callable[[], BatchStatus],
+    pause: Callable[[float], None],
+    timeout: float | None,
+    poll: float,
+    on_status: Callable[[BatchStatus], None] | None,
+) -> BatchStatus:
+    """The wait of `Batch.wait` (over Redis) and `RemoteBatch.wait` (over the API): look at
+    `status()` until the batch is settled, `pause(at most poll)` between looks, `WaitTimeout`
+    after `timeout`."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        now = status()
+        if on_status:
+            on_status(now)
+        if now.settled:
+            return now
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise WaitTimeout(
+                f"batch {name}: {now.pending} of {now.total} jobs still not done after {timeout}s"
+            )
+        pause(poll if left is None else min(poll, left))

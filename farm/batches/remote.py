@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from farm.batches.batch import BatchStatus, check_name
+from farm.batches.batch import BatchStatus, check_name, wait_settled
 from farm.batches.manifest import read_rows
-from farm.errors import InvalidJob, WaitTimeout
+from farm.errors import InvalidJob
 from farm.inputs.resolver import is_uri
 from farm.jobs.masks import parse_generator
 
@@ -59,19 +59,10 @@ class RemoteBatch:
         poll: float = 1.0,
         on_unavailable: Callable[[str | None], None] | None = None,
     ) -> BatchStatus:
-        deadline = None if timeout is None else time.monotonic() + timeout
         patience = self.farm.patience(on_unavailable)
-        while True:
-            status = patience.run(self.status)
-            if on_status:
-                on_status(status)
-            if status.settled:
-                return status
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(
-                    f"batch {self.name}: {status.pending} of {status.total} jobs still not done after {timeout}s"
-                )
-            time.sleep(poll)
+        return wait_settled(
+            self.name, lambda: patience.run(self.status), time.sleep, timeout, poll, on_status
+        )
 
     def retry(self, *, cancelled: bool = False) -> list[str]:
         resp = self.farm.call(
