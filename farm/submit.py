@@ -145,7 +145,8 @@ class Submission:
                 # Drawn by the worker at the image's size: nothing to decode or upload here;
                 # its seed is written down (the job's, unless it has its own).
                 if spec.mask_image.seed is None:
-                    updates["mask_image"] = spec.model_copy(update=updates).mask_generator()
+                    seed = updates.get("seed", spec.seed)
+                    updates["mask_image"] = spec.mask_image.model_copy(update={"seed": seed})
             elif isinstance(spec, Inpaint):
                 updates["mask_image"], mask = self.inputs.image(
                     spec.mask_image, "mask_image", mask=True, dry=dry
@@ -163,7 +164,7 @@ class Submission:
             )
         spec = spec.model_copy(update=updates)
         if image is not None:  # the working size taken from the input
-            self.budgets.check(spec, image.size)
+            self.budgets.check_size(spec, image.size)
         n_images = int(getattr(spec, "num_images_per_prompt", 1))
         job_id = new_job_id(spec.key)
         if "seed" in updates:

@@ -67,7 +67,7 @@ def read_inputs(rt: Runtime, job: Held) -> None:
     budgets.check(job.spec)
     if isinstance(job.spec, Img2Img | Inpaint):
         job.image = load_input(rt, job.spec.image, "image").convert("RGB")
-        budgets.check(job.spec, job.image.size)
+        budgets.check_size(job.spec, job.image.size)
     if isinstance(job.spec, Inpaint):
         gen = job.spec.mask_generator()
         if gen is not None:  # a generated mask: drawn here, as the client would have drawn it

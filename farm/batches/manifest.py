@@ -293,7 +293,7 @@ def resolve_row(
         out.image_given = str(image_given)
         src = _source(image_given, folder, "image")
         out.image = inputs.info(src, mask=False, field="image")
-        budgets.check(checked, out.image.size)  # the working size taken from the image
+        budgets.check_size(checked, out.image.size)  # the working size taken from the image
     if kind == "inpaint" and mask_gen is None:
         out.mask_given = mask_given if isinstance(mask_given, str) else None
         out.mask = inputs.info(_source(mask_given, folder, "mask"), mask=True, field="mask")

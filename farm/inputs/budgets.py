@@ -66,6 +66,11 @@ class Budgets:
                         f"({self.max_prompt_chars})",
                         field=name,
                     )
+        self.check_size(spec, image_size)
+
+    def check_size(self, spec: Any, image_size: tuple[int, int] | None) -> None:
+        """The working-size half of `check`, for a spec whose text was checked already and
+        whose input's size (`(width, height)`) is known now."""
         if getattr(spec, "kind", None) in ("txt2img", "img2img", "inpaint", "style"):
             height, width = working_size(spec, image_size)
             if height and width and height * width > self.max_pixels:

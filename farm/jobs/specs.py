@@ -431,6 +431,7 @@ SPECS: dict[str, type[BaseModel]] = {
     "finetune": Finetune,
 }
 _SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)
+_SPEC_TYPES = frozenset(SPECS.values())
 
 
 def describe_validation_error(err: ValidationError) -> tuple[str, str]:
@@ -466,7 +467,14 @@ def dump_spec(spec: BaseModel) -> dict[str, Any]:
 
 
 def parse_spec(data: Any) -> Txt2Img | Img2Img | Inpaint | Style | Finetune:
-    """A spec from a dict (or a spec), or `InvalidJob` naming the field and the value."""
+    """A spec from a dict (or a spec), or `InvalidJob` naming the field and the value.
+
+    A spec object is taken as it is, as pydantic takes a model instance for a model field
+    (`revalidate_instances='never'`): it was validated when made and on every assignment
+    (`validate_assignment`), and submitting it never changes it (`Submission.prepare` works on
+    copies). Another model is read as the fields it holds."""
+    if type(data) in _SPEC_TYPES:
+        return data
     if isinstance(data, BaseModel):
         data = data.model_dump(exclude_unset=False, exclude=left_out(data))
     try:
