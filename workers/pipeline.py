@@ -274,16 +274,11 @@ class Line:
         rt = self.rt
         try:
             claims = rt.tracker.claim_batch(signature, rt.name, rt.settings.lease_seconds, n)
-            self.hb.hold({job_id: t.token for job_id, t in claims})  # leased from now on
-            records = rt.tracker.get_many([job_id for job_id, _ in claims])
         except TransientError as e:  # the reconciler sees to whatever was claimed
             log.warning("could not claim the next batch: %s", e)
             return []
-        held = [
-            Held(rec, t.token, t.attempt)
-            for (_, t), rec in zip(claims, records, strict=True)
-            if rec is not None
-        ]
+        self.hb.hold({rec.id: t.token for rec, t in claims})  # leased from now on
+        held = [Held(rec, t.token, t.attempt) for rec, t in claims]
         held = [job for job in held if not dead_letter(rt, job)]
         ready = self.ready(held)
         self.count(ahead=sum(held_bytes(job) for job in ready))

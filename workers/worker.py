@@ -1,7 +1,7 @@
 """The worker: one process per device, one Celery task, thin: claim → run → store → finish.
 
 Micro-batching: a worker that claims job A (from its Celery message) also claims up to
-`FARM_MAX_BATCH` images' worth of queued jobs with A's batch signature (`Tracker.claim_batch`,
+`FARM_MAX_BATCH` images' worth of queued jobs with A's batch signature (`Tracker.claim_and_gather`,
 each with its own attempt token and lease) and runs them as one pipeline call. Their own
 messages, when they arrive, find the jobs claimed or done and are acknowledged as no-ops.
 
@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from farm.errors import InvalidJob, TransientError
+from farm.errors import InvalidJob
 from farm.inputs import images
 from farm.queue.app import RUN_TASK
 from farm.queue.routing import RENDER_QUEUE
@@ -47,14 +47,16 @@ def run_job(rt: Runtime, job_id: str) -> Outcome:
     """Run one job, with the compatible queued jobs it gathers, to their end; how job
     `job_id` ended."""
     t0 = time.perf_counter()
-    # 1. Claim: a duplicate or stale message finds the job claimed or done, and stops here.
-    claim = rt.tracker.claim(job_id, rt.name, rt.settings.lease_seconds)
+    # 1-2. Claim, and gather: queued jobs with the same batch signature join it, each with its
+    #      own claim, up to `FARM_MAX_BATCH` images, records read, in one round trip. A
+    #      duplicate or stale message finds the job claimed or done, and stops here.
+    claim, claimed = rt.tracker.claim_and_gather(
+        job_id, rt.name, rt.settings.lease_seconds, rt.settings.max_batch
+    )
     if not claim.ok:
         log.info("job %s is %s: message acknowledged, nothing run", job_id, claim.state.value)
         return Outcome.SKIPPED
-    # 2. Gather: queued jobs with the same batch signature join it, each with its own claim.
-    #    A job that has used up its attempts (it kills its worker every time) is dead-lettered.
-    held = [Held(rt.tracker.get(job_id), claim.token, claim.attempt)]
+    held = [Held(rec, t.token, t.attempt) for rec, t in claimed]
     if held[0].record.kind == "finetune":  # trains alone, on its own path
         from workers.train.finetune import run_finetune
 
@@ -62,7 +64,7 @@ def run_job(rt: Runtime, job_id: str) -> Outcome:
         rt.jobs_done += 1
         rt.metrics.ended(held, {job_id: ended})
         return ended
-    held += _gather(rt, held[0])
+    # A job that has used up its attempts (it kills its worker every time) is dead-lettered.
     held = [job for job in held if not dead_letter(rt, job)]
     if not held:
         return Outcome.FAILED
@@ -82,27 +84,6 @@ def run_job(rt: Runtime, job_id: str) -> Outcome:
             time.perf_counter() - t0,
         )
     return outcomes.get(job_id, Outcome.FAILED)
-
-
-def _gather(rt: Runtime, lead: Held) -> list[Held]:
-    """Claim queued jobs with the lead's batch signature: up to `max_batch` images in all."""
-    per_job = int(lead.record.spec.get("num_images_per_prompt", 1))
-    room = rt.settings.max_batch // per_job - 1
-    if lead.record.signature is None or room < 1:
-        return []
-    try:
-        claims = rt.tracker.claim_batch(
-            lead.record.signature, rt.name, rt.settings.lease_seconds, room
-        )
-        records = rt.tracker.get_many([job_id for job_id, _ in claims])
-    except TransientError as e:  # run the lead alone; the reconciler sees to the rest
-        log.warning("job %s: could not gather a batch: %s", lead.id, e)
-        return []
-    return [
-        Held(rec, t.token, t.attempt)
-        for (_, t), rec in zip(claims, records, strict=True)
-        if rec is not None
-    ]
 
 
 def _run_chain(rt: Runtime, held: list[Held]) -> tuple[dict[str, Outcome], list[Held]]:

@@ -133,7 +133,7 @@ end
 """
 )
 
-# `apply` makes every state change, for `TRANSITION` (one job) and `CLAIM_BATCH` (several).
+# `apply` makes every state change, for `TRANSITION` (one job) and `CLAIM` (several).
 # It returns {status, state, token, attempt}: status is ok | missing | stale | illegal |
 # unexpected (state not among the expected ones). `c` holds what the call shares: now, ttl,
 # lease, worker, nonce, events maxlen.
@@ -209,22 +209,37 @@ return apply(ARGV[5], ARGV[1], ARGV[2], ARGV[3], cjson.decode(ARGV[4]), c)
 """
 )
 
-# Claim up to n queued jobs of one signature (KEYS: its index), most urgent first.
-# Ids that are no longer queued are dropped from the index. Returns {id, token, attempt, ...}.
-CLAIM_BATCH = (
+# Claim and read, in one step: the lead job a message names (as `TRANSITION` to running
+# would), then queued jobs of its batch signature, most urgent first, up to n images in all
+# (the lead's `images` each); or, with no lead (ARGV[1] ''), up to n jobs of signature
+# ARGV[2]. Ids in the index that are no longer queued are dropped from it. ARGV: lead, the
+# signature, n, context. Returns {{status, state, token, attempt, lead's record}} for a lead,
+# then {id, token, attempt, record} per job gathered; records as HGETALL gives them.
+CLAIM = (
     APPLY
     + """
-local n = tonumber(ARGV[1])
-local c = context(ARGV[2])
-local out, claimed = {}, 0
-while claimed < n do
-  local popped = redis.call('ZPOPMIN', KEYS[1])
+local c = context(ARGV[4])
+local lead, sig, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local out = {}
+if lead ~= '' then
+  local r = apply(lead, 'running', '', '', {}, c)
+  if r[1] ~= 'ok' then return {r} end
+  local key = K.job .. lead
+  r[5] = redis.call('HGETALL', key)
+  out[1] = r
+  local h = redis.call('HMGET', key, 'signature', 'images')
+  sig = h[1] or ''
+  n = math.floor(n / tonumber(h[2] or '1')) - 1
+end
+if sig == '' then return out end
+while n > 0 do
+  local popped = redis.call('ZPOPMIN', K.sig .. sig)
   if #popped == 0 then break end
   local id = popped[1]
   local r = apply(id, 'running', '', 'queued', {}, c)
   if r[1] == 'ok' then
-    out[#out + 1], out[#out + 2], out[#out + 3] = id, r[3], r[4]
-    claimed = claimed + 1
+    out[#out + 1] = {id, r[3], r[4], redis.call('HGETALL', K.job .. id)}
+    n = n - 1
   end
 end
 return out

@@ -12,7 +12,8 @@ duplicate execution can never overwrite a newer one.
 Micro-batching: a job's record carries its batch signature (`farm.jobs.signature.batch_signature`), and
 `farm:sig:<signature>` indexes the queued jobs that share it. The same scripts that move a job
 into or out of `queued` keep that index in the same atomic step, so it lists exactly the queued
-jobs; `Tracker.claim_batch` pops up to n of them and claims each by the same rule as `claim`.
+jobs; `Tracker.claim_batch` pops up to n of them and claims each by the same rule as `claim`,
+and `Tracker.claim_and_gather` claims a message's job and its batch in one step, records read.
 The scripts themselves live in `farm.state.scripts`.
 
 The tracker owns the farm's Redis: nothing outside the state wing touches a Redis client.
@@ -124,7 +125,7 @@ class Tracker:
         self._heartbeat = self._r.register_script(scripts.HEARTBEAT)
         self._create = self._r.register_script(scripts.CREATE)
         self._job_fields = self._r.register_script(scripts.JOB_FIELDS)
-        self._claim_batch = self._r.register_script(scripts.CLAIM_BATCH)
+        self._claim = self._r.register_script(scripts.CLAIM)
         self._take_due = self._r.register_script(scripts.TAKE_DUE)
         self.inflight = InFlight(conn, self.keys, self._lua_keys)
         """The reconciler's view of what is queued, running and in the broker
@@ -378,24 +379,51 @@ class Tracker:
         """Start an attempt: queued → running (or take over a running job whose lease ran out)."""
         return self.transition(job_id, JobState.RUNNING, worker=worker, lease=lease)
 
+    def claim_and_gather(
+        self, job_id: str, worker: str, lease: float, max_images: int
+    ) -> tuple[Transition, list[tuple[JobRecord, Transition]]]:
+        """Claim job `job_id` (as `claim`) and, where it has a batch signature, queued jobs of
+        that signature up to `max_images` images in all, most urgent first; and read their
+        records: one round trip, where claim, read, gather and read again took four.
+
+        (the lead's transition, [(record, transition)] with the lead first when it was
+        claimed). `JobNotFound` for a lead with no record."""
+        lead, claimed = self._claim_many(job_id, "", max_images, worker, lease)
+        assert lead is not None
+        return lead, claimed
+
     def claim_batch(
         self, signature: str, worker: str, lease: float, n: int
-    ) -> list[tuple[str, Transition]]:
-        """Claim up to `n` queued jobs with this batch signature, most urgent first, in one step.
+    ) -> list[tuple[JobRecord, Transition]]:
+        """Claim up to `n` queued jobs with this batch signature, most urgent first, in one step,
+        with their records.
 
         Each gets its own attempt token and lease, by the same rules as `claim`. Ids in the
         index that are no longer queued (cancelled, claimed by their own message) are dropped.
         """
         if n < 1:
             return []
-        with self._conn.doing("claiming a batch"):
-            flat = self._claim_batch(
-                keys=[self.keys.signature(signature)], args=[n, self._context(lease, worker)]
-            )
-        return [
-            (flat[i], Transition("ok", JobState.RUNNING, flat[i + 1], int(flat[i + 2])))
-            for i in range(0, len(flat), 3)
-        ]
+        return self._claim_many("", signature, n, worker, lease)[1]
+
+    def _claim_many(
+        self, lead: str, signature: str, n: int, worker: str, lease: float
+    ) -> tuple[Transition | None, list[tuple[JobRecord, Transition]]]:
+        """The `CLAIM` script (`farm.state.scripts`)."""
+        with self._conn.doing("claiming jobs", lead or None):
+            out = self._claim(args=[lead, signature, n, self._context(lease, worker)])
+        first = None
+        claimed = []
+        if lead:
+            status, state, token, attempt, *raw = out.pop(0)
+            if status == "missing":
+                raise JobNotFound("no such job", job_id=lead)
+            first = Transition(status, JobState(state), token, int(attempt))
+            if first.ok:
+                claimed.append((_record(lead, _pairs(raw[0])), first))
+        for job_id, token, attempt, raw in out:
+            running = Transition("ok", JobState.RUNNING, token, int(attempt))
+            claimed.append((_record(job_id, _pairs(raw)), running))
+        return first, claimed
 
     def queued_with(self, signature: str) -> list[str]:
         """Ids of the queued jobs with this batch signature, most urgent first."""
@@ -562,6 +590,11 @@ def require_noeviction(settings: FarmSettings) -> None:
         tracker.check_eviction_policy()
     finally:
         tracker.close()
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """HGETALL's reply as a Lua script returns it (field, value, ...) → a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _record(job_id: str, h: dict[str, str]) -> JobRecord:

@@ -30,6 +30,9 @@ class TcpProxy:
         self._send_lock = threading.Lock()
         self.held_bytes = 0
         """Bytes held since the last `hold()`."""
+        self.requests = 0
+        """Reads passed on to the server: each request a client sends and waits on is one
+        (a small one, in one read), so their count is the client's round trips."""
 
     def hold(self) -> None:
         with self._send_lock:
@@ -96,6 +99,7 @@ class TcpProxy:
                     dst.sendall(data)
                     continue
                 with self._send_lock:  # in order with what `release` passes on
+                    self.requests += 1
                     if self._holding:
                         self._pending.setdefault(dst, []).append(data)
                         self.held_bytes += len(data)

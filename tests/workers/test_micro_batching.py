@@ -14,13 +14,14 @@ import pytest
 from PIL import Image, ImageDraw
 
 from farm import Farm, Inpaint, JobState, Txt2Img
-from farm.errors import InvalidJob
+from farm.errors import InvalidJob, JobNotFound
 from farm.jobs.signature import batch_signature, working_size
 from farm.local.up import LocalFarm
 from farm.settings import FarmSettings
 from farm.state.tracker import Tracker, new_job_id
 from farm.storage import open_store
 from tests.support.raw import raw
+from tests.support.tcp_proxy import TcpProxy
 
 # --------------------------------------------------------------------------- signatures
 
@@ -90,7 +91,7 @@ def tracker(redis_url):
     t.close()
 
 
-def create(tracker, signature="s1", priority=0, n=1) -> list[str]:
+def create(tracker, signature="s1", priority=0, n=1, images=None) -> list[str]:
     ids = [new_job_id() for _ in range(n)]
     records = [
         {
@@ -101,6 +102,7 @@ def create(tracker, signature="s1", priority=0, n=1) -> list[str]:
             "priority": priority,
             "created_at": repr(time.time() + k * 1e-3),
             "signature": signature,
+            "images": images,
         }
         for k, job_id in enumerate(ids)
     ]
@@ -121,9 +123,11 @@ def test_claim_batch_claims_each_job_with_its_own_attempt_and_lease(tracker):
 
     claimed = tracker.claim_batch("s1", "w", lease=30, n=3)
 
-    assert [job_id for job_id, _ in claimed] == ids[:3]
-    for job_id, t in claimed:
+    assert [rec.id for rec, _ in claimed] == ids[:3]
+    for got, t in claimed:
+        job_id = got.id
         rec = tracker.get(job_id)
+        assert got == rec  # read in the same step as the claim
         assert (rec.state, rec.attempt, rec.worker) == (JobState.RUNNING, 1, "w") and t.ok
         assert t.attempt == 1 and t.token.startswith("1:")
         lease = float(raw(tracker).hget(tracker.keys.job(job_id), "lease_until"))
@@ -142,8 +146,8 @@ def test_jobs_leaving_queued_leave_the_index_and_come_back_when_handed_back(trac
     tracker.finish(handed_back, running.token, JobState.QUEUED)  # a retry
     claimed = tracker.claim_batch("s1", "w2", lease=30, n=4)
 
-    assert sorted(j for j, _ in claimed) == sorted([handed_back, waiting])
-    assert dict(claimed)[handed_back].attempt == 2
+    assert sorted(rec.id for rec, _ in claimed) == sorted([handed_back, waiting])
+    assert {rec.id: t for rec, t in claimed}[handed_back].attempt == 2
     assert claim.ok and tracker.get(own_message).state == JobState.RUNNING
     assert tracker.get(cancelled).state == JobState.CANCELLED
     assert tracker.queued_with("s1") == [] and tracker.claim_batch("s1", "w", 30, 4) == []
@@ -157,8 +161,47 @@ def test_stale_ids_in_the_index_are_dropped_not_claimed(tracker):
 
     claimed = tracker.claim_batch("s1", "w2", lease=30, n=3)
 
-    assert [j for j, _ in claimed] == ids[1:]
+    assert [rec.id for rec, _ in claimed] == ids[1:]
     assert tracker.get(ids[0]).worker == "w" and tracker.queued_with("s1") == []
+
+
+def test_a_message_claims_its_job_and_batch_with_records_in_one_round_trip(redis_url):
+    """Claim, read, gather and read again were four round trips on every message."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0])).up()
+    tracker = Tracker.from_url(f"redis://127.0.0.1:{proxy.port}", prefix="one-trip:")
+    try:
+        lead, *others = create(tracker, n=5)
+        create(tracker, signature="s2")  # another signature: not gathered
+        tracker.claim(others[0], "m", 30)  # claimed by its own message first: not again
+        before = proxy.requests
+
+        claim, claimed = tracker.claim_and_gather(lead, "w", lease=30, max_images=3)
+
+        assert proxy.requests - before == 1
+        assert claim.ok and claim.attempt == 1
+        assert [rec.id for rec, _ in claimed] == [lead, *others[1:3]]  # 3 images, most urgent
+        assert claimed[0][1] == claim
+        for rec, t in claimed:
+            assert rec == tracker.get(rec.id) and rec.state == JobState.RUNNING
+            assert rec.worker == "w" and t.ok and t.token.startswith("1:")
+        assert tracker.queued_with("s1") == others[3:]
+    finally:
+        tracker.close()
+        proxy.down()
+
+
+def test_the_batch_a_message_gathers_counts_images_and_a_refused_claim_gathers_none(tracker):
+    pairs = create(tracker, n=4, images=2)
+    claim, claimed = tracker.claim_and_gather(pairs[0], "w", lease=30, max_images=4)
+    assert claim.ok and [rec.id for rec, _ in claimed] == pairs[:2]  # 2 jobs of 2 images
+    again, none = tracker.claim_and_gather(pairs[0], "w2", lease=30, max_images=4)
+    assert again.status == "illegal" and again.state == JobState.RUNNING and none == []
+    assert tracker.queued_with("s1") == pairs[2:]  # a refused claim gathers nothing
+    alone = create(tracker, signature=None)[0]
+    claim, claimed = tracker.claim_and_gather(alone, "w", lease=30, max_images=8)
+    assert claim.ok and [rec.id for rec, _ in claimed] == [alone]
+    with pytest.raises(JobNotFound):
+        tracker.claim_and_gather(new_job_id(), "w", lease=30, max_images=8)
 
 
 def test_racing_claims_run_every_job_exactly_once(tracker):
@@ -171,7 +214,7 @@ def test_racing_claims_run_every_job_exactly_once(tracker):
         barrier.wait()
         while got := tracker.claim_batch("s1", f"b{i}", 30, 3):
             with lock:
-                won.extend(j for j, _ in got)
+                won.extend(rec.id for rec, _ in got)
 
     def messages(order):
         barrier.wait()
