@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import ssl
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -170,7 +170,7 @@ class _List:
         }
 
     def add(self, job_id: str) -> None:
-        task_id, tag = str(uuid.uuid4()), str(uuid.uuid4())
+        task_id, tag = _uuid4(), _uuid4()
         if not _PLAIN(job_id):  # quotes or escapes to write: the whole message
             args = json.dumps([[job_id], *self.template.body[1:]]).encode()
             message = self.message(task_id, job_id, tag, base64.b64encode(args).decode())
@@ -179,6 +179,15 @@ class _List:
         body = base64.b64encode(job_id.join(self.body).encode()).decode()
         fill = {_TASK: task_id, _JOB: job_id, _TAG: tag, _BODY: body}
         self.pending.append("".join([fill.get(part, part) for part in self.parts]))
+
+
+def _uuid4() -> str:
+    """`str(uuid.uuid4())`, in half its time (two of them per message)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 def _flush(pipe: Any, lists: Iterable[_List]) -> None:

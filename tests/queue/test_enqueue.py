@@ -143,5 +143,12 @@ def test_a_large_enqueue_keeps_the_order_sent(redis_url, tmp_path):
         listed = client.lrange(RedisKeys("big:").broker_queue("render", celery_priority(0)), 0, -1)
     finally:
         client.close()
-    taken = [json.loads(m)["headers"]["argsrepr"] for m in reversed(listed)]  # BRPOP's order
-    assert taken == [repr([i]) for i in ids]
+    messages = [json.loads(m) for m in reversed(listed)]  # BRPOP's order
+    assert [m["headers"]["argsrepr"] for m in messages] == [repr([i]) for i in ids]
+    drawn = [m["headers"]["id"] for m in messages] + [
+        m["properties"]["delivery_tag"] for m in messages
+    ]
+    assert len(set(drawn)) == len(drawn)  # every task id and delivery tag its own
+    assert {uuid.UUID(u).version for u in drawn} == {4} and all(
+        str(uuid.UUID(u)) == u for u in drawn
+    )
