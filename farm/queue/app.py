@@ -119,9 +119,7 @@ def enqueue(app: Celery, jobs: Iterable[tuple[str, str, int]]) -> int:
             if target is None:
                 producer.maybe_declare(app.amqp.queues[queue])
                 pri = celery_priority(priority)
-                key = channel._q_for_pri(
-                    queue, channel._get_message_priority({"properties": {"priority": pri}})
-                )
+                key = channel._q_for_pri(queue, pri)  # the list for pri's priority step
                 target = lists[(queue, priority)] = _List(template, queue, pri, key)
             target.add(job_id)
             sent += 1
@@ -171,14 +169,14 @@ class _List:
 
     def add(self, job_id: str) -> None:
         task_id, tag = _uuid4(), _uuid4()
-        if not _PLAIN(job_id):  # quotes or escapes to write: the whole message
+        if _PLAIN(job_id):  # nothing to escape: spliced into the serialized envelope
+            body = base64.b64encode(job_id.join(self.body).encode()).decode()
+            fill = {_TASK: task_id, _JOB: job_id, _TAG: tag, _BODY: body}
+            text = "".join([fill.get(part, part) for part in self.parts])
+        else:  # quotes or escapes to write: the whole message serialized
             args = json.dumps([[job_id], *self.template.body[1:]]).encode()
-            message = self.message(task_id, job_id, tag, base64.b64encode(args).decode())
-            self.pending.append(json.dumps(message))
-            return
-        body = base64.b64encode(job_id.join(self.body).encode()).decode()
-        fill = {_TASK: task_id, _JOB: job_id, _TAG: tag, _BODY: body}
-        self.pending.append("".join([fill.get(part, part) for part in self.parts]))
+            text = json.dumps(self.message(task_id, job_id, tag, base64.b64encode(args).decode()))
+        self.pending.append(text)
 
 
 def _uuid4() -> str:

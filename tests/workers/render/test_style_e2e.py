@@ -64,6 +64,24 @@ def meta_of(farm: Farm, job_id: str) -> dict:
     return json.loads(open_store(farm.settings).get(f"jobs/{job_id}/meta.json"))
 
 
+def diffusers_style(pipe, adapter, images, **call):
+    """The oracle: `pipe` (an img2img pipeline) under `load_ip_adapter(adapter)` at scale 1.0,
+    "a fox" on the content image in the style image's style, seed 5."""
+    import torch
+
+    from workers.builtin.tiny_ip_adapter import WEIGHT_NAME
+
+    pipe.load_ip_adapter(str(adapter), subfolder="", weight_name=WEIGHT_NAME)
+    pipe.set_ip_adapter_scale(1.0)
+    return pipe(
+        prompt="a fox",
+        image=Image.open(images["content"]).convert("RGB"),
+        ip_adapter_image=Image.open(images["style"]).convert("RGB"),
+        generator=[torch.Generator("cpu").manual_seed(5)],
+        **call,
+    ).images[0]
+
+
 def test_spec_defaults_and_refusals():
     spec = Style(model="tiny", prompt="x", image="a.png", ip_adapter_image="s.png")
     assert spec.ip_adapter == "tiny-ip-adapter" and spec.ip_adapter_scale == 0.6
@@ -89,11 +107,10 @@ def test_missing_style_image_is_refused_before_anything_is_stored(farm, images):
 
 
 def test_cli_style_job_equals_diffusers_load_ip_adapter(farm, images, tmp_path):
-    import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
     from workers.builtin.tiny import export_tiny
-    from workers.builtin.tiny_ip_adapter import WEIGHT_NAME, export_tiny_ip_adapter
+    from workers.builtin.tiny_ip_adapter import export_tiny_ip_adapter
 
     plain = Img2Img(
         model="tiny",
@@ -117,16 +134,7 @@ def test_cli_style_job_equals_diffusers_load_ip_adapter(farm, images, tmp_path):
 
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(export_tiny("tiny", tmp_path / "tiny"))
     adapter = export_tiny_ip_adapter(tmp_path / "tiny-ip-adapter")
-    pipe.load_ip_adapter(str(adapter), subfolder="", weight_name=WEIGHT_NAME)
-    pipe.set_ip_adapter_scale(1.0)
-    theirs = pipe(
-        prompt="a fox",
-        image=Image.open(images["content"]).convert("RGB"),
-        ip_adapter_image=Image.open(images["style"]).convert("RGB"),
-        strength=0.7,
-        num_inference_steps=STEPS,
-        generator=[torch.Generator("cpu").manual_seed(5)],
-    ).images[0]
+    theirs = diffusers_style(pipe, adapter, images, strength=0.7, num_inference_steps=STEPS)
     assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1
     assert np.abs(ours - output(farm, before.outputs[0])).max() > 10  # the style did something
 
@@ -176,12 +184,10 @@ def test_cli_sdxl_style_job_equals_diffusers_load_ip_adapter_on_sdxl(farm, image
     UNet). Now the real `farm` command renders it with SDXL's own img2img pipeline and the
     built-in adapter for `tiny-sdxl`, at SDXL's defaults (strength 0.3, guidance 5.0), equal
     to diffusers' `load_ip_adapter` on `StableDiffusionXLImg2ImgPipeline` called without them."""
-    import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     from workers.builtin.families import export_family_tiny
     from workers.builtin.sdxl_ip_adapter import export_sdxl_ip_adapter
-    from workers.builtin.tiny_ip_adapter import WEIGHT_NAME
 
     res = run_cli(
         farm.settings, "submit", "style", "--model", "tiny-sdxl", "--image", images["content"],
@@ -199,13 +205,5 @@ def test_cli_sdxl_style_job_equals_diffusers_load_ip_adapter_on_sdxl(farm, image
     )
     pipe.set_progress_bar_config(disable=True)
     adapter = export_sdxl_ip_adapter(tmp_path / "tiny-sdxl-ip-adapter")
-    pipe.load_ip_adapter(str(adapter), subfolder="", weight_name=WEIGHT_NAME)
-    pipe.set_ip_adapter_scale(1.0)
-    theirs = pipe(
-        prompt="a fox",
-        image=Image.open(images["content"]).convert("RGB"),
-        ip_adapter_image=Image.open(images["style"]).convert("RGB"),
-        num_inference_steps=10,
-        generator=[torch.Generator("cpu").manual_seed(5)],
-    ).images[0]
+    theirs = diffusers_style(pipe, adapter, images, num_inference_steps=10)
     assert np.abs(output(farm, rec["outputs"][0]) - np.asarray(theirs, dtype=np.int16)).max() <= 1
