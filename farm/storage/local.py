@@ -11,10 +11,12 @@ then is moved into place:
              bytes are dropped with its temp file (POSIX `link(2)` never replaces a file;
              `O_EXCL` alone would let a reader see a half-written object)
 
-`put_new_in_turn` (a worker's results: outputs, then meta.json) writes and fsyncs every temp
-file at once, in parallel (one round of fsyncs, not one per object and another for meta.json),
-links the first group and fsyncs their folders, then links the second: each object is still
-visible only complete, and meta.json only once the outputs it names are stored.
+`put_many` (a submit's inputs) writes and fsyncs every temp file at once, in parallel, moves
+each into place, then fsyncs each folder once: one round of fsyncs, not a file's and its
+folder's per object. `put_new_in_turn` (a worker's results: outputs, then meta.json) stages
+the same way, links the first group and fsyncs their folders, then links the second: each
+object is still visible only complete, and meta.json only once the outputs it names are
+stored.
 
 A process killed mid-write leaves its temp file behind; opening the store removes temp
 files older than `STALE_TMP_SECONDS` (a write in flight is never that old), and because they
@@ -23,6 +25,7 @@ all live in one folder that costs one directory listing, not a walk of the store
 
 from __future__ import annotations
 
+import builtins
 import os
 import secrets
 import time
@@ -110,6 +113,27 @@ class LocalStore(ObjectStore):
             _fsync_dir(path.parent)
         return True
 
+    def put_many(
+        self, items: Mapping[str, bytes], content_type: str | None = None
+    ) -> builtins.list[str]:  # `list` is a method in this class's scope
+        """`put` for every item, in one round of fsyncs: every temp file written and fsynced
+        in parallel, each moved into place, then each folder synced once (not once per
+        object). Each object is still replaced atomically. URIs in `items` order."""
+        for key in items:
+            check_key(key)
+        if len(items) <= 1:
+            return super().put_many(items, content_type)
+        with self._staged(items) as staged:
+            folders = set()
+            for key, tmp in staged.items():
+                path = self._path(key)
+                with self._errors("put", key):
+                    os.replace(tmp, path)
+                folders.add(path.parent)
+            for folder in folders:
+                _fsync_dir(folder)
+        return [self.uri(key) for key in items]
+
     def put_new_in_turn(
         self, first: Mapping[str, bytes], then: Mapping[str, bytes]
     ) -> dict[str, bool]:
@@ -119,13 +143,7 @@ class LocalStore(ObjectStore):
         if len(items) <= 1:
             return super().put_new_in_turn(first, then)
         # 1. Every temp file written and fsynced, in parallel: one round for all.
-        staged: dict[str, Path] = {}
-        try:
-            with ThreadPoolExecutor(min(len(items), PUT_MANY_THREADS), "farm-put") as pool:
-                futures = {k: pool.submit(self._stage, self._path(k), v) for k, v in items.items()}
-            for key, future in futures.items():  # all waited for; the first failure raised
-                with self._errors("put", key):
-                    staged[key] = future.result()
+        with self._staged(items) as staged:
             # 2. The first group linked into place (never replacing), their folders synced;
             #    then the second group.
             stored: dict[str, bool] = {}
@@ -143,6 +161,27 @@ class LocalStore(ObjectStore):
                 for folder in folders:
                     _fsync_dir(folder)
             return stored
+
+    @contextmanager
+    def _staged(self, items: Mapping[str, bytes]) -> Iterator[dict[str, Path]]:
+        """Every item in a fsynced temp file, written in parallel (key → temp path); all are
+        waited for, then the first failure (in `items` order) raised. Temp files left when
+        the block ends (not moved) are removed."""
+        staged: dict[str, Path] = {}
+        try:
+            with ThreadPoolExecutor(min(len(items), PUT_MANY_THREADS), "farm-put") as pool:
+                futures = {k: pool.submit(self._stage, self._path(k), v) for k, v in items.items()}
+            errors = []
+            for key, future in futures.items():
+                try:
+                    staged[key] = future.result()
+                except BaseException as e:  # every temp file kept, to be removed below
+                    errors.append((key, e))
+            if errors:
+                key, error = errors[0]
+                with self._errors("put", key):
+                    raise error
+            yield staged
         finally:
             for tmp in staged.values():
                 with suppress(OSError):

@@ -414,28 +414,35 @@ def test_local_writes_are_atomic_and_leave_no_temp_files(tmp_path: Path) -> None
     assert leftovers == []
 
 
+def _disk_events(monkeypatch, move: str, name=None) -> list[str]:
+    """What the store does to the disk, in order: `file-sync`, `dir-sync`, and each `move`
+    (`os.link` or `os.replace`), with `name(dst)` after it when given."""
+    import stat
+
+    events: list[str] = []
+    real_fsync, real_move = os.fsync, getattr(os, move)
+
+    def fsync(fd: int) -> None:
+        events.append("dir-sync" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file-sync")
+        real_fsync(fd)
+
+    def moved(src, dst, **kw) -> None:
+        real_move(src, dst, **kw)
+        events.append(f"{move} {Path(name(dst)).as_posix()}" if name else move)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, move, moved)
+    return events
+
+
 def test_local_results_take_one_fsync_round_and_meta_json_is_linked_last(
     tmp_path: Path, monkeypatch
 ) -> None:
     """A worker's results on a folder: every temp file fsynced before anything is linked (one
     round, not one per object plus one for meta.json), the outputs linked and their folders
     synced before meta.json appears."""
-    import stat
-
     store = LocalStore(tmp_path / "root")
-    events: list[str] = []
-    real_fsync, real_link = os.fsync, os.link
-
-    def fsync(fd: int) -> None:
-        events.append("dir-sync" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file-sync")
-        real_fsync(fd)
-
-    def link(src, dst, **kw) -> None:
-        real_link(src, dst, **kw)
-        events.append(f"link {Path(dst).relative_to(store.root).as_posix()}")
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "link", link)
+    events = _disk_events(monkeypatch, "link", lambda dst: Path(dst).relative_to(store.root))
     outputs = {f"jobs/{j}/out/{i}.png": b"png" for j in "ab" for i in range(2)}
     metas = {f"jobs/{j}/meta.json": b"{}" for j in "ab"}
     store.put_new_in_turn(outputs, metas)
@@ -448,6 +455,29 @@ def test_local_results_take_one_fsync_round_and_meta_json_is_linked_last(
     assert max(out_links) < min(meta_links)
     assert "dir-sync" in events[max(out_links) : min(meta_links)]
     assert events[-1] == "dir-sync"  # meta.json's folders synced too
+    assert not any(p.name.startswith(".farm-tmp-") for p in store.root.rglob("*"))
+
+
+def test_local_put_many_takes_one_fsync_round_and_one_sync_per_folder(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A submit's inputs on a folder: every temp file fsynced before any is moved into place,
+    then each folder synced once, not a file's and its folder's fsync per object. A failing
+    item leaves no temp file behind and the others as they were."""
+    store = LocalStore(tmp_path / "root")
+    store.put("inputs/b/0.png", b"old")
+    events = _disk_events(monkeypatch, "replace")
+    items = {f"inputs/{d}/{i}.png": f"{d}{i}".encode() for d in "ab" for i in range(3)}
+    uris = store.put_many(items)
+
+    assert uris == [store.uri(k) for k in items]
+    assert {k: store.get(k) for k in items} == items  # inputs/b/0.png replaced
+    assert events == ["file-sync"] * 6 + ["replace"] * 6 + ["dir-sync"] * 2
+
+    with pytest.raises(TypeError):
+        store.put_many({"inputs/a/0.png": b"new", "inputs/a/9.png": "not bytes"})  # type: ignore[dict-item]
+    assert store.get("inputs/a/0.png") == b"a0"  # nothing moved: the batch failed first
+    assert not store.exists("inputs/a/9.png")
     assert not any(p.name.startswith(".farm-tmp-") for p in store.root.rglob("*"))
 
 
