@@ -134,6 +134,9 @@ class Row:
     labels: dict[str, Any] = field(default_factory=dict)
     identity: str = ""
     """sha256 of what the row renders: spec fields, input contents, mask generator, seed."""
+    alike: str = ""
+    """What the client's checks see of the row (`validate_rows`): rows alike but for their
+    prompts and seeds pass or fail them alike, and their jobs' records differ only there."""
 
     @property
     def mask_desc(self) -> str | None:
@@ -406,10 +409,10 @@ def validate_rows(
             row = resolve_row(line, raw, base, path.parent, sub.inputs, sub.budgets)
             # The client's own checks see the fields and the inputs, not the prompts: rows
             # that differ only in prompts pass or fail them alike.
-            alike = _dry_run_key(row)
-            if alike not in tried:
+            row.alike = _dry_run_key(row)
+            if row.alike not in tried:
                 _dry_run(sub, row)
-                tried.add(alike)
+                tried.add(row.alike)
             rows.append(row)
         except InvalidJob as e:
             problems.append(Problem(line, str(e)))

@@ -133,6 +133,77 @@ def test_resubmit_submits_only_what_is_missing(settings, data):
     assert len(stored(settings, "inputs/")) == 4 + 1
 
 
+def test_stamped_records_are_the_ones_each_jobs_own_prepare_makes(farm, data):
+    """A batch prepares one job per kind of row in full and stamps the records of rows alike
+    (same fields but prompts, same inputs) from it: every stamped record must be exactly
+    what that job's own prepare makes, for every kind of row and mask, prompts and negative
+    prompts given or not, seeds drawn or given, SDXL's second prompt, duplicate rows,
+    variations, across chunks."""
+    from farm.batches.submit import SubmitResult, _plan, _prepare_chunk, validate_manifest
+    from farm.submit import Submission
+
+    rows = []
+    for i in range(12):
+        mask = ["mask.png", "strokes", "box:max_size=0.4", "strokes:seed=7", "full"][i % 5]
+        row = {"image": f"{i % 2}.png", "mask": mask, "label": f"cat {i}"}
+        if i % 3 == 0:
+            row["negative_prompt"] = f"blurry {i}"
+        if i % 4 == 1:
+            row["seed"] = 100 + i
+        rows.append(row)
+    rows += [
+        {"image": "1.png", "label": "dog", "strength": 0.5, "model": "tiny", "kind": "img2img"},
+        {"image": "1.png", "label": "dog 2", "strength": 0.5, "model": "tiny", "kind": "img2img"},
+        {"label": "owl", "model": "tiny", "kind": "txt2img", "width": 64, "height": 64},
+        {
+            "label": "owl 2",
+            "model": "tiny",
+            "kind": "txt2img",
+            "width": 64,
+            "height": 64,
+            "negative_prompt": "x",
+        },
+        {
+            "label": "owl 3",
+            "model": "tiny",
+            "kind": "txt2img",
+            "width": 64,
+            "height": 64,
+            "num_images": 2,
+        },
+        {"label": "fox", "kind": "txt2img", "model": "tiny-sdxl", "prompt_2": "oil painting"},
+        {"label": "fox 2", "kind": "txt2img", "model": "tiny-sdxl", "prompt_2": "oil painting"},
+        {"prompt": "no template", "model": "tiny", "kind": "txt2img", "priority": 5},
+        {"prompt": "no template", "model": "tiny", "kind": "txt2img", "priority": 5},  # again
+    ]
+    manifest = write_jsonl(data / "mixed.jsonl", rows, TEMPLATE)
+    sub = Submission(farm)
+    try:
+        checked = validate_manifest(farm, manifest, variations=3, seed=11, sub=sub)
+    except InvalidManifest as e:
+        raise AssertionError(e.lines()) from None
+    planned = list(_plan(checked.rows, checked.variations, checked.seed))
+
+    def records(templates):
+        result = SubmitResult("mixed", len(checked.rows), 3, len(planned))
+        chunks = [planned[i : i + 7] for i in range(0, len(planned), 7)]
+        recs = [
+            rec
+            for chunk in chunks
+            for rec in _prepare_chunk(sub, "mixed", chunk, result, templates).records
+        ]
+        return [{k: v for k, v in rec.items() if k != "created_at"} for rec in recs]
+
+    templates: dict = {}
+    stamped, whole = records(templates), records(None)
+    assert len(stamped) == len(planned) == 3 * len(rows)
+    assert len(templates) < len(rows)  # rows alike were stamped, not prepared
+    assert stamped == whole
+    assert len({rec["id"] for rec in stamped}) == len(stamped)  # a duplicate row's too
+    masks = {json.dumps(rec["spec"].get("mask_image"), sort_keys=True) for rec in stamped}
+    assert len(masks) > 10  # generated masks' seeds differ per slot, unless the row fixes one
+
+
 def test_s3_store_inputs_uploaded_once_across_chunks(redis_server, s3_server, data, tmp_path):
     from farm.storage.s3 import S3Store
 
