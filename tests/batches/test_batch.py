@@ -388,7 +388,10 @@ BAD_ROWS = [
 ]
 
 
-def test_bad_rows_reported_by_line_and_nothing_written(settings, data):
+@pytest.mark.parametrize("chunk", [[], ["--chunk-size", 2]], ids=["one-chunk", "upload-helper"])
+def test_bad_rows_reported_by_line_and_nothing_written(settings, data, chunk):
+    """With chunks of 2 the uploads' helper process is started before the rows are checked:
+    it is closed with nothing stored."""
     good = {"image": "1.png", "mask": "strokes", "prompt": "x"}
     rows = (
         [good]
@@ -398,7 +401,7 @@ def test_bad_rows_reported_by_line_and_nothing_written(settings, data):
     manifest = write_jsonl(data / "bad.jsonl", rows, MODEL)
     with manifest.open("a") as f:
         f.write("{not json\n")
-    res = run_cli(settings, "batch", "submit", manifest, "--name", "bad")
+    res = run_cli(settings, "batch", "submit", manifest, "--name", "bad", *chunk)
     assert res.returncode == 2, res.stdout + res.stderr
     lines = res.stderr.strip().splitlines()
     # Line 1 is the defaults block, line 2 a good row: bad rows are lines 3..12, then 14.
