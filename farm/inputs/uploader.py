@@ -29,7 +29,6 @@ from typing import IO
 from farm.errors import TransientError
 from farm.settings import FarmSettings
 
-
 CLOSE_TIMEOUT = 30.0
 """Seconds the helper is given to exit once its input ends; then it is killed."""
 
