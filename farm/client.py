@@ -162,7 +162,7 @@ class Farm:
         with gc_paused():
             parsed = [parse_spec(s) for s in specs]
             sub = Submission(self)
-            records = [sub.prepare(spec) for spec in parsed]  # every check, nothing written
+            records = [sub.prepare_alike(spec) for spec in parsed]  # checked, nothing written
             sub.check_keys(records)  # a key re-used for another spec: refused, nothing written
             sub.store_inputs()  # content-addressed: each input once
             sub.write(records)

@@ -33,14 +33,18 @@ for the farm).
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
+import operator
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from pydantic import BaseModel
 
 from farm.errors import InvalidJob
 from farm.inputs import images
@@ -52,7 +56,7 @@ from farm.jobs.defaults import resolve
 from farm.jobs.families import ModelInfo
 from farm.jobs.masks import MaskGenerator
 from farm.jobs.signature import batch_signature
-from farm.jobs.specs import Inpaint, Style, Txt2Img, dump_spec, parse_spec
+from farm.jobs.specs import Img2Img, Inpaint, Style, Txt2Img, dump_spec, parse_spec
 from farm.jobs.state import JobState
 from farm.queue.app import enqueue
 from farm.queue.routing import Router
@@ -104,6 +108,7 @@ class Submission:
         )
         self._drawn: set[str] = set()  # ids of records whose seed `prepare` drew at random
         self._models: dict[str, ModelInfo | None] = {}
+        self._templates: dict[tuple[Any, ...], dict[str, Any]] = {}  # `prepare_alike`'s
 
     # ------------------------------------------------------------------ 1-2
 
@@ -186,6 +191,35 @@ class Submission:
             "images": n_images if n_images > 1 else None,
         }
 
+    def prepare_alike(self, spec: Any) -> dict[str, Any]:
+        """`prepare(spec)`, stamped from the record of a job prepared before by this
+        submission that differs only in its prompt, negative prompt, seed, key and generated
+        mask's seed (`_shape`: the same kind, fields given, inputs named by path, and every
+        other value): its checks were made on that job, and its texts are measured here.
+        ~5x cheaper than a prepare; a spec with anything else (a LoRA, an input given as
+        pixels, a refiner, a style job) is prepared whole."""
+        shape = _shape(spec)
+        template = self._templates.get(shape) if shape is not None else None
+        if template is None:
+            record = self.prepare(spec)
+            if shape is not None and not record["depends_on"]:
+                self._templates[shape] = record
+            return record
+        self.budgets.check_texts({name: getattr(spec, name) for name in STAMPED})
+        seed = spec.seed if spec.seed is not None else secrets.randbits(32)
+        mask = getattr(spec, "mask_image", None)
+        mask_seed = seed if isinstance(mask, MaskGenerator) and mask.seed is None else None
+        record = stamp(
+            template,
+            spec.key,
+            seed,
+            {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt},
+            mask_seed,
+        )
+        if spec.seed is None:
+            self._drawn.add(record["id"])
+        return record
+
     def model_info(self, ref: str) -> ModelInfo | None:
         """What this machine can tell of model `ref` (`farm.inputs.models.model_info`), once
         per submission."""
@@ -260,6 +294,70 @@ class Submission:
                     "this job a key of its own",
                     field="key",
                 )
+
+
+STAMPED = ("prompt", "negative_prompt")
+"""The texts in which records stamped from one template differ (with seeds and keys)."""
+
+_VARYING = frozenset({*STAMPED, "seed", "key", "mask_image", "loras"})
+_STAMPABLE = (Txt2Img, Img2Img, Inpaint)
+
+
+@functools.cache
+def _values_of(cls: type[BaseModel]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """A spec class's field values but the varying ones, as a tuple (in C, ~1 µs)."""
+    return operator.itemgetter(*(name for name in cls.model_fields if name not in _VARYING))
+
+
+def _shape(spec: Any) -> tuple[Any, ...] | None:
+    """What `prepare` makes of `spec`, but for its prompts, seed, key and generated mask's
+    seed: equal for two specs whose records differ only there. None: not known cheaply (a
+    value that cannot be hashed, such as pixels in an array; LoRAs; a style job, a
+    fine-tune). An input given as a path, bytes or an image object stands for its content:
+    the same object is the same input."""
+    cls: type[BaseModel] = type(spec)
+    if cls not in _STAMPABLE:
+        return None
+    values = spec.__dict__
+    if values["loras"]:
+        return None
+    mask = values.get("mask_image")
+    if isinstance(mask, MaskGenerator):  # its parameters, with whether it has its own seed
+        mask = (type(mask), *mask.__dict__.values())
+    shape = (
+        cls,
+        frozenset(spec.model_fields_set),  # what was left out takes the model's default
+        values["negative_prompt"] is None,
+        values["key"] is None,
+        mask,
+        _values_of(cls)(values),
+    )
+    try:
+        hash(shape)
+    except TypeError:  # a list, an array, a model: compared whole by `prepare`
+        return None
+    return shape
+
+
+def stamp(
+    template: dict[str, Any],
+    key: str | None,
+    seed: int,
+    texts: dict[str, str | None],
+    mask_seed: int | None,
+) -> dict[str, Any]:
+    """The record of a job alike `template`'s but for its `texts` (prompts; None: not given,
+    as in the template), seed, key (so its id) and, where its mask is drawn with its own
+    seed, `mask_seed`."""
+    spec = {**template["spec"], "seed": seed}
+    for name, text in texts.items():
+        if text is not None:
+            spec[name] = text
+    if key is not None:
+        spec["key"] = key
+    if mask_seed is not None:
+        spec["mask_image"] = {**spec["mask_image"], "seed": mask_seed}
+    return {**template, "id": new_job_id(key), "spec": spec, "created_at": repr(time.time())}
 
 
 def _comparable(spec: dict[str, Any], drawn: bool) -> dict[str, Any]:

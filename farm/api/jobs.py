@@ -139,7 +139,7 @@ def _submit_specs(ctx: Any, who: Principal, raws: list[Any], many: bool) -> list
     records = []
     for i, raw in enumerate(raws):
         try:
-            records.append(sub.prepare(checks.parse(raw)))
+            records.append(sub.prepare_alike(checks.parse(raw)))
         except InvalidJob as e:
             raise (invalid(e, index=i) if many else invalid(e)) from None
         except ApiError as e:

@@ -53,12 +53,23 @@ class Budgets:
             if not _plain_json(spec):  # the walk, which names the field, only when needed
                 check_text(spec.model_dump(mode="python"))
             have = type(spec).model_fields  # a missing attribute costs a raised error
-            texts = [getattr(spec, name) if name in have else None for name in PROMPT_FIELDS]
+            texts = {name: getattr(spec, name) if name in have else None for name in PROMPT_FIELDS}
         else:
             fields = dict(spec)
             check_text(fields)
-            texts = [fields.get(name) for name in PROMPT_FIELDS]
-        for name, value in zip(PROMPT_FIELDS, texts, strict=True):
+            texts = {name: fields.get(name) for name in PROMPT_FIELDS}
+        self._check_lengths(texts)
+        self.check_size(spec, image_size)
+
+    def check_texts(self, texts: Mapping[str, Any]) -> None:
+        """The text half of `check`, for the strings `texts` holds (None: not given)."""
+        for name, text in texts.items():
+            if text is not None:
+                _check_str(text, name)
+        self._check_lengths(texts)
+
+    def _check_lengths(self, texts: Mapping[str, Any]) -> None:
+        for name, value in texts.items():
             for text in value if isinstance(value, list) else [value]:
                 if isinstance(text, str) and len(text) > self.max_prompt_chars:
                     raise InvalidJob(
@@ -66,7 +77,6 @@ class Budgets:
                         f"({self.max_prompt_chars})",
                         field=name,
                     )
-        self.check_size(spec, image_size)
 
     def check_size(self, spec: Any, image_size: tuple[int, int] | None) -> None:
         """The working-size half of `check`, for a spec whose text was checked already and
@@ -118,18 +128,20 @@ def _containers(value: Any) -> Any:
     return None
 
 
+def _check_str(value: str, field: str) -> None:
+    if "\x00" in value:
+        raise InvalidJob(f"{field or 'text'}: holds a NUL character ({value!r:.60})", field=field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidJob(
+            f"{field or 'text'}: is not valid UTF-8 text ({value!r:.60})", field=field
+        ) from None
+
+
 def _walk(value: Any, field: str) -> None:
     if isinstance(value, str):
-        if "\x00" in value:
-            raise InvalidJob(
-                f"{field or 'text'}: holds a NUL character ({value!r:.60})", field=field
-            )
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidJob(
-                f"{field or 'text'}: is not valid UTF-8 text ({value!r:.60})", field=field
-            ) from None
+        _check_str(value, field)
     elif isinstance(value, Mapping):
         for key, item in value.items():
             _walk(key, field or "field name")
