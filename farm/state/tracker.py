@@ -199,31 +199,63 @@ class Tracker:
     # ------------------------------------------------------------------ create / read
 
     def create(self, records: Sequence[dict[str, Any]]) -> list[bool]:
-        """Write new job records (pipelined, `CREATE_CHUNK` records per script call); True
-        where created, False where the id existed."""
-        flat = list(map(_flat_record, records))
-
-        def run() -> list[Any]:
-            # EVALSHA by hand: a pipeline running a `Script` first asks SCRIPT EXISTS, a
-            # round trip per submit (per request, for the HTTP API).
-            pipe = self._r.pipeline(transaction=False)
-            self.tenants.index(pipe, records)  # listed before written: never a job unlisted
-            offset = len(pipe)
-            for start in range(0, len(flat), CREATE_CHUNK):
-                pipe.evalsha(
-                    self._create.sha, 0, self._lua_keys, *flat[start : start + CREATE_CHUNK]
-                )
-            end = len(pipe)
-            self.tenants.prune(pipe, records)
-            return pipe.execute()[offset:end]
-
+        """Write new job records (`CREATE_CHUNK` records per script call, `_stream_create`);
+        True where created, False where the id existed."""
         with self._conn.doing("creating jobs"):
             try:
-                done = run()
+                done = self._stream_create(records)
             except NoScriptError:  # a restarted or flushed Redis: no record was written
                 self._r.script_load(scripts.CREATE)
-                done = run()  # the index entries again: ZADD NX, no change
+                done = self._stream_create(records)  # the index entries again: ZADD NX
             return [bool(x) for part in done for x in part]
+
+    def _stream_create(self, records: Sequence[dict[str, Any]]) -> list[list[int]]:
+        """The records' tenant index entries (listed before written: never a job unlisted),
+        the create script's calls, then the tenants' pruning, streamed on one connection in
+        one round trip: each call is sent once its records are serialized, while Redis runs
+        the one before, and the replies are read after the last. A pipeline serializes every
+        call before it sends the first, so the client and Redis took turns (10,000 records:
+        ~1.5x the time). EVALSHA by hand: a `Script` first asks SCRIPT EXISTS, a round trip
+        per submit (per request, for the HTTP API)."""
+        before, after = self._r.pipeline(transaction=False), self._r.pipeline(transaction=False)
+        self.tenants.index(before, records)
+        self.tenants.prune(after, records)
+        head = [args for args, _ in before.command_stack]
+        tail = [args for args, _ in after.command_stack]
+        chunks = [records[i : i + CREATE_CHUNK] for i in range(0, len(records), CREATE_CHUNK)]
+        calls: list[Any] = [None] * len(chunks)  # packed once, sent again on a retry
+        pool = self._r.connection_pool
+        conn = pool.get_connection()
+
+        def stream() -> list[list[int]]:
+            out: list[Any] = conn.pack_commands(head) if head else []
+            for n, chunk in enumerate(chunks):
+                if calls[n] is None:
+                    flat = list(map(_flat_record, chunk))
+                    calls[n] = conn.pack_command(
+                        "EVALSHA", self._create.sha, 0, self._lua_keys, *flat
+                    )
+                out += calls[n]
+                if n < len(chunks) - 1:  # Redis runs this call while the next is serialized
+                    conn.send_packed_command([b"".join(out)], check_health=n == 0)
+                    out = []
+            if tail:
+                out += conn.pack_commands(tail)
+            conn.send_packed_command([b"".join(out)], check_health=len(chunks) <= 1)
+            for _ in head:
+                conn.read_response()
+            done = [conn.read_response() for _ in chunks]
+            for _ in tail:
+                conn.read_response()
+            return done
+
+        try:  # a lost connection is retried as redis-py retries a call
+            return conn.retry.call_with_retry(stream, lambda _: conn.disconnect())
+        except BaseException:
+            conn.disconnect()  # replies may be left unread on it
+            raise
+        finally:
+            pool.release(conn)
 
     def get(self, job_id: str) -> JobRecord:
         rec = self.get_many([job_id])[0]

@@ -168,6 +168,37 @@ def test_create_after_redis_forgot_its_scripts(tracker):
     assert raw(tracker).zcard(tracker.keys.tenant_open("t")) == 1
 
 
+def test_a_tenants_create_is_one_round_trip_and_survives_a_dropped_connection(redis_url):
+    """The HTTP API's submit: the tenant's index entries, the records and the pruning go out
+    on one connection in one round trip (streamed, not a pipeline); a pooled connection that
+    Redis dropped meanwhile is reconnected and the records written once."""
+    from tests.support.tcp_proxy import TcpProxy
+
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0])).up()
+    tracker = Tracker.from_url(f"redis://127.0.0.1:{proxy.port}", prefix="stream:")
+    try:
+
+        def rec(tenant="acme"):
+            return {"id": new_job_id(), "kind": "txt2img", "state": "queued", "spec": {},
+                    "tenant": tenant, "created_at": repr(time.time())}  # fmt: skip
+
+        tracker.create([rec()])  # the script loaded, a connection pooled
+        before = proxy.requests
+        first = rec()
+        assert tracker.create([first]) == [True]
+        assert proxy.requests - before == 1
+        assert raw(tracker).zcard(tracker.keys.tenant_open("acme")) == 2
+
+        raw(tracker).client_kill_filter(_type="normal", skipme=True)  # the pooled one too
+        many = [rec("other") for _ in range(600)]  # three script calls
+        assert tracker.create([first, *many]) == [False] + [True] * 600
+        assert raw(tracker).zcard(tracker.keys.tenant_open("other")) == 600
+        assert tracker.counts()[JobState.QUEUED] == 602
+    finally:
+        tracker.close()
+        proxy.down()
+
+
 def test_a_tenants_job_index_drops_jobs_whose_records_expired(redis_url):
     """The index `GET /v1/jobs` lists from holds what is still stored, not every job the tenant
     ever submitted: a write drops the old entries whose records have expired, keeps old jobs
