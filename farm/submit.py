@@ -18,6 +18,9 @@ for the farm).
    input resolved (`InputResolver`: checked, given its content key, queued for upload), LoRA
    refs resolved (a render naming an unfinished fine-tune waits for it), the batch signature
    and the queue chosen.
+   Many jobs alike but for their prompts, seeds and keys (`prepare_alike`: a dataset's
+   augmentations) are prepared once and stamped: each other record is the first one's with
+   its own prompts, seed, key, id and generated mask's seed, its texts measured.
 2. Validate: everything the client can check is checked in step 1, the budgets a job must fit
    (`farm.inputs.budgets`: pixels, prompt length, text that is UTF-8 and holds no NUL)
    included; and before step 3 that no idempotency key names a job written with another
@@ -194,10 +197,10 @@ class Submission:
     def prepare_alike(self, spec: Any) -> dict[str, Any]:
         """`prepare(spec)`, stamped from the record of a job prepared before by this
         submission that differs only in its prompt, negative prompt, seed, key and generated
-        mask's seed (`_shape`: the same kind, fields given, inputs named by path, and every
-        other value): its checks were made on that job, and its texts are measured here.
-        ~5x cheaper than a prepare; a spec with anything else (a LoRA, an input given as
-        pixels, a refiner, a style job) is prepared whole."""
+        mask's seed (`_shape`: the same kind, fields given, inputs (paths or bytes), and
+        every other value): its checks were made on that job, and its texts are measured
+        here. ~2.5x cheaper than a prepare; a spec with anything else (a LoRA, an input given
+        as pixels, a refiner, a style job) is prepared whole."""
         shape = _shape(spec)
         template = self._templates.get(shape) if shape is not None else None
         if template is None:
@@ -312,9 +315,9 @@ def _values_of(cls: type[BaseModel]) -> Callable[[dict[str, Any]], tuple[Any, ..
 def _shape(spec: Any) -> tuple[Any, ...] | None:
     """What `prepare` makes of `spec`, but for its prompts, seed, key and generated mask's
     seed: equal for two specs whose records differ only there. None: not known cheaply (a
-    value that cannot be hashed, such as pixels in an array; LoRAs; a style job, a
-    fine-tune). An input given as a path, bytes or an image object stands for its content:
-    the same object is the same input."""
+    value that cannot be hashed: pixels, as an image or an array; LoRAs; a refiner; a style
+    job, a fine-tune). An input given as a path or as bytes stands for its content (a path
+    is read once per submission)."""
     cls: type[BaseModel] = type(spec)
     if cls not in _STAMPABLE:
         return None

@@ -51,7 +51,7 @@ def specs(folder) -> list:
         given = {"guidance_scale": 7.5} if i % 3 else {}  # its default, given: not left out
         out.append(Txt2Img(model="tiny", prompt=f"a hen {i}", seed=i, priority=i % 2, **given))
     png = io.BytesIO()
-    sample_image(3).save(png, format="PNG")  # bytes and pixels, not a path: prepared whole
+    sample_image(3).save(png, format="PNG")  # bytes (a shape by content); pixels: whole
     out.append(Img2Img(model="tiny", prompt="bytes", image=png.getvalue(), seed=1))
     out.append(Img2Img(model="tiny", prompt="pixels", image=Image.open(png), seed=1))
     return out
