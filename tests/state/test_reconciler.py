@@ -120,6 +120,9 @@ def test_an_audit_of_a_long_list_misses_nothing_while_workers_pop_and_clients_pu
     (key,) = lists(farm)
     r = raw(farm)
     stop = threading.Event()
+    # A message taken whose job is not claimed yet is in no list and still queued: the
+    # queued jobs are read when no worker is between the two.
+    in_hand = threading.Lock()
 
     def publish() -> None:  # clients send duplicates at the head
         while not stop.is_set():
@@ -127,9 +130,11 @@ def test_an_audit_of_a_long_list_misses_nothing_while_workers_pop_and_clients_pu
 
     def consume() -> None:  # workers take the oldest, and claim its job
         while not stop.is_set():
-            m = r.rpop(key)
-            if m and "argsrepr" in m:
-                farm.tracker.claim(m.split('"argsrepr": "[\'', 1)[1].split("'", 1)[0], "w", 30)
+            with in_hand:
+                m = r.rpop(key)
+                if m and "argsrepr" in m:
+                    job = m.split('"argsrepr": "[\'', 1)[1].split("'", 1)[0]
+                    farm.tracker.claim(job, "w", 30)
 
     threads = [threading.Thread(target=f) for f in (publish, consume)]
     for t in threads:
@@ -138,7 +143,8 @@ def test_an_audit_of_a_long_list_misses_nothing_while_workers_pop_and_clients_pu
         for i in range(3):
             farm.tracker.inflight.audit(UNFENCED, ["render"])
             seen = raw(farm).smembers(farm.tracker.keys.reconciler_seen)
-            queued = raw(farm).zrange(farm.tracker.keys.queued, 0, -1)
+            with in_hand:
+                queued = raw(farm).zrange(farm.tracker.keys.queued, 0, -1)
             # Every job still queued had its message in the list all along: it was seen.
             assert queued and set(queued) <= seen, i
     finally:
