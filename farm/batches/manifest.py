@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from farm.errors import InvalidJob
 from farm.inputs.budgets import Budgets, check_text
 from farm.inputs.resolver import URI_SCHEMES, InputInfo, InputResolver
@@ -132,16 +134,13 @@ class Row:
     mask_gen: MaskGenerator | None = None
     seed: int | None = None
     labels: dict[str, Any] = field(default_factory=dict)
+    mask_desc: str | None = None
+    """The mask as metadata shows it: a generator's canonical form, or the path given."""
     identity: str = ""
     """sha256 of what the row renders: spec fields, input contents, mask generator, seed."""
     alike: str = ""
     """What the client's checks see of the row (`validate_rows`): rows alike but for their
     prompts and seeds pass or fail them alike, and their jobs' records differ only there."""
-
-    @property
-    def mask_desc(self) -> str | None:
-        """The mask as metadata shows it: a generator's canonical form, or the path given."""
-        return self.mask_gen.describe() if self.mask_gen else self.mask_given
 
 
 def normalize(layer: dict[str, Any], where: str, *, row: bool) -> dict[str, Any]:
@@ -236,9 +235,14 @@ def resolve_row(
     folder: Path,
     inputs: InputResolver,
     budgets: Budgets | None = None,
+    checked_before: dict[str, tuple[Any, dict[str, Any]]] | None = None,
 ) -> Row:
     """One row merged over the batch's defaults (`base`), checked, its inputs read once, its
-    job measured against the `budgets` (prompts too: the dry runs skip them)."""
+    job measured against the `budgets` (prompts too: the dry runs skip them).
+
+    `checked_before` (kept across a manifest's rows): job fields checked already, by all but
+    their prompt and seed. A row whose other fields were checked before has only its prompt
+    and seed checked (assigned to a copy of that spec: pydantic validates the assignment)."""
     # 1. Split the row into job fields and labels.
     row = normalize(raw, f"line {line}", row=True)
     labels = {k: v for k, v in row.items() if k not in _ROW_FIELDS}
@@ -249,7 +253,7 @@ def resolve_row(
     _prompt(merged, row, labels)
     # 2. Inputs: the image, and a mask file or generator.
     image_given, mask_given = merged.pop("image", None), merged.pop("mask", None)
-    mask_gen = parse_generator(mask_given) if mask_given is not None else None
+    mask_gen, mask_desc = _mask_of(mask_given)
     kind = merged.pop("kind", None) or (
         "inpaint" if mask_given is not None else "img2img" if image_given is not None else "txt2img"
     )
@@ -280,18 +284,11 @@ def resolve_row(
     if isinstance(merged.get("loras"), list):  # local adapter files: next to the manifest
         merged["loras"] = [_local_lora(lora, folder) for lora in merged["loras"]]
     # 3. The job fields, checked by the spec itself (inputs stand in as placeholders).
-    spec = {**merged, "kind": kind, "seed": seed}
-    if kind != "txt2img":
-        spec["image"] = "file:///placeholder"
-    if kind == "inpaint":
-        spec["mask_image"] = "file:///placeholder"
-    checked = parse_spec(spec)
     budgets = budgets or Budgets()
-    budgets.check(checked)
+    fields, checked = _checked_fields(merged, kind, seed, budgets, checked_before)
     check_text(labels, "label")
-    fields = checked.model_dump(mode="json", exclude={"image", "mask_image", "seed", "key"})
-    fields = {k: v for k, v in fields.items() if k in merged or k == "kind"}
     out = Row(line, kind, fields, seed=checked.seed, labels=labels, mask_gen=mask_gen)
+    out.mask_desc = mask_desc if mask_gen else mask_given
     if kind != "txt2img":
         out.image_given = str(image_given)
         src = _source(image_given, folder, "image")
@@ -314,6 +311,63 @@ def resolve_row(
         json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
     return out
+
+
+def _checked_fields(
+    merged: dict[str, Any],
+    kind: str,
+    seed: Any,
+    budgets: Budgets,
+    checked_before: dict[str, tuple[Any, dict[str, Any]]] | None,
+) -> tuple[dict[str, Any], Any]:
+    """(the row's job fields, its spec) checked by the spec itself (inputs stand in as
+    placeholders) and measured by `budgets`; from `checked_before` where all but the prompt
+    and seed were checked before (a manifest's rows mostly differ only there)."""
+    known = None
+    if checked_before is not None and isinstance(merged.get("prompt"), str):
+        try:
+            known = json.dumps([kind, {k: v for k, v in merged.items() if k != "prompt"}])
+        except (TypeError, ValueError):
+            known = None
+    if checked_before is not None and known is not None and known in checked_before:
+        spec, fields = checked_before[known]
+        try:
+            checked = spec.model_copy()
+            checked.prompt, checked.seed = merged["prompt"], seed  # validated as assigned
+        except ValidationError:
+            pass  # checked whole below, for the error it names
+        else:
+            budgets.check_texts({"prompt": checked.prompt})
+            return {**fields, "prompt": checked.prompt}, checked
+    spec = {**merged, "kind": kind, "seed": seed}
+    if kind != "txt2img":
+        spec["image"] = "file:///placeholder"
+    if kind == "inpaint":
+        spec["mask_image"] = "file:///placeholder"
+    checked = parse_spec(spec)
+    budgets.check(checked)
+    fields = checked.model_dump(mode="json", exclude={"image", "mask_image", "seed", "key"})
+    fields = {k: v for k, v in fields.items() if k in merged or k == "kind"}
+    if checked_before is not None and known is not None:
+        checked_before[known] = (checked, fields)
+    return fields, checked
+
+
+def _mask_of(given: Any) -> tuple[MaskGenerator | None, str | None]:
+    """(the generator `given` names, its canonical form), or (None, None) for a path or
+    nothing; a manifest's few mask texts parsed once each."""
+    if given is None:
+        return None, None
+    if isinstance(given, str):
+        return _mask_text(given)
+    gen = parse_generator(given)
+    return gen, gen.describe() if gen else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _mask_text(given: str) -> tuple[MaskGenerator | None, str | None]:
+    gen = parse_generator(given)
+    return gen, gen.describe() if gen else None
 
 
 def read_rows(
@@ -402,11 +456,12 @@ def validate_rows(
     rows: list[Row] = []
     problems: list[Problem] = []
     tried: set[str] = set()
+    checked: dict[str, tuple[Any, dict[str, Any]]] = {}
     for line, raw in raw_rows:
         try:
             if isinstance(raw, str):
                 raise InvalidJob(raw)
-            row = resolve_row(line, raw, base, path.parent, sub.inputs, sub.budgets)
+            row = resolve_row(line, raw, base, path.parent, sub.inputs, sub.budgets, checked)
             # The client's own checks see the fields and the inputs, not the prompts: rows
             # that differ only in prompts pass or fail them alike.
             row.alike = _dry_run_key(row)

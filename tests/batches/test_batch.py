@@ -21,7 +21,7 @@ import pytest
 import redis
 from PIL import Image
 
-from farm import Farm, Inpaint, JobState
+from farm import Farm, Inpaint, InvalidJob, JobState
 from farm.batches.batch import Batch, list_batches
 from farm.batches.dataset import contact_sheet, fetch_dataset
 from farm.batches.manifest import InvalidManifest
@@ -202,6 +202,44 @@ def test_stamped_records_are_the_ones_each_jobs_own_prepare_makes(farm, data):
     assert len({rec["id"] for rec in stamped}) == len(stamped)  # a duplicate row's too
     masks = {json.dumps(rec["spec"].get("mask_image"), sort_keys=True) for rec in stamped}
     assert len(masks) > 10  # generated masks' seeds differ per slot, unless the row fixes one
+
+
+def test_rows_checked_from_an_alike_rows_spec_are_the_rows_checked_whole(farm, data):
+    """Validation checks a row whose fields but prompt and seed were checked before by
+    assigning its prompt and seed to a copy of that spec: every row must come out as checked
+    whole, and a bad prompt or seed must be refused with the same words."""
+    from farm.batches.manifest import normalize, resolve_row
+    from farm.submit import Submission
+
+    base = normalize(TEMPLATE, "the defaults", row=False)
+    rows = [
+        {"image": f"{i % 3}.png", "mask": ["strokes", "box", "mask.png"][i % 3], "label": f"c{i}",
+         **({"seed": str(7 + i)} if i % 2 else {}), **({"negative_prompt": "dull"} if i % 4 else {})}
+        for i in range(12)
+    ]  # fmt: skip
+    rows += [
+        {"prompt": "an owl", "model": "tiny", "kind": "txt2img", "seed": 3},
+        {"prompt": "an owl 2", "model": "tiny", "kind": "txt2img", "seed": "4"},
+        {"prompt": "x" * 5000, "model": "tiny", "kind": "txt2img"},  # too long
+        {"prompt": 17, "model": "tiny", "kind": "txt2img"},  # not text
+        {"prompt": "an owl 3", "model": "tiny", "kind": "txt2img", "seed": "-1"},  # bad seed
+        {"prompt": "an owl 4", "model": "tiny", "kind": "txt2img", "seed": "seven"},
+        {"image": "0.png", "mask": "strokes", "label": "nul\x00"},  # NUL in the prompt
+    ]
+    sub = Submission(farm)
+    checked: dict = {}
+
+    def resolved(row, cache):
+        try:
+            return resolve_row(2, row, base, data, sub.inputs, sub.budgets, cache)
+        except InvalidJob as e:
+            return f"refused: {e}"
+
+    for row in rows:
+        assert resolved(row, checked) == resolved(row, None), row
+    assert 0 < len(checked) < len(rows) // 2  # most rows were checked from an alike one
+    refused = [resolved(row, checked) for row in rows[-5:]]
+    assert all(r.startswith("refused: ") for r in refused), refused
 
 
 def test_s3_store_inputs_uploaded_once_across_chunks(redis_server, s3_server, data, tmp_path):
