@@ -206,7 +206,7 @@ class Submission:
         if template is None:
             record = self.prepare(spec)
             if shape is not None and not record["depends_on"]:
-                self._templates[shape] = record
+                remember(self._templates, shape, record)
             return record
         self.budgets.check_texts({name: getattr(spec, name) for name in STAMPED})
         seed = spec.seed if spec.seed is not None else secrets.randbits(32)
@@ -297,6 +297,18 @@ class Submission:
                     "this job a key of its own",
                     field="key",
                 )
+
+
+TEMPLATES = 1024
+"""Alike jobs' templates a submission keeps, at most (`remember`)."""
+
+
+def remember(cache: dict[Any, Any], key: Any, value: Any, most: int = TEMPLATES) -> None:
+    """`cache[key] = value`, its oldest entry dropped past `most`: a submit of many jobs of
+    distinct shapes (every row its own image) keeps no more than that."""
+    if len(cache) >= most:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 STAMPED = ("prompt", "negative_prompt")

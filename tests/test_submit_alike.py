@@ -106,3 +106,20 @@ def test_a_stamped_spec_still_has_its_texts_measured(farm, tmp_path, settings):
     with pytest.raises(InvalidJob, match="NUL"):  # as the SDK meets it: nothing written
         farm.submit_many([first, nul])
     assert farm.tracker.get_many([sub.prepare(first)["id"]]) == [None]
+
+
+def test_a_submission_keeps_a_bounded_number_of_templates(farm):
+    """Every job of its own shape (a guidance scale each): no template is ever used, and
+    the submission keeps at most `TEMPLATES` of them, the oldest dropped first."""
+    from farm.submit import TEMPLATES
+
+    sub = Submission(farm)
+    given = [
+        Txt2Img(model="tiny", prompt="a fox", seed=1, guidance_scale=i / 20)
+        for i in range(TEMPLATES + 50)
+    ]
+    records = [sub.prepare_alike(s) for s in given]
+    assert len(sub._templates) == TEMPLATES
+    assert [r["spec"]["guidance_scale"] for r in sub._templates.values()][0] == 50 / 20
+    again = sub.prepare_alike(given[-1].model_copy(update={"prompt": "a hen"}))  # still kept
+    assert again["spec"] == {**records[-1]["spec"], "prompt": "a hen"}

@@ -51,6 +51,7 @@ from farm.inputs.budgets import Budgets, check_text
 from farm.inputs.resolver import URI_SCHEMES, InputInfo, InputResolver
 from farm.jobs.masks import MaskGenerator, parse_generator
 from farm.jobs.specs import SHORT_NAMES, SPECS, parse_spec
+from farm.submit import remember
 
 if TYPE_CHECKING:
     from farm.submit import Submission
@@ -349,7 +350,7 @@ def _checked_fields(
     fields = checked.model_dump(mode="json", exclude={"image", "mask_image", "seed", "key"})
     fields = {k: v for k, v in fields.items() if k in merged or k == "kind"}
     if checked_before is not None and known is not None:
-        checked_before[known] = (checked, fields)
+        remember(checked_before, known, (checked, fields))
     return fields, checked
 
 

@@ -57,7 +57,7 @@ from farm.jobs.masks import MaskGenerator
 from farm.jobs.specs import parse_spec
 from farm.jobs.state import JobState
 from farm.queue.routing import RENDER_QUEUE
-from farm.submit import STAMPED, Parts, Submission, gc_paused, stamp
+from farm.submit import STAMPED, Parts, Submission, gc_paused, remember, stamp
 
 if TYPE_CHECKING:
     from farm.client import Farm
@@ -428,7 +428,7 @@ def _prepare_chunk(
             spec["mask_image"] = _seeded(p.row.mask_gen, p.mask_seed)
         record = sub.prepare(parse_spec(spec))
         if templates is not None and shape and not record["depends_on"]:
-            templates[shape] = record
+            remember(templates, shape, record)
         out.records.append(record)
     return out
 
