@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import redis
 
 from farm.errors import StaleAttempt
 from farm.jobs.state import TRANSITIONS, JobState
@@ -189,7 +190,10 @@ def test_a_tenants_create_is_one_round_trip_and_survives_a_dropped_connection(re
         assert proxy.requests - before == 1
         assert raw(tracker).zcard(tracker.keys.tenant_open("acme")) == 2
 
-        raw(tracker).client_kill_filter(_type="normal", skipme=True)  # the pooled one too
+        pooled = raw(tracker).client_id()  # the tracker's one pooled connection
+        killer = redis.Redis.from_url(redis_url)
+        assert killer.client_kill_filter(_id=pooled) == 1
+        killer.close()
         many = [rec("other") for _ in range(600)]  # three script calls
         assert tracker.create([first, *many]) == [False] + [True] * 600
         assert raw(tracker).zcard(tracker.keys.tenant_open("other")) == 600
