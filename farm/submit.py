@@ -208,17 +208,12 @@ class Submission:
             if shape is not None and not record["depends_on"]:
                 remember(self._templates, shape, record)
             return record
-        self.budgets.check_texts({name: getattr(spec, name) for name in STAMPED})
+        texts = {name: getattr(spec, name) for name in STAMPED}
+        self.budgets.check_texts(texts)
         seed = spec.seed if spec.seed is not None else secrets.randbits(32)
         mask = getattr(spec, "mask_image", None)
         mask_seed = seed if isinstance(mask, MaskGenerator) and mask.seed is None else None
-        record = stamp(
-            template,
-            spec.key,
-            seed,
-            {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt},
-            mask_seed,
-        )
+        record = stamp(template, spec.key, seed, texts, mask_seed)
         if spec.seed is None:
             self._drawn.add(record["id"])
         return record

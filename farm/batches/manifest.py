@@ -51,7 +51,6 @@ from farm.inputs.budgets import Budgets, check_text
 from farm.inputs.resolver import URI_SCHEMES, InputInfo, InputResolver
 from farm.jobs.masks import MaskGenerator, parse_generator
 from farm.jobs.specs import SHORT_NAMES, SPECS, parse_spec
-from farm.submit import remember
 
 if TYPE_CHECKING:
     from farm.submit import Submission
@@ -350,6 +349,10 @@ def _checked_fields(
     fields = checked.model_dump(mode="json", exclude={"image", "mask_image", "seed", "key"})
     fields = {k: v for k, v in fields.items() if k in merged or k == "kind"}
     if checked_before is not None and known is not None:
+        # Not imported at the top: farm.submit brings Celery and Redis, which reading a
+        # manifest needs neither of (as before templates were bounded).
+        from farm.submit import remember
+
         remember(checked_before, known, (checked, fields))
     return fields, checked
 
@@ -357,17 +360,17 @@ def _checked_fields(
 def _mask_of(given: Any) -> tuple[MaskGenerator | None, str | None]:
     """(the generator `given` names, its canonical form), or (None, None) for a path or
     nothing; a manifest's few mask texts parsed once each."""
-    if given is None:
-        return None, None
     if isinstance(given, str):
         return _mask_text(given)
-    gen = parse_generator(given)
-    return gen, gen.describe() if gen else None
+    return _described(parse_generator(given)) if given is not None else (None, None)
 
 
 @functools.lru_cache(maxsize=1024)
 def _mask_text(given: str) -> tuple[MaskGenerator | None, str | None]:
-    gen = parse_generator(given)
+    return _described(parse_generator(given))
+
+
+def _described(gen: MaskGenerator | None) -> tuple[MaskGenerator | None, str | None]:
     return gen, gen.describe() if gen else None
 
 

@@ -171,16 +171,15 @@ class LocalStore(ObjectStore):
         try:
             with ThreadPoolExecutor(min(len(items), PUT_MANY_THREADS), "farm-put") as pool:
                 futures = {k: pool.submit(self._stage, self._path(k), v) for k, v in items.items()}
-            errors = []
+            failed: tuple[str, BaseException] | None = None
             for key, future in futures.items():
                 try:
                     staged[key] = future.result()
                 except BaseException as e:  # every temp file kept, to be removed below
-                    errors.append((key, e))
-            if errors:
-                key, error = errors[0]
-                with self._errors("put", key):
-                    raise error
+                    failed = failed or (key, e)
+            if failed:
+                with self._errors("put", failed[0]):
+                    raise failed[1]
             yield staged
         finally:
             for tmp in staged.values():
